@@ -1,0 +1,68 @@
+"""Executors: how a list of RunSpecs gets run. Studies never know which one is used.
+
+An executor maps `execute_run` over specs and yields (spec, result) as runs finish. The local
+executor runs in-process, or in a pool of worker processes (one per GPU when there are GPUs).
+A Ray or SLURM executor implements the same `run` method.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from normlab.result import RunResult
+from normlab.spec import RunSpec
+from normlab.tasks import ProgressFn, execute_run
+
+
+class Executor(ABC):
+    """Runs specs into a store folder; yields each (spec, result) when it finishes."""
+
+    @abstractmethod
+    def run(self, specs: Sequence[RunSpec], out_dir: Path,
+            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+        ...
+
+
+class LocalExecutor(Executor):
+    """In-process (workers=1) or a process pool.
+
+    With `devices` (e.g. ["cuda:0", "cuda:1"]) each worker process is pinned to one of them: specs
+    whose device is "auto" are sent to the worker's device. Progress within a run is reported only
+    in-process.
+    """
+
+    def __init__(self, workers: int = 1, devices: Sequence[str] | None = None) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"The 'workers' setting must be an int >= 1; got {workers!r}.")
+        self.workers = workers
+        self.devices = list(devices) if devices else None
+
+    def run(self, specs: Sequence[RunSpec], out_dir: Path,
+            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+        if self.workers == 1:
+            for spec in specs:
+                yield spec, execute_run(spec, out_dir, on_progress)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            pending = {}
+            for i, spec in enumerate(specs):
+                if self.devices and spec.device == "auto":
+                    device = self.devices[i % len(self.devices)]
+                    pending[pool.submit(_execute_on, spec, str(out_dir), device)] = spec
+                else:
+                    pending[pool.submit(execute_run, spec, str(out_dir))] = spec
+            for done in futures.as_completed(pending):
+                yield pending[done], done.result()
+
+
+def _execute_on(spec: RunSpec, out_dir: str, device: str) -> RunResult:
+    """Run `spec` with torch's default device for 'auto' set to `device` (worker side)."""
+    import os
+
+    os.environ["NORMLAB_DEVICE"] = device
+    return execute_run(spec, out_dir)

@@ -1,0 +1,260 @@
+"""RunSpec: everything one run needs, frozen, hashable and JSON round-tripping.
+
+A run's identity is `spec.run_id`, a hash of its canonical JSON, so a study that is run again
+skips the runs it already finished. Every field is validated when the spec is built; all problems
+are reported at once in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from normlab.config import ConfigError, choice_problem, interval_problem
+
+Frozen = tuple  # a mapping frozen as a sorted tuple of (key, value) pairs
+
+
+def freeze(value: Any) -> Any:
+    """Turn mappings and lists into hashable, canonically ordered tuples (recursively)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def _thaw_mapping(pairs: Frozen) -> dict[str, Any]:
+    return {k: _thaw(v) for k, v in pairs}
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        if value and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                         for p in value):
+            return _thaw_mapping(value)
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _choices(kind: str) -> Callable[[], list[str]]:
+    """Allowed names for a registry-backed setting, looked up lazily (avoids import cycles)."""
+
+    def lookup() -> list[str]:
+        if kind == "norm":
+            from normlab.nn import list_norms
+
+            return list_norms()
+        if kind == "init":
+            from normlab.nn import list_inits
+
+            return list_inits()
+        if kind == "data":
+            from normlab.data import available
+
+            return available()
+        if kind == "task":
+            from normlab.tasks import list_tasks
+
+            return list_tasks()
+        raise KeyError(kind)
+
+    return lookup
+
+
+def _setting(default: Any, *, choices: Any = None, low: float | None = None,
+             high: float = math.inf, kind: type | None = None, low_open: bool = True,
+             optional: bool = False, doc: str = "") -> Any:
+    meta = {"choices": choices, "low": low, "high": high, "kind": kind,
+            "low_open": low_open, "optional": optional, "doc": doc}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: freeze(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: data, model, normalization, initialization, optimizer, schedule, budget, seed.
+
+    `task` picks what is run ("train" by default; studies register measurement tasks).
+    Mapping-valued settings (`norm_options`, `data_options`, `options`, each probe) are stored
+    frozen; read them back with `spec.mapping("options")`.
+    """
+
+    task: str = _setting("train", choices=_choices("task"), doc="what is run")
+    group: str = _setting("", kind=str, doc="a label inside a study, e.g. 'E1'")
+    # data
+    data: str = _setting("digits", choices=_choices("data"), doc="data set name")
+    data_options: Frozen = _setting({}, doc="options for normlab.data.load")
+    augment: bool = _setting(True, kind=bool, doc="random pad-crop (and flip where the data set allows)")
+    # model
+    model: str = _setting("resnet", choices=lambda: ["resnet", "plain_cnn", "mlp"])
+    depth: int = _setting(20, kind=int, low=1, low_open=False, doc="number of weight layers")
+    width: int = _setting(16, kind=int, low=1, low_open=False, doc="channels of the first stage")
+    norm: str = _setting("batch", choices=_choices("norm"))
+    norm_options: Frozen = _setting({}, doc="options for make_norm, e.g. groups, rmax, dmax")
+    norm_placement: str = _setting("every_conv", choices=lambda: ["every_conv", "single"])
+    init: str = _setting("kaiming_normal", choices=_choices("init"))
+    init_gain: float = _setting(1.0, low=0.0)
+    # optimizer
+    batch_size: int = _setting(128, kind=int, low=1, low_open=False)
+    lr: float = _setting(0.1, low=0.0, doc="peak learning rate")
+    momentum: float = _setting(0.9, low=0.0, high=1.0, low_open=False)
+    nesterov: bool = _setting(False, kind=bool)
+    weight_decay: float = _setting(5e-4, low=0.0, low_open=False, doc="L2 coefficient (coupled)")
+    update_projection: str = _setting("none", choices=lambda: ["none", "tangential", "radial"])
+    # schedule and budget
+    schedule: str = _setting("step", choices=lambda: ["constant", "step", "cosine", "one_cycle"])
+    milestones: tuple = _setting((0.5, 0.75), doc="fractions of training where step decay applies")
+    lr_decay: float = _setting(0.1, low=0.0, high=1.0, doc="factor at each step milestone")
+    warmup: float = _setting(0.0, low=0.0, high=1.0, low_open=False,
+                             doc="fraction of training spent in linear warm-up")
+    epochs: float = _setting(10.0, low=0.0, doc="budget in epochs (ignored when steps is set)")
+    steps: int | None = _setting(None, kind=int, low=1, low_open=False, optional=True,
+                                 doc="budget in optimizer steps; overrides epochs")
+    # run control
+    seed: int = _setting(0, kind=int, low=0, low_open=False)
+    device: str = _setting("auto", kind=str, doc="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    diverge_loss: float = _setting(1e3, low=0.0, doc="mini-batch loss above which a run diverged")
+    log_every: int = _setting(10, kind=int, low=1, low_open=False, doc="steps between metric rows")
+    channels_last: bool = _setting(False, kind=bool)
+    compile: bool = _setting(False, kind=bool)
+    autocast: str = _setting("none", choices=lambda: ["none", "bf16"])
+    probes: tuple = _setting([], doc="probe schedules: mappings with 'name', 'every' and options")
+    options: Frozen = _setting({}, doc="task-specific options")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            frozen = freeze(value)
+            if f.name == "milestones" and isinstance(frozen, tuple):
+                frozen = tuple(float(m) if isinstance(m, int) else m for m in frozen)
+            if frozen is not value:
+                object.__setattr__(self, f.name, frozen)
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # -- validation ---------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every invalid setting of this spec, one sentence each."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("optional") and value is None:
+                continue
+            if meta.get("choices") is not None:
+                allowed = meta["choices"]()
+                if value not in allowed:
+                    out.append(choice_problem(f.name, value, allowed))
+            elif meta.get("low") is not None or meta.get("kind") in (int, float):
+                kind = meta.get("kind") or float
+                low = meta["low"] if meta["low"] is not None else -math.inf
+                problem = interval_problem(f.name, value, low, meta["high"], kind=kind,
+                                           low_open=meta["low_open"])
+                if problem:
+                    out.append(problem)
+            elif meta.get("kind") is not None and not isinstance(value, meta["kind"]):
+                out.append(f"The {f.name!r} setting must be a {meta['kind'].__name__}; "
+                           f"got {value!r}.")
+        if not all(isinstance(m, float) and 0.0 < m < 1.0 for m in self.milestones):
+            out.append(f"The 'milestones' setting must be fractions of training in (0, 1); "
+                       f"got {list(self.milestones)!r}.")
+        for probe in self.probes:
+            if not (isinstance(probe, tuple) and "name" in dict(probe)):
+                out.append(f"Each entry of the 'probes' setting must be a mapping with a 'name'; "
+                           f"got {_thaw(probe)!r}.")
+        if self.model == "resnet" and isinstance(self.depth, int) and (self.depth - 2) % 6:
+            out.append(f"The 'depth' setting must be 6n+2 for a CIFAR ResNet (20, 32, 44, 56, "
+                       f"110, ...); got {self.depth!r}.")
+        return out
+
+    # -- identity and serialization -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("data_options", "norm_options", "options"):
+                value = _thaw_mapping(value)
+            elif f.name == "probes":
+                value = [_thaw_mapping(p) for p in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"Unknown setting {k!r}; valid settings are "
+                               f"{', '.join(sorted(known))}." for k in unknown])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def run_id(self) -> str:
+        """12 hex digits of the SHA-256 of the canonical JSON: the run's folder name."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def mapping(self, name: str) -> dict[str, Any]:
+        """A mapping-valued setting ('norm_options', 'data_options', 'options') as a dict."""
+        return _thaw_mapping(getattr(self, name))
+
+    def probe_schedules(self) -> list[dict[str, Any]]:
+        return [_thaw_mapping(p) for p in self.probes]
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Mapping[str, str | Any]) -> RunSpec:
+        """Apply `key=value` settings (strings from the CLI are parsed to the field's type)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = [k for k in overrides if k not in fields]
+        if unknown:
+            raise ConfigError([f"Unknown setting {k!r}; valid settings are "
+                               f"{', '.join(sorted(fields))}." for k in unknown])
+        parsed = {k: parse_setting(getattr(self, k), v) for k, v in overrides.items()}
+        return self.replace(**parsed)
+
+
+def parse_setting(current: Any, text: Any) -> Any:
+    """Parse a CLI string to the type of the setting's current value (JSON for the rest)."""
+    if not isinstance(text, str):
+        return text
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        return text
+    if isinstance(current, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def settings_help() -> list[tuple[str, Any, str]]:
+    """(name, default, description) for every RunSpec setting: the CLI's `--set` reference."""
+    out = []
+    for f in dataclasses.fields(RunSpec):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((f.name, _thaw(default) if isinstance(default, tuple) else default,
+                    f.metadata.get("doc", "")))
+    return out

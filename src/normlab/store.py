@@ -1,0 +1,106 @@
+"""The run store: one folder per run, named by the spec's hash, written so a crash loses nothing.
+
+Layout of `<out>/runs/<run_id>/`:
+
+    spec.json       the RunSpec (written first, atomically)
+    metrics.jsonl   per-step and per-epoch metric rows, appended as the run goes
+    records.jsonl   tidy probe records (one JSON object a line, each with a "probe" key)
+    result.json     the RunResult, written atomically and last: its presence means "done"
+
+A run folder without a valid result.json is unfinished; starting the run again clears it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from normlab._atomic import _jsonable, atomic_write_json
+from normlab.result import RunResult
+from normlab.spec import RunSpec
+
+DONE_STATUSES = ("completed", "diverged")
+
+
+class CorruptRecordError(RuntimeError):
+    """A stored file that cannot be parsed; the message names the file (and line)."""
+
+
+class RunStore:
+    """The folder of one study's runs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.runs_dir / spec.run_id
+
+    def is_done(self, spec: RunSpec) -> bool:
+        """True when the run has a readable result.json with a final status.
+
+        A failed run is retried. A corrupt result.json raises CorruptRecordError naming it.
+        """
+        path = self.run_dir(spec) / "result.json"
+        if not path.exists():
+            return False
+        return read_result(path).status in DONE_STATUSES
+
+    def begin(self, spec: RunSpec) -> Path:
+        """Start (or restart) a run: clear any unfinished attempt and write spec.json."""
+        run_dir = self.run_dir(spec)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        atomic_write_json(run_dir / "spec.json", spec.to_dict())
+        return run_dir
+
+    def finish(self, spec: RunSpec, result: RunResult) -> None:
+        atomic_write_json(self.run_dir(spec) / "result.json", result.to_dict())
+
+    def run_dirs(self) -> Iterator[Path]:
+        if self.runs_dir.exists():
+            yield from sorted(p for p in self.runs_dir.iterdir() if p.is_dir())
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a JSON-lines file and flush (a crash loses at most a partial last line)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=_jsonable) + "\n")
+        handle.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All rows of a JSON-lines file; a malformed line raises CorruptRecordError naming it."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise CorruptRecordError(f"{path}, line {number}: not valid JSON ({err.msg}).") \
+                    from err
+    return rows
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptRecordError(f"{path}: not valid JSON ({err}).") from err
+
+
+def read_result(path: Path) -> RunResult:
+    data = read_json(path)
+    try:
+        return RunResult.from_dict(data)
+    except (TypeError, KeyError) as err:
+        raise CorruptRecordError(f"{path}: not a run result ({err}).") from err

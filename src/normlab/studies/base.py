@@ -1,0 +1,183 @@
+"""Studies: a named grid of runs, the figures drawn from them, and what they found.
+
+A study subclasses `Study`, declares `name`, `description` and the experiment ids it covers
+(E1-E10, R1-R9), and implements `specs(scale, data)` and `figures(results, fig_dir)`.
+`@register_study` makes it available to `normlab run NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from normlab._plugins import import_submodules
+from normlab._registry import Registry
+from normlab.config import ConfigError, check_choice
+from normlab.spec import RunSpec
+from normlab.store import RunStore, read_json, read_jsonl, read_result
+
+SCALES = ("smoke", "reduced", "paper")
+
+
+@dataclass(frozen=True)
+class FigureInfo:
+    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity."""
+
+    experiment: str
+    name: str
+    title: str
+    caption: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One row of the paper-vs-normlab summary: `agree` is None where no verdict applies."""
+
+    experiment: str
+    claim: str
+    paper: str
+    ours: str
+    agree: bool | None = None
+
+
+class Study(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    experiments: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        """The runs at `scale`; `data` replaces the scale's default data set when given."""
+
+    @abstractmethod
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+        """Draw the study's figures from its results into `fig_dir` (PNG, PDF and CSV each)."""
+
+    def findings(self, results: StudyResults) -> list[Finding]:
+        """Measured answers to the paper's claims, for the summary table (none by default)."""
+        return []
+
+
+_STUDIES: Registry[type[Study]] = Registry("study")
+
+
+def register_study(cls: type[Study]) -> type[Study]:
+    _STUDIES.register(cls.name)(cls)
+    return cls
+
+
+def list_studies() -> list[str]:
+    _load_builtin_studies()
+    return _STUDIES.names()
+
+
+def get_study(name: str) -> Study:
+    _load_builtin_studies()
+    return _STUDIES.get(name)()
+
+
+def _load_builtin_studies() -> None:
+    import_submodules("normlab.studies")
+
+
+def check_scale(scale: str) -> None:
+    check_choice("scale", scale, SCALES)
+
+
+def default_data(scale: str, data: str | None) -> str:
+    """The bundled digits at smoke scale, CIFAR-10 above it, unless `data` says otherwise."""
+    check_scale(scale)
+    return data or ("digits" if scale == "smoke" else "cifar10")
+
+
+# -- reading a study's folder ----------------------------------------------------------------------
+
+_MAPPING_FIELDS = ("data_options", "norm_options", "options")
+
+
+def _spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in spec.items() if k not in (*_MAPPING_FIELDS, "probes", "milestones")}
+    for name in _MAPPING_FIELDS:
+        for key, value in (spec.get(name) or {}).items():
+            row[f"{name}.{key}"] = value if not isinstance(value, (list, dict)) else json.dumps(value)
+    row["milestones"] = json.dumps(spec.get("milestones", []))
+    row["probes"] = json.dumps(spec.get("probes", []))
+    return row
+
+
+def load_results(out_dir: str | Path) -> pd.DataFrame:
+    """One row per run: run_id, every spec setting, status, steps, divergence, final metrics.
+
+    Runs without a result.json have status "unfinished". A corrupt spec or result file raises
+    CorruptRecordError naming the file.
+    """
+    rows = []
+    for run_dir in RunStore(out_dir).run_dirs():
+        spec_path = run_dir / "spec.json"
+        if not spec_path.exists():
+            continue
+        row = {"run_id": run_dir.name, **_spec_columns(read_json(spec_path))}
+        result_path = run_dir / "result.json"
+        if result_path.exists():
+            result = read_result(result_path)
+            row.update(status=result.status, steps=result.steps,
+                       diverged_step=result.diverged_step, diverged_loss=result.diverged_loss,
+                       wall_time_s=result.wall_time_s, error=result.error,
+                       device=result.provenance.get("device", row.get("device")))
+            row.update(result.final)
+        else:
+            row["status"] = "unfinished"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class StudyResults:
+    """A study's stored results as tidy tables, joined with each run's settings."""
+
+    out_dir: Path
+    runs: pd.DataFrame
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> StudyResults:
+        return cls(Path(out_dir), load_results(out_dir))
+
+    def _joined(self, filename: str, probe: str | None = None) -> pd.DataFrame:
+        frames = []
+        for run_dir in RunStore(self.out_dir).run_dirs():
+            rows = read_jsonl(run_dir / filename)
+            if probe is not None:
+                rows = [r for r in rows if r.get("probe") == probe]
+            if rows:
+                frame = pd.DataFrame(rows)
+                frame.insert(0, "run_id", run_dir.name)
+                frames.append(frame)
+        if not frames:
+            return pd.DataFrame()
+        table = pd.concat(frames, ignore_index=True)
+        settings = self.runs.drop(columns=[c for c in self.runs.columns
+                                           if c in table.columns and c != "run_id"])
+        return table.merge(settings, on="run_id", how="left")
+
+    def metrics(self) -> pd.DataFrame:
+        """Every metric row of every run (metrics.jsonl), with the run's settings as columns."""
+        return self._joined("metrics.jsonl")
+
+    def records(self, probe: str | None = None) -> pd.DataFrame:
+        """Every probe record (records.jsonl), optionally of one probe, with the run's settings."""
+        return self._joined("records.jsonl", probe)
+
+
+def read_study_file(out_dir: str | Path) -> dict[str, Any]:
+    """The study.json that `run_study` writes: study name, scale, data, overrides, run ids."""
+    path = Path(out_dir) / "study.json"
+    if not path.exists():
+        raise ConfigError(f"{out_dir} is not a study folder: it has no study.json. "
+                          "Run `normlab run STUDY --out DIR` first.")
+    return read_json(path)

@@ -1,0 +1,96 @@
+"""Tasks: what a run does. `train` is one; studies register measurement tasks beside it.
+
+A task is a function `task(spec, context) -> RunResult`. It is pure in the sense that everything
+it needs is in the spec; it reports through the `RunContext` (metric rows, probe records,
+progress), which writes them to the run folder as they arrive.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normlab._plugins import import_submodules
+from normlab._registry import Registry
+from normlab.result import RunResult
+from normlab.spec import RunSpec
+from normlab.store import RunStore, append_jsonl
+
+Task = Callable[[RunSpec, "RunContext"], RunResult]
+ProgressFn = Callable[[str, float, str], None]  # (run_id, fraction done, message)
+
+_TASKS: Registry[Task] = Registry("task")
+register_task = _TASKS.register
+
+
+def list_tasks() -> list[str]:
+    _load_builtin_tasks()
+    return _TASKS.names()
+
+
+def get_task(name: str) -> Task:
+    _load_builtin_tasks()
+    return _TASKS.get(name)
+
+
+def _load_builtin_tasks() -> None:
+    # Importing these modules registers their tasks.
+    import_submodules("normlab.train")
+    import_submodules("normlab.studies")
+
+
+@dataclass
+class RunContext:
+    """The channel from a running task to its run folder (and to the progress display).
+
+    Without a `run_dir` (a task called directly, outside a study) rows are kept in memory only.
+    """
+
+    run_id: str = "adhoc"
+    run_dir: Path | None = None
+    on_progress: ProgressFn | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        """One metric row (must contain 'step'); appended to metrics.jsonl at once."""
+        self.metrics.append(row)
+        if self.run_dir is not None:
+            append_jsonl(self.run_dir / "metrics.jsonl", [row])
+
+    def log_records(self, probe: str, rows: list[dict[str, Any]], **context: Any) -> None:
+        """Tidy probe records; `context` (e.g. step=...) is added to each row."""
+        tagged = [{"probe": probe, **context, **row} for row in rows]
+        self.records.extend(tagged)
+        if self.run_dir is not None:
+            append_jsonl(self.run_dir / "records.jsonl", tagged)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.run_id, fraction, message)
+
+
+def execute_run(spec: RunSpec, out_dir: str | Path,
+                on_progress: ProgressFn | None = None) -> RunResult:
+    """Run one spec into the store at `out_dir`: a pure function of the spec, safe in a worker.
+
+    An exception inside the task is recorded as status "failed" (with the traceback) rather than
+    raised, so a study goes on; KeyboardInterrupt propagates and leaves the run unfinished.
+    """
+    store = RunStore(out_dir)
+    run_dir = store.begin(spec)
+    context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress)
+    start = time.perf_counter()
+    try:
+        result = get_task(spec.task)(spec, context)
+    except Exception as err:  # a crashed run is recorded, never lost
+        result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
+                           + traceback.format_exc())
+    if not result.wall_time_s:
+        result.wall_time_s = time.perf_counter() - start
+    store.finish(spec, result)
+    return result
