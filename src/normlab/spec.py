@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,13 @@ from typing import Any
 from normlab.config import ConfigError, choice_problem, interval_problem
 
 Frozen = tuple  # a mapping frozen as a sorted tuple of (key, value) pairs
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _is_frozen_mapping(value: Any) -> bool:
+    """True for a mapping frozen by `freeze`: a tuple of (str, value) pairs."""
+    return isinstance(value, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value)
 
 
 def freeze(value: Any) -> Any:
@@ -162,16 +170,27 @@ class RunSpec:
             elif meta.get("kind") is not None and not isinstance(value, meta["kind"]):
                 out.append(f"The {f.name!r} setting must be a {meta['kind'].__name__}; "
                            f"got {value!r}.")
-        if not all(isinstance(m, float) and 0.0 < m < 1.0 for m in self.milestones):
+        if not (isinstance(self.milestones, tuple)
+                and all(isinstance(m, float) and 0.0 < m < 1.0 for m in self.milestones)):
             out.append(f"The 'milestones' setting must be fractions of training in (0, 1); "
-                       f"got {list(self.milestones)!r}.")
-        for probe in self.probes:
-            if not (isinstance(probe, tuple) and "name" in dict(probe)):
+                       f"got {_thaw(self.milestones)!r}.")
+        for name in ("data_options", "norm_options", "options"):
+            if not _is_frozen_mapping(getattr(self, name)):
+                out.append(f"The {name!r} setting must be a mapping of names to values; "
+                           f"got {_thaw(getattr(self, name))!r}.")
+        if not isinstance(self.probes, tuple):
+            out.append(f"The 'probes' setting must be a list of mappings; got {self.probes!r}.")
+        for probe in self.probes if isinstance(self.probes, tuple) else ():
+            if not (_is_frozen_mapping(probe) and "name" in dict(probe)):
                 out.append(f"Each entry of the 'probes' setting must be a mapping with a 'name'; "
                            f"got {_thaw(probe)!r}.")
-        if self.model == "resnet" and isinstance(self.depth, int) and (self.depth - 2) % 6:
-            out.append(f"The 'depth' setting must be 6n+2 for a CIFAR ResNet (20, 32, 44, 56, "
-                       f"110, ...); got {self.depth!r}.")
+        if isinstance(self.device, str) and not _DEVICE.fullmatch(self.device):
+            out.append(f"The 'device' setting must be one of 'auto', 'cpu', 'cuda', 'cuda:N', "
+                       f"'mps'; got {self.device!r}.")
+        if (self.model in ("resnet", "plain_cnn") and isinstance(self.depth, int)
+                and ((self.depth - 2) % 6 or self.depth < 8)):
+            out.append(f"The 'depth' setting must be 6n+2 for a CIFAR ResNet or plain CNN "
+                       f"(8, 14, 20, 32, 44, 56, 110, ...); got {self.depth!r}.")
         return out
 
     # -- identity and serialization -------------------------------------------------------------
@@ -223,12 +242,17 @@ class RunSpec:
     def with_overrides(self, overrides: Mapping[str, str | Any]) -> RunSpec:
         """Apply `key=value` settings (strings from the CLI are parsed to the field's type)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
-        unknown = [k for k in overrides if k not in fields]
-        if unknown:
-            raise ConfigError([f"Unknown setting {k!r}; valid settings are "
-                               f"{', '.join(sorted(fields))}." for k in unknown])
-        parsed = {k: parse_setting(getattr(self, k), v) for k, v in overrides.items()}
-        return self.replace(**parsed)
+        problems = [f"Unknown setting {k!r}; valid settings are {', '.join(sorted(fields))}."
+                    for k in overrides if k not in fields]
+        parsed = {k: parse_setting(getattr(self, k), v) for k, v in overrides.items()
+                  if k in fields}
+        try:
+            spec = self.replace(**parsed)
+        except ConfigError as err:  # report bad values together with unknown keys
+            problems.extend(err.problems)
+        if problems:
+            raise ConfigError(problems)
+        return spec
 
 
 def parse_setting(current: Any, text: Any) -> Any:
