@@ -52,3 +52,29 @@ def tiny_case(norm: str, batch: int = 6, size: int = 5, seed: int = 0,
     x = torch.randn(batch, 3, size, size, dtype=dtype)
     y = torch.randint(0, 3, (batch,))
     return Case(model, x, y, nn.CrossEntropyLoss())
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    """Everything probe hygiene must preserve: parameters, buffers, grads, flags, modes, RNG."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {n: None if p.grad is None else p.grad.clone()
+                  for n, p in model.named_parameters()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_unchanged(before: dict, model: nn.Module) -> None:
+    """Fail unless `model` (and the CPU RNG) is bit-for-bit as in the `before` snapshot."""
+    after = model_snapshot(model)
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), f"{key} changed"
+    for name, grad in before["grads"].items():
+        other = after["grads"][name]
+        assert (grad is None) == (other is None), f"{name}.grad changed"
+        assert grad is None or torch.equal(grad, other), f"{name}.grad changed"
+    assert before["flags"] == after["flags"], "requires_grad flags changed"
+    assert before["modes"] == after["modes"], "train/eval modes changed"
+    assert torch.equal(before["rng"], after["rng"]), "the RNG state changed"

@@ -1,4 +1,4 @@
-"""Named registries: norms, inits, data sets, probes, tasks and studies are all looked up by name."""
+"""Named registries: norms, inits, data sets, probes, tasks and studies are looked up by name."""
 
 from __future__ import annotations
 

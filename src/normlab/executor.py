@@ -15,7 +15,7 @@ from pathlib import Path
 
 from normlab.result import RunResult
 from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, execute_run
+from normlab.tasks import ProgressFn, execute_run, get_task
 
 
 class Executor(ABC):
@@ -51,18 +51,25 @@ class LocalExecutor(Executor):
         with futures.ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
             pending = {}
             for i, spec in enumerate(specs):
+                device = None
                 if self.devices and spec.device == "auto":
                     device = self.devices[i % len(self.devices)]
-                    pending[pool.submit(_execute_on, spec, str(out_dir), device)] = spec
-                else:
-                    pending[pool.submit(execute_run, spec, str(out_dir))] = spec
+                task_module = get_task(spec.task).__module__
+                pending[pool.submit(_execute_on, spec, str(out_dir), device, task_module)] = spec
             for done in futures.as_completed(pending):
                 yield pending[done], done.result()
 
 
-def _execute_on(spec: RunSpec, out_dir: str, device: str) -> RunResult:
-    """Run `spec` with torch's default device for 'auto' set to `device` (worker side)."""
+def _execute_on(spec: RunSpec, out_dir: str, device: str | None, task_module: str) -> RunResult:
+    """Run `spec` in a worker, with "auto" meaning `device` when one is given.
+
+    The module defining the task is imported first, so that tasks registered outside normlab
+    (a user's script, a test) are known in the worker too.
+    """
+    import importlib
     import os
 
-    os.environ["NORMLAB_DEVICE"] = device
+    importlib.import_module(task_module)
+    if device is not None:
+        os.environ["NORMLAB_DEVICE"] = device
     return execute_run(spec, out_dir)

@@ -67,7 +67,7 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     executor = executor or LocalExecutor()
     for done, (spec, result) in enumerate(executor.run(todo, out_dir, progress.run_progress), 1):
         progress.run_end(spec, result, done, len(todo))
-    results = StudyResults.load(out_dir)
+    results = StudyResults.load(out_dir).subset([s.run_id for s in specs])
     if report:
         from normlab.report import build_report
 

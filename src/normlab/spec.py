@@ -99,7 +99,8 @@ class RunSpec:
     # data
     data: str = _setting("digits", choices=_choices("data"), doc="data set name")
     data_options: Frozen = _setting({}, doc="options for normlab.data.load")
-    augment: bool = _setting(True, kind=bool, doc="random pad-crop (and flip where the data set allows)")
+    augment: bool = _setting(True, kind=bool,
+                             doc="random pad-crop (and flip where the data set allows)")
     # model
     model: str = _setting("resnet", choices=lambda: ["resnet", "plain_cnn", "mlp"])
     depth: int = _setting(20, kind=int, low=1, low_open=False, doc="number of weight layers")

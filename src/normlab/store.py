@@ -102,5 +102,5 @@ def read_result(path: Path) -> RunResult:
     data = read_json(path)
     try:
         return RunResult.from_dict(data)
-    except (TypeError, KeyError) as err:
+    except (TypeError, KeyError, ValueError) as err:
         raise CorruptRecordError(f"{path}: not a run result ({err}).") from err

@@ -26,13 +26,17 @@ SCALES = ("smoke", "reduced", "paper")
 
 @dataclass(frozen=True)
 class FigureInfo:
-    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity."""
+    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity.
+
+    `error` is set instead of `files` when the figure could not be drawn; the report shows it.
+    """
 
     experiment: str
     name: str
     title: str
     caption: str
     files: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ def _spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in spec.items() if k not in (*_MAPPING_FIELDS, "probes", "milestones")}
     for name in _MAPPING_FIELDS:
         for key, value in (spec.get(name) or {}).items():
-            row[f"{name}.{key}"] = value if not isinstance(value, (list, dict)) else json.dumps(value)
+            plain = not isinstance(value, (list, dict))
+            row[f"{name}.{key}"] = value if plain else json.dumps(value)
     row["milestones"] = json.dumps(spec.get("milestones", []))
     row["probes"] = json.dumps(spec.get("probes", []))
     return row
@@ -148,9 +153,21 @@ class StudyResults:
     def load(cls, out_dir: str | Path) -> StudyResults:
         return cls(Path(out_dir), load_results(out_dir))
 
+    def subset(self, run_ids: list[str]) -> StudyResults:
+        """The results of the given runs only (e.g. one study's share of a combined folder)."""
+        if self.runs.empty:
+            return self
+        return StudyResults(self.out_dir, self.runs[self.runs["run_id"].isin(run_ids)])
+
     def _joined(self, filename: str, probe: str | None = None) -> pd.DataFrame:
         frames = []
+        # Unfinished runs are skipped: a killed run may end in a partial line, and is redone.
+        finished = self.runs[self.runs["status"] != "unfinished"] if "status" in self.runs \
+            else self.runs
+        run_ids = set(finished["run_id"]) if "run_id" in finished else set()
         for run_dir in RunStore(self.out_dir).run_dirs():
+            if run_dir.name not in run_ids:
+                continue
             rows = read_jsonl(run_dir / filename)
             if probe is not None:
                 rows = [r for r in rows if r.get("probe") == probe]

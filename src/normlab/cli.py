@@ -1,0 +1,242 @@
+"""The `normlab` command: a thin layer over run_study, build_report and load_results.
+
+    normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
+                      [--out DIR] [--device DEV] [--workers N] [--dry-run]
+    normlab report DIR
+    normlab show DIR
+    normlab list [studies|norms|inits|data|probes|tasks|settings]
+
+Bad input (unknown study, setting or value) exits with code 2 and one line per problem; a
+corrupt run file exits with code 1 and names the file. Neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import normlab
+from normlab.config import ConfigError, check_choice, check_interval
+from normlab.store import CorruptRecordError
+
+LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its message (or the help)
+        return int(exit_.code or 0)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"normlab: error: {problem}", file=sys.stderr)
+        return 2
+    except CorruptRecordError as err:
+        print(f"normlab: error: corrupt run file: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("\nnormlab: interrupted; run the same command again to resume (finished runs "
+              "are kept).", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normlab", description="Run, report and inspect normlab studies.")
+    parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a study (finished runs are skipped)")
+    run.add_argument("study", help="study name (see `normlab list`)")
+    run.add_argument("--scale", default="smoke", help="smoke | reduced | paper (default: smoke)")
+    run.add_argument("--data", default=None, help="data set replacing the scale's default")
+    run.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a RunSpec setting in every run (repeatable; values are "
+                          "parsed as JSON where the setting is not a string)")
+    run.add_argument("--out", default=None, help="output folder (default: runs/STUDY-SCALE)")
+    run.add_argument("--device", default=None,
+                     help="device for runs whose device is 'auto' (e.g. cpu, cuda:1)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes (one per GPU when GPUs are present; default 1)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the planned runs and how many are done; run nothing")
+    run.set_defaults(handler=_run)
+
+    report = commands.add_parser("report", help="(re)write DIR/report.html")
+    report.add_argument("dir")
+    report.set_defaults(handler=_report)
+
+    show = commands.add_parser("show", help="a summary table of the runs in DIR")
+    show.add_argument("dir")
+    show.set_defaults(handler=_show)
+
+    listing = commands.add_parser("list", help="list studies (or norms, inits, data, ...)")
+    listing.add_argument("what", nargs="?", default="studies", help=" | ".join(LISTS))
+    listing.set_defaults(handler=_list)
+    return parser
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """`["lr=0.1", "norm=group"]` -> {"lr": "0.1", "norm": "group"}; all malformed items at once.
+
+    Values stay strings here; `RunSpec.with_overrides` parses them to each setting's type.
+    """
+    out, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"The '--set' option takes KEY=VALUE; got {item!r}.")
+        else:
+            out[key.strip()] = value.strip()
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def _run(args: argparse.Namespace) -> int:
+    from normlab.executor import LocalExecutor
+    from normlab.report.columns import in_plan_order, plan_table
+    from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
+    from normlab.runner import plan_study, run_study
+    from normlab.store import RunStore
+    from normlab.studies import get_study
+    from normlab.studies.base import check_scale
+
+    study, overrides, _, _, _ = _all_or_problems(
+        lambda: get_study(args.study),
+        lambda: parse_overrides(args.settings),
+        lambda: check_scale(args.scale),
+        lambda: args.device is None or _check_device(args.device),
+        lambda: check_interval("--workers", args.workers, 1, kind=int, low_open=False),
+    )
+    out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
+    specs = plan_study(study, args.scale, args.data, overrides)
+    if args.dry_run:
+        print(f"{study.name} at {args.scale} scale into {out_dir}")
+        print(plan_summary(plan_table(specs, RunStore(out_dir))))
+        return 0
+    if args.device is not None:
+        os.environ["NORMLAB_DEVICE"] = args.device
+    executor = LocalExecutor(args.workers, _pool_devices(args.workers, args.device))
+    results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
+                        progress=TerminalProgress(sys.stderr))
+    print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))
+    print(f"\nreport: {out_dir / 'report.html'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from normlab.report import build_report
+
+    print(build_report(args.dir))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from normlab.report.columns import in_plan_order
+    from normlab.report.terminal import summary_table
+    from normlab.studies import StudyResults
+    from normlab.studies.base import read_study_file
+
+    folder = Path(args.dir)
+    if not (folder / "study.json").exists() and not (folder / "runs").is_dir():
+        raise ConfigError(f"{folder} is not a study folder: it has neither study.json nor runs/.")
+    results = StudyResults.load(folder)
+    if (folder / "study.json").exists():
+        results = StudyResults(folder, in_plan_order(results.runs,
+                                                     read_study_file(folder).get("run_ids", [])))
+    results.metrics()  # reads every finished run's metrics.jsonl: a corrupt one is named
+    print(summary_table(results.runs))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    check_choice("list", args.what, LISTS)
+    for line in _LISTERS[args.what]():
+        print(line)
+    return 0
+
+
+def _list_studies() -> list[str]:
+    from normlab.studies import get_study, list_studies
+
+    studies = [get_study(name) for name in list_studies()]
+    width = max((len(s.name) for s in studies), default=0)
+    return [f"{s.name.ljust(width)}  {s.description}"
+            + (f" [{', '.join(s.experiments)}]" if s.experiments else "") for s in studies]
+
+
+def _list_settings() -> list[str]:
+    from normlab.spec import settings_help
+
+    rows = settings_help()
+    width = max(len(name) for name, _, _ in rows)
+    return [f"{name.ljust(width)}  default {default!r}" + (f"  ({doc})" if doc else "")
+            for name, default, doc in rows]
+
+
+def _names(module: str, function: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        import importlib
+
+        return list(getattr(importlib.import_module(module), function)())
+
+    return names
+
+
+_LISTERS: dict[str, Callable[[], list[str]]] = {
+    "studies": _list_studies,
+    "norms": _names("normlab.nn", "list_norms"),
+    "inits": _names("normlab.nn", "list_inits"),
+    "data": _names("normlab.data", "available"),
+    "probes": _names("normlab.train.callbacks", "list_callbacks"),
+    "tasks": _names("normlab.tasks", "list_tasks"),
+    "settings": _list_settings,
+}
+
+
+def _all_or_problems(*checks: Callable[[], Any]) -> list[Any]:
+    """The value of each check, or one ConfigError with the problems of all that failed."""
+    values, problems = [], []
+    for check in checks:
+        try:
+            values.append(check())
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _check_device(device: str) -> None:
+    """A bad --device fails with the RunSpec's own message for its 'device' setting."""
+    from normlab.spec import RunSpec
+
+    RunSpec().replace(device=device)
+
+
+def _pool_devices(workers: int, device: str | None) -> list[str] | None:
+    """One GPU per worker process when there is a pool, GPUs, and no device was forced."""
+    if workers == 1 or device is not None:
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(count)] if count else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

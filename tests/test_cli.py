@@ -1,0 +1,248 @@
+"""The `normlab` command end to end on the fake study, its error handling, and report.html."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pandas as pd
+import pytest
+
+import fake_study
+from normlab.cli import main, parse_overrides
+from normlab.config import ConfigError
+from normlab.report import build_report
+from normlab.report.terminal import TerminalProgress, format_table
+from normlab.result import RunResult
+from normlab.runner import plan_study, run_study
+from normlab.spec import RunSpec
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """The fake study run once through `normlab run` (one run diverges)."""
+    out = tmp_path_factory.mktemp("cli") / "fake"
+    code = main(["run", "fake", "--out", str(out), "--set", 'options={"diverge_lr": 0.5}'])
+    assert code == 0
+    return out
+
+
+def test_run_writes_every_run_and_a_report(study_dir):
+    runs = sorted(p.name for p in (study_dir / "runs").iterdir())
+    planned = sorted(s.run_id for s in
+                     plan_study("fake", overrides={"options": '{"diverge_lr": 0.5}'}))
+    assert runs == planned
+    assert (study_dir / "report.html").exists() and (study_dir / "study.json").exists()
+
+
+def test_report_is_self_contained_and_holds_each_figure(study_dir):
+    page = (study_dir / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<(script|link)\b", page)  # nothing fetched from elsewhere
+    assert 'id="fig-fake_acc_vs_lr"' in page and "Fake accuracy vs learning rate" in page
+    assert 'href="figures/fake_acc_vs_lr.pdf"' in page
+    assert 'href="figures/fake_acc_vs_lr.csv"' in page
+    assert (study_dir / "figures" / "fake_acc_vs_lr.pdf").exists()
+
+
+def test_report_has_run_table_findings_sections_and_environment(study_dir):
+    import platform
+
+    import torch
+
+    page = (study_dir / "report.html").read_text()
+    for run_dir in (study_dir / "runs").iterdir():
+        assert run_dir.name in page
+    assert page.count('class="status-completed"') == 2
+    assert page.count('class="status-diverged"') == 1
+    assert "<th>test_acc</th>" in page and "<th>lr</th>" in page  # metrics, varying settings
+    assert '<section id="E1">' in page and "A fake claim" in page
+    assert torch.__version__ in page and platform.python_version() in page
+
+
+def test_report_with_a_broken_figure_shows_an_error_box_and_keeps_the_rest(tmp_path,
+                                                                           monkeypatch):
+    def broken(self, results, fig_dir):
+        raise ValueError("this figure is broken on purpose")
+
+    run_study("fake", tmp_path, report=False)
+    monkeypatch.setattr(fake_study.FakeStudy, "figures", broken)
+    page = build_report(tmp_path).read_text()
+    assert 'class="error"' in page and "this figure is broken on purpose" in page
+    assert "A fake claim" in page  # findings kept
+    assert page.count('class="status-completed"') == 3  # run table kept
+
+
+def test_report_command_rewrites_the_page(study_dir, capsys):
+    (study_dir / "report.html").unlink()
+    assert main(["report", str(study_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(study_dir / "report.html")
+    assert (study_dir / "report.html").exists()
+
+
+def test_show_prints_runs_with_status_and_metrics(study_dir, capsys):
+    assert main(["show", str(study_dir)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["run_id", "lr", "status", "steps", "test_acc", "diverged_step"]
+    for run_dir in (study_dir / "runs").iterdir():
+        assert run_dir.name in out
+    assert "3 runs: 2 completed, 1 diverged" in out
+
+
+def test_dry_run_plans_without_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "fake", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "into runs/fake-smoke" in out and "3 runs planned: 0 already done, 3 to run." in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_counts_done_and_failed_runs(study_dir, capsys):
+    assert main(["run", "fake", "--out", str(study_dir), "--dry-run",
+                 "--set", 'options={"diverge_lr": 0.5}']) == 0
+    assert "3 runs planned: 3 already done, 0 to run." in capsys.readouterr().out
+
+
+def test_rerun_skips_finished_runs(study_dir, capsys):
+    assert main(["run", "fake", "--out", str(study_dir),
+                 "--set", 'options={"diverge_lr": 0.5}']) == 0
+    assert "3 runs, 3 already done (skipped), 0 to run" in capsys.readouterr().err
+
+
+BAD_INPUT = {
+    "unknown study": (["run", "nope"], ["The 'study' setting must be one of", "got 'nope'"]),
+    "bad key": (["run", "fake", "--set", "learning_rate=0.1"],
+                ["Unknown setting 'learning_rate'"]),
+    "bad value": (["run", "fake", "--set", "lr=-1"],
+                  ["The 'lr' setting must be a float in (0, inf); got -1."]),
+    "bad choice": (["run", "fake", "--set", "norm=batchnorm"],
+                   ["The 'norm' setting must be one of", "got 'batchnorm'"]),
+    "bad scale": (["run", "fake", "--scale", "huge"], ["The 'scale' setting", "got 'huge'"]),
+    "malformed set": (["run", "fake", "--set", "lr"], ["'--set' option takes KEY=VALUE"]),
+    "bad workers": (["run", "fake", "--workers", "0"], ["'--workers' setting", "got 0"]),
+    "bad device": (["run", "fake", "--device", "gpu"], ["'device' setting", "got 'gpu'"]),
+    "bad data": (["run", "fake", "--data", "imagenet"], ["'data' setting", "got 'imagenet'"]),
+    "bad list": (["list", "bogus"], ["'list' setting", "got 'bogus'"]),
+    "not a study folder": (["report", "."], ["is not a study folder"]),
+}
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_exits_2_with_one_line_per_problem(argv, expected, capsys, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normlab: error: ")
+    for text in expected:
+        assert text in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_several_problems_are_reported_together(capsys):
+    assert main(["run", "nope", "--scale", "huge", "--set", "lr", "--workers", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 4
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["explode"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_list_shows_studies_with_descriptions(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fake = next(line for line in lines if line.startswith("fake "))
+    assert "A fake study" in fake and "[E1]" in fake
+
+
+@pytest.mark.parametrize("what, expected", [("norms", "batch"), ("tasks", "fake"),
+                                            ("settings", "lr")])
+def test_list_other_registries(what, expected, capsys):
+    assert main(["list", what]) == 0
+    assert expected in capsys.readouterr().out.split()
+
+
+def test_parse_overrides_splits_on_the_first_equals_sign():
+    assert parse_overrides(["lr=0.1", 'options={"a": "b=c"}']) == {
+        "lr": "0.1", "options": '{"a": "b=c"}'}
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(["lr", "=3"])
+    assert len(info.value.problems) == 2
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def progress_output(stream: io.StringIO) -> str:
+    spec = RunSpec(task="fake", model="mlp", depth=3)
+    progress = TerminalProgress(stream, interval_s=3600)
+    progress.study_start("fake", total=4, skipped=1)
+    for fraction in (0.25, 0.5, 0.75):
+        progress.run_progress(spec.run_id, fraction, f"step {fraction}")
+    progress.run_end(spec, RunResult("diverged", steps=3, diverged_step=3, diverged_loss=2e3),
+                     done=1, total=3)
+    return stream.getvalue()
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    out = progress_output(FakeTerminal())
+    assert out.startswith("fake: 4 runs, 1 already done (skipped), 3 to run\n")
+    assert out.count("\r") == 4  # three progress redraws and the run's end
+    assert "[2/4]" in out and "75% step 0.75" in out
+    assert out.endswith("diverged (0.0 s) at step 3, loss 2000\n")
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal():
+    out = progress_output(io.StringIO())
+    assert "\r" not in out and "\033" not in out
+    lines = out.splitlines()
+    assert len(lines) == 3  # the study line, one progress line (throttled), the run's end
+    assert "25% step 0.25" in lines[1] and "diverged" in lines[2]
+
+
+def test_dry_run_shows_failed_and_unfinished_runs_as_to_be_redone(tmp_path, capsys):
+    crash = ["--set", 'options={"crash": "boom"}']
+    assert main(["run", "fake", "--out", str(tmp_path), *crash]) == 0
+    killed = next((tmp_path / "runs").iterdir())
+    (killed / "result.json").unlink()  # as if killed before its result was written
+    capsys.readouterr()
+    assert main(["run", "fake", "--out", str(tmp_path), "--dry-run", *crash]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" failed") == 3 and out.count(" unfinished") == 1
+    assert "3 runs planned: 0 already done, 3 to run (2 failed, to be retried)." in out
+
+
+def test_format_table_aligns_columns_and_cuts_long_cells():
+    rows = pd.DataFrame({"name": ["a", "bbb"], "value": [0.123456, float("nan")],
+                         "probes": ["x" * 60, "y"]})
+    lines = format_table(rows, ["name", "value", "probes", "missing"], max_width=10).splitlines()
+    assert lines[0].split() == ["name", "value", "probes"]
+    assert lines[2] == "a     0.1235  xxxxxxxxx…"
+    assert lines[3].rstrip() == "bbb           y"
+
+
+def test_show_works_on_a_bare_run_store(tmp_path, capsys):
+    from normlab.tasks import execute_run
+
+    execute_run(RunSpec(task="fake", model="mlp", depth=3, lr=0.3), tmp_path)
+    assert main(["show", str(tmp_path)]) == 0
+    assert "1 run: 1 completed" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "nothing")]) == 2
+    assert "is not a study folder" in capsys.readouterr().err
+
+
+def test_device_option_sets_the_auto_device_without_changing_run_ids(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("NORMLAB_DEVICE", "")  # restored after the test
+    assert main(["run", "fake", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert os.environ["NORMLAB_DEVICE"] == "cpu"
+    planned = sorted(s.run_id for s in plan_study("fake"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == planned
