@@ -160,7 +160,7 @@ def test_batch_renorm_relaxed_matches_formula():
     torch.manual_seed(5)
     x = torch.randn(10, 3, 2, 2, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.2]).view(
         1, 3, 1, 1).double() + torch.tensor([0.0, 0.0, 9.0]).view(1, 3, 1, 1).double()
-    brn = BatchRenorm(3, rmax=2.0, dmax=1.5, bn_momentum=0.1).double()
+    brn = BatchRenorm(3, rmax=2.0, dmax=1.5, bn_momentum=0.1, renorm_warmup=(0.0, 0.0)).double()
     gamma, beta = _affine(brn, 3)
     # running stats chosen so channel 0 is unclipped, 1 hits rmax, 2 hits 1/rmax and dmax
     with torch.no_grad():
@@ -211,7 +211,8 @@ def test_batch_renorm_warmup_schedule():
     assert step.current_limits() == (1.0, 0.0)
     step.set_training_fraction(0.5)
     assert step.current_limits() == (3.0, 5.0)
-    assert BatchRenorm(2).current_limits() == (3.0, 5.0)  # no warm-up: final limits at once
+    assert BatchRenorm(2).current_limits() == (1.0, 0.0)  # default warm-up: starts as BatchNorm
+    assert BatchRenorm(2, renorm_warmup=(0, 0)).current_limits() == (3.0, 5.0)  # final at once
     with pytest.raises(ConfigError, match="training fraction"):
         brn.set_training_fraction(1.5)
 
@@ -247,12 +248,12 @@ def test_set_training_fraction_reaches_every_layer():
 
 def test_batch_renorm_running_stats_survive_state_dict():
     torch.manual_seed(6)
-    brn = BatchRenorm(3, rmax=2.0, dmax=1.0)
+    brn = BatchRenorm(3, rmax=2.0, dmax=1.0, renorm_warmup=(0, 0))
     for _ in range(4):
         brn.train()(torch.randn(8, 3, 2, 2) * 3 + 1)
     state = brn.state_dict()
     assert {"running_mean", "running_var", "num_batches_tracked"} <= set(state)
-    fresh = BatchRenorm(3, rmax=2.0, dmax=1.0)
+    fresh = BatchRenorm(3, rmax=2.0, dmax=1.0, renorm_warmup=(0, 0))
     fresh.load_state_dict(state)
     for name in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"):
         assert torch.equal(getattr(fresh, name), getattr(brn, name))
@@ -377,7 +378,8 @@ def test_callable_kind():
 def test_batch_renorm_half_precision_uses_float32_statistics():
     torch.manual_seed(9)
     x = torch.randn(16, 3, 4, 4) * 2 + 5
-    full, half = BatchRenorm(3, rmax=2.0, dmax=1.0), BatchRenorm(3, rmax=2.0, dmax=1.0)
+    full = BatchRenorm(3, rmax=2.0, dmax=1.0, renorm_warmup=(0, 0))
+    half = BatchRenorm(3, rmax=2.0, dmax=1.0, renorm_warmup=(0, 0))
     y = half.train()(x.bfloat16())
     assert y.dtype == torch.bfloat16 and half.running_mean.dtype == torch.float32
     torch.testing.assert_close(y.float(), full.train()(x), atol=0.05, rtol=0.02)

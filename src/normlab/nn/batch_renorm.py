@@ -48,7 +48,7 @@ class BatchRenorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, bn_momentum: float = 0.1,
                  rmax: float = 3.0, dmax: float = 5.0,
-                 renorm_warmup: Sequence[float] = (0.0, 0.0)) -> None:
+                 renorm_warmup: Sequence[float] = (0.05, 0.5)) -> None:
         check_interval("eps", eps, 0.0)
         check_interval("bn_momentum", bn_momentum, 0.0, 1.0, low_open=False, high_open=False)
         check_interval("rmax", rmax, 1.0, low_open=False)

@@ -168,6 +168,6 @@ def _instance(channels: int, *, eps: float = 1e-5) -> nn.Module:
 @register_norm("batch_renorm")
 def _batch_renorm(channels: int, *, eps: float = 1e-5, bn_momentum: float = 0.1,
                   rmax: float = 3.0, dmax: float = 5.0,
-                  renorm_warmup: Sequence[float] = (0.0, 0.0)) -> nn.Module:
+                  renorm_warmup: Sequence[float] = (0.05, 0.5)) -> nn.Module:
     return BatchRenorm(channels, eps=eps, bn_momentum=bn_momentum, rmax=rmax, dmax=dmax,
                        renorm_warmup=renorm_warmup)

@@ -8,6 +8,8 @@ Submodules are imported on first use.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _LAZY = {
@@ -53,3 +55,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _ProbesPackage(types.ModuleType):
+    """Keeps `normlab.probes.step_loss` (and any probe named like its module) the function.
+
+    Importing submodule `normlab.probes.X` makes Python set attribute X of the package to the
+    submodule, which would shadow a probe function of the same name; this keeps the function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (name in _LAZY and isinstance(value, types.ModuleType)
+                and value.__name__ == f"{__name__}.{_LAZY[name]}" and hasattr(value, name)):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _ProbesPackage

@@ -10,7 +10,6 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from normlab.runner import plan_study
 from normlab.spec import RunSpec
 from normlab.studies.base import (
     FigureInfo,
@@ -76,6 +75,8 @@ class PaperStudy(Study):
 
     def _shares(self, results: StudyResults) -> list[tuple[Study, StudyResults]]:
         """Each member study with the results of its own runs (as planned for this folder)."""
+        from normlab.runner import plan_study  # runner imports the studies package: import late
+
         plan = read_study_file(results.out_dir)
         shares = []
         for member in self.members():

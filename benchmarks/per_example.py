@@ -1,0 +1,107 @@
+"""Cost of per-example gradients on ResNet-20, as multiples of one forward+backward.
+
+    python benchmarks/per_example.py            # batch 128, CIFAR-shaped synthetic input
+    python benchmarks/per_example.py --quick    # batch 16, fewer repeats: a fast check
+    python benchmarks/per_example.py --device cuda
+
+Measured in the same run, for a model without norm and one with BatchNorm in train mode:
+- backward: one forward + backward of the mean loss (the unit);
+- contributions: `per_example_contributions` (layer hooks, one backward);
+- exact: `per_example_loss_grads` with its automatic method (vmap without batch coupling,
+  chunked batched VJPs with BN) and, with BN, forced chunk sizes;
+- naive loop: one forward, then B backward passes of ell_i (retain_graph).
+Targets: contributions <= 3x backward; exact no slower than the naive loop on a CPU and >= 5x
+faster than it on a GPU. Each method is warmed up once, then timed `--repeats` times (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from normlab.nn import resnet_cifar
+from normlab.probes import per_example_contributions, per_example_loss_grads
+from normlab.probes._hygiene import frozen_norm_statistics
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def naive_loop(model, x, y) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with frozen_norm_statistics(model):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        for i in range(x.shape[0]):
+            torch.autograd.grad(losses[i], params, retain_graph=True)
+
+
+def backward(model, x, y) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with frozen_norm_statistics(model):
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+
+def bench_methods(model, loss_fn, x, y, chunks: list[int]) -> dict[str, Callable[[], object]]:
+    """The timed methods, each a closure over this model and batch."""
+    methods: dict[str, Callable[[], object]] = {
+        "backward": lambda: backward(model, x, y),
+        "contributions": lambda: per_example_contributions(model, loss_fn, x, y),
+        "exact (auto)": lambda: per_example_loss_grads(model, loss_fn, x, y),
+    }
+    for chunk in chunks:
+        methods[f"exact (vjp, chunk {chunk})"] = (
+            lambda chunk=chunk: per_example_loss_grads(model, loss_fn, x, y, chunk_size=chunk))
+    methods["naive loop of B backwards"] = lambda: naive_loop(model, x, y)
+    return methods
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="batch 16, 2 repeats")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunks", default="16,64", help="forced VJP chunk sizes (BN model)")
+    args = parser.parse_args()
+    batch, repeats = (16, 2) if args.quick else (args.batch, args.repeats)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    print(f"ResNet-20, batch {batch}, device {device} ({torch.get_num_threads()} threads), "
+          f"median of {repeats} after warm-up; seconds and multiples of one forward+backward")
+    print(f"{'norm':<6} {'method':<28} {'seconds':>9} {'x backward':>11} {'x naive':>8}")
+    for norm in ("none", "batch"):
+        model = resnet_cifar(20, norm=norm, init="kaiming_normal", seed=0).to(device).train()
+        methods = bench_methods(model, loss_fn, x, y, [int(c) for c in args.chunks.split(",")
+                                                       if c and int(c) <= batch and norm != "none"])
+        seconds = {name: timed(fn, repeats, device) for name, fn in methods.items()}
+        for name, s in seconds.items():
+            print(f"{norm:<6} {name:<28} {s:9.3f} {s / seconds['backward']:11.2f} "
+                  f"{s / seconds['naive loop of B backwards']:8.2f}")
+        if device.type == "cuda":
+            print(f"{norm:<6} peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+                  " MiB")
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+if __name__ == "__main__":
+    main()

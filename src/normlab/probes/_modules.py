@@ -1,0 +1,161 @@
+"""Shared plumbing for probes I: which modules a probe looks at, and hooks that always go away.
+
+Layers are named as `normlab.nn.weight_layers` names them (module names such as
+`stage2.block5.conv1`, 1-based `depth` in forward order over Conv2d/Linear layers). A probe's
+`layers` argument accepts module names, depth indices, or None (every weight layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.config import ConfigError
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module a probe measures: its name, its weight-layer depth (None if not one), itself."""
+
+    name: str
+    depth: int | None
+    module: nn.Module
+    main_path: bool = True
+
+
+def weight_layers(model: nn.Module) -> list[Layer]:
+    """Conv2d/Linear layers in forward order with their depth (normlab.nn's numbering)."""
+    from normlab.nn import weight_layers as nn_weight_layers
+
+    return [Layer(info.name, info.depth, info.module, info.main_path)
+            for info in nn_weight_layers(model)]
+
+
+def depth_of(model: nn.Module) -> dict[str, int]:
+    """Module name -> depth of every weight layer."""
+    return {layer.name: layer.depth for layer in weight_layers(model)}
+
+
+def select_layers(model: nn.Module, layers: Sequence[str | int] | None,
+                  kinds: tuple[type, ...] | None = None) -> list[Layer]:
+    """The modules named (or numbered by depth) in `layers`; every weight layer when None.
+
+    A depth picks the main-path layer of that depth (not a ResNet shortcut conv sharing it).
+
+    `kinds` restricts the choice (e.g. Conv2d only); a name or depth that is not there, or not
+    of an allowed kind, raises ConfigError listing what is allowed.
+    """
+    available = weight_layers(model)
+    if kinds is not None:
+        available = [layer for layer in available if isinstance(layer.module, kinds)]
+    if layers is None:
+        return available
+    if isinstance(layers, (str, int)):
+        layers = [layers]
+    by_name = {layer.name: layer for layer in available}
+    by_depth = {layer.depth: layer for layer in available if layer.main_path}
+    modules = dict(model.named_modules())
+    depths = depth_of(model)
+    chosen = []
+    for key in layers:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ConfigError(f"The 'layers' setting must list module names or depth indices; "
+                              f"got {key!r}.")
+        if isinstance(key, int):
+            if key not in by_depth:
+                raise ConfigError.choice("layers", key, sorted(by_depth))
+            chosen.append(by_depth[key])
+        elif key in by_name:
+            chosen.append(by_name[key])
+        elif kinds is None and key in modules and key:
+            chosen.append(Layer(key, depths.get(key), modules[key]))
+        else:
+            raise ConfigError.choice("layers", key, list(by_name))
+    return chosen
+
+
+def param_layers(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+    """Parameter name -> (owning module name, depth of that module or None)."""
+    depths = depth_of(model)
+    out = {}
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        out[name] = (owner, depths.get(owner))
+    return out
+
+
+def select_params(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
+    """Named parameters: those in `params`, or every parameter that requires grad."""
+    named = dict(model.named_parameters())
+    if params is None:
+        return {k: p for k, p in named.items() if p.requires_grad}
+    if isinstance(params, str):
+        params = [params]
+    out = {}
+    for key in params:
+        if key not in named:
+            raise ConfigError.choice("params", key, list(named))
+        out[key] = named[key]
+    return out
+
+
+@contextlib.contextmanager
+def hooks_removed(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[list]:
+    """Yield a list to append hook handles to; every handle is removed on exit, even on error."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer (BatchNorm, BatchRenorm, GroupNorm, LayerNorm, InstanceNorm)."""
+    return isinstance(module, NORM_TYPES)
+
+
+def per_example_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ell_i: the unreduced loss of each example, shape (B,).
+
+    `loss_fn` may be a loss module with a `reduction` attribute (e.g. a mean-reduced
+    nn.CrossEntropyLoss; it is copied with reduction="none", the original is not touched), or a
+    function accepting `reduction="none"` (e.g. F.cross_entropy).
+    """
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        import copy
+
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        losses = unreduced(output, y)
+    else:
+        try:
+            losses = loss_fn(output, y, reduction="none")
+        except TypeError as err:
+            raise ConfigError(f"The 'loss_fn' setting must be a loss module with a 'reduction' "
+                              f"attribute or a function taking reduction='none'; got "
+                              f"{loss_fn!r}.") from err
+    if losses.dim() > 1:  # e.g. per-pixel losses: an example's loss is their mean
+        losses = losses.reshape(losses.shape[0], -1).mean(dim=1)
+    if losses.shape != (output.shape[0],):
+        raise ConfigError(f"The 'loss_fn' setting must give one loss per example with "
+                          f"reduction='none'; got shape {tuple(losses.shape)}.")
+    return losses
+
+
+def reduction_of(loss_fn) -> str:
+    """'mean' or 'sum': how `loss_fn` combines the ell_i ('mean' for plain functions)."""
+    return getattr(loss_fn, "reduction", "mean")
+
+
+def padded_conv_input(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The input as the conv sees it after its padding (any mode, 'same' or 'valid')."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)

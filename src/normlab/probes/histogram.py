@@ -1,0 +1,79 @@
+"""Gradient histograms and their tails (E3): Gaussian-like with BN, heavy-tailed without.
+
+Tail statistics of a set of values:
+- excess kurtosis E[(v - mean)^4] / var^2 - 3 (0 for a Gaussian; population moments);
+- Hill tail index of |v|: with |v| sorted decreasingly X_(1) >= X_(2) >= ...,
+  alpha = k / sum_{i=1..k} ln(X_(i) / X_(k+1)), using the k = ceil(sqrt(n)) largest values by
+  default. A Pareto tail P(|v| > t) ~ t^(-alpha) gives alpha; smaller alpha is a heavier tail, and
+  for Gaussian data the estimate is large and grows slowly with n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from normlab.config import ConfigError, check_interval
+from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._modules import select_layers
+
+
+def tail_statistics(values: torch.Tensor, k: int | None = None) -> dict[str, float]:
+    """Excess kurtosis and the Hill tail index (with its k) of a tensor's entries; plus min, max,
+    std and range (max - min)."""
+    v = values.detach().reshape(-1).double()
+    n = v.numel()
+    if n < 3:
+        raise ConfigError(f"The 'values' setting must hold at least 3 numbers; got {n}.")
+    if k is None:
+        k = min(n - 1, math.ceil(math.sqrt(n)))
+    check_interval("k", k, 1, n - 1, kind=int, low_open=False, high_open=False)
+    centred = v - v.mean()
+    var = (centred ** 2).mean()
+    kurt = ((centred ** 4).mean() / var ** 2 - 3).item() if var > 0 else float("nan")
+    top = v.abs().sort(descending=True).values[: k + 1]
+    hill = (k / (top[:k] / top[k]).log().sum()).item() if top[k] > 0 else float("nan")
+    return {"excess_kurtosis": kurt, "hill_tail_index": hill, "hill_k": k,
+            "min": v.min().item(), "max": v.max().item(), "std": var.sqrt().item(),
+            "range": (v.max() - v.min()).item()}
+
+
+def gradient_histogram(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                       layers: Sequence[str | int] | None = None, bins: int = 60) -> list[dict]:
+    """Histogram and tail statistics of the entries of the mini-batch gradient of each chosen
+    layer's weight, in the model's current BN mode; cost: one forward and backward.
+
+    The gradient is that of `loss_fn` as given (mean-reduced for the usual losses). Bins are
+    `bins` equal-width bins spanning [min, max] of each layer's entries. Records per layer:
+    quantity "count" (with bin_low, bin_high) and one record per tail statistic (see
+    `tail_statistics`); all with layer, depth, bn_mode, gradient="batch_gradient".
+    Running statistics are not updated.
+    """
+    check_interval("bins", bins, 1, kind=int, low_open=False)
+    with preserved(model), frozen_norm_statistics(model):
+        chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
+        weights = [layer.module.weight.requires_grad_(True) for layer in chosen]  # restored
+        grads = torch.autograd.grad(loss_fn(model(x), y), weights, allow_unused=True)
+        mode = bn_mode(model)
+        records = []
+        for layer, g in zip(chosen, grads, strict=True):
+            if g is None:
+                continue
+            base = {"layer": layer.name, "depth": layer.depth, "bn_mode": mode,
+                    "gradient": "batch_gradient"}
+            v = g.detach().reshape(-1).double()
+            low, high = v.min().item(), v.max().item()
+            if high == low:
+                high = low + 1.0
+            counts = torch.histc(v, bins=bins, min=low, max=high).tolist()
+            edges = torch.linspace(low, high, bins + 1, dtype=torch.float64).tolist()
+            records += [{**base, "quantity": "count", "bin_low": edges[i],
+                         "bin_high": edges[i + 1], "value": c} for i, c in enumerate(counts)]
+            stats = tail_statistics(v) if v.numel() >= 3 else {}
+            k = stats.pop("hill_k", None)
+            records += [{**base, "quantity": q, "value": val, "hill_k": k}
+                        for q, val in stats.items()]
+        return records

@@ -1,0 +1,300 @@
+"""Per-example gradients: the exact loss gradients g_i and the batch-gradient contributions c_i.
+
+Two different quantities (see science.md, "Definitions"):
+
+- `per_example_loss_grads`: g_i = d ell_i / d theta through the forward pass *as run on the
+  whole batch*. With BatchNorm/BatchRenorm in train mode ell_i depends on every example through
+  the batch statistics, and g_i includes those paths. sum_i g_i = d (sum_i ell_i) / d theta.
+- `per_example_contributions`: c_i, the share of the batch gradient that flows through example
+  i's activations at each layer (layer hooks, one backward). sum_i c_i = the batch gradient of
+  `loss_fn` as given (mean-reduced: sum_i c_i = (1/B) sum_i g_i).
+
+Without batch coupling (no norm, LayerNorm, GroupNorm, InstanceNorm, BN in eval mode) the two
+coincide up to the reduction factor: c_i = g_i / B for a mean-reduced loss, c_i = g_i for a sum.
+With BN in train mode they differ completely. Every result carries `.quantity` saying which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.config import check_choice, check_interval
+from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._modules import (
+    hooks_removed,
+    is_norm,
+    padded_conv_input,
+    param_layers,
+    per_example_losses,
+    select_params,
+)
+
+METHODS = ("auto", "vjp", "vmap")
+LOSS_GRADS = "per_example_loss_grads"
+CONTRIBUTIONS = "per_example_contributions"
+
+
+class PerExampleGradients(dict):
+    """Parameter name -> tensor of shape (B, *param.shape), with what it is.
+
+    `quantity`: "per_example_loss_grads" or "per_example_contributions"; `bn_mode`: "train"
+    (batch statistics) or "eval"; `layers`: parameter name -> (module name, depth or None);
+    `method`: how it was computed.
+    """
+
+    def __init__(self, grads: dict[str, torch.Tensor], *, quantity: str, bn_mode: str,
+                 layers: dict[str, tuple[str, int | None]], method: str) -> None:
+        super().__init__(grads)
+        self.quantity = quantity
+        self.bn_mode = bn_mode
+        self.layers = layers
+        self.method = method
+
+
+def _coupled(model: nn.Module) -> bool:
+    from normlab.nn import is_batch_coupled
+
+    return is_batch_coupled(model)
+
+
+def per_example_loss_grads(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                           params: Iterable[str] | None = None, chunk_size: int | None = None,
+                           max_memory: float | None = None, method: str = "auto"
+                           ) -> PerExampleGradients:
+    """Exact g_i = d ell_i / d theta in the model's current mode; cost ~B backward passes
+    with batch coupling (BN/BatchRenorm in train mode), ~1-2 backward passes without.
+
+    ell_i is the *unreduced* loss of example i (`loss_fn` with reduction="none"), so for a
+    mean-reduced loss the batch gradient is (1/B) sum_i g_i; that holds under BN too.
+    Running statistics are not updated; the model is left exactly as it was.
+
+    method: "vjp" runs the batch forward once and takes batched vector-Jacobian products over
+    one-hot cotangents in chunks of `chunk_size` rows (exact for any model, including BN in
+    train mode); "vmap" vectorizes d ell(f(x_i)) / d theta over examples with torch.func
+    (correct only without batch coupling: it runs each example alone); "auto" picks "vmap"
+    without batch coupling, else "vjp". `chunk_size` bounds the rows (vjp) or examples (vmap)
+    processed at once; `max_memory` (bytes, vjp only) sets the chunk from an estimate of its
+    working memory. The result itself always takes B x P numbers.
+    Returns a `PerExampleGradients` mapping parameter name -> (B, *shape).
+    """
+    check_choice("method", method, METHODS)
+    if chunk_size is not None:
+        check_interval("chunk_size", chunk_size, 1, kind=int, low_open=False)
+    if max_memory is not None:
+        check_interval("max_memory", max_memory, 0)
+    coupled = _coupled(model)
+    if method == "auto":
+        method = "vjp" if coupled else "vmap"
+    elif method == "vmap" and coupled:
+        from normlab.config import ConfigError
+
+        raise ConfigError("The 'method' setting 'vmap' runs each example alone, which is a "
+                          "different function for a batch-coupled model (BatchNorm or "
+                          "BatchRenorm in train mode); use 'vjp' or 'auto'.")
+    with preserved(model), frozen_norm_statistics(model):
+        selected = select_params(model, params)
+        if method == "vmap":
+            grads = _vmap_grads(model, loss_fn, x, y, selected, chunk_size)
+        else:
+            grads = _vjp_grads(model, loss_fn, x, y, selected, chunk_size, max_memory)
+        return PerExampleGradients(grads, quantity=LOSS_GRADS, bn_mode=bn_mode(model),
+                                   layers={k: param_layers(model)[k] for k in grads},
+                                   method=method)
+
+
+def _vjp_grads(model, loss_fn, x, y, selected, chunk_size, max_memory):
+    outputs_numel = [0]
+
+    def count(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            outputs_numel[0] += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with hooks_removed([m.register_forward_hook(count) for m in leaves]):
+        losses = per_example_losses(loss_fn, model(x), y)  # (B,)
+    batch = losses.shape[0]
+    names = list(selected)
+    tensors = [selected[n] for n in names]
+    if chunk_size is None:
+        chunk_size = _default_chunk(batch, x, tensors, outputs_numel[0], max_memory)
+    eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)
+    parts: list[list[torch.Tensor]] = [[] for _ in names]
+    for start in range(0, batch, chunk_size):
+        rows = eye[start:start + chunk_size]
+        if rows.shape[0] == 1:  # a plain backward: no batching overhead
+            got = torch.autograd.grad(losses, tensors, rows[0], retain_graph=True,
+                                      allow_unused=True)
+            got = [None if g is None else g.unsqueeze(0) for g in got]
+        else:
+            got = torch.autograd.grad(losses, tensors, rows, retain_graph=True,
+                                      is_grads_batched=True, allow_unused=True)
+        for i, (g, p) in enumerate(zip(got, tensors, strict=True)):
+            parts[i].append(torch.zeros(rows.shape[0], *p.shape, dtype=p.dtype,
+                                        device=p.device) if g is None else g.detach())
+    return {n: torch.cat(chunks) for n, chunks in zip(names, parts, strict=True)}
+
+
+def _default_chunk(batch: int, x: torch.Tensor, tensors: list[torch.Tensor], activations: int,
+                   max_memory: float | None) -> int:
+    """Rows per batched VJP. On CPU one row at a time (measured fastest there: vectorizing the
+    backward over cotangents does not pay on a CPU); on a GPU as many as `max_memory` allows
+    (default: half the free memory). Each row costs ~ (activations + params) numbers."""
+    per_row = (activations + sum(p.numel() for p in tensors)) * x.element_size()
+    if max_memory is None:
+        if x.device.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(x.device)
+        max_memory = free / 2
+    return int(max(1, min(batch, max_memory // max(per_row, 1))))
+
+
+def _vmap_grads(model, loss_fn, x, y, selected, chunk_size):
+    from torch.func import functional_call, grad, vmap
+
+    names = list(selected)
+    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in selected}
+    buffers = dict(model.named_buffers())
+
+    def example_loss(trainable, xi, yi):
+        state = {**frozen, **trainable, **buffers}
+        out = functional_call(model, state, (xi.unsqueeze(0),))
+        return per_example_losses(loss_fn, out, yi.unsqueeze(0))[0]
+
+    trainable = {k: selected[k].detach() for k in names}
+    grad_fn = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    return {k: v.detach() for k, v in grad_fn(trainable, x, y).items()}
+
+
+def per_example_contributions(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
+                              ) -> PerExampleGradients:
+    """c_i, example i's share of the batch gradient of `loss_fn`, in the model's current mode;
+    cost ~2-3 backward passes (one backward plus per-example products in layer hooks).
+
+    For Conv2d/Linear weight and bias, c_i = sum over positions of d_i (x) a_i (output gradient
+    of example i times its input); for norm affine parameters c_i(weight) = sum over positions
+    of d_i * xhat_i (the normalized input) and c_i(bias) = sum of d_i. sum_i c_i equals the
+    batch gradient exactly, for every norm. Parameters of other modules are not included.
+    Note: the d_i are gradients of the *reduced* batch loss (mean: they carry 1/B), and with BN
+    in train mode c_i is not d ell_i / d theta (see `per_example_loss_grads`).
+    Running statistics are not updated; the model is left exactly as it was.
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+
+    def forward_hook(prefix: str):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            a = inputs[0].detach()
+            xhat = _normalized(module, a) if is_norm(module) else None
+
+            def on_grad(d: torch.Tensor) -> None:
+                for pname, value in _layer_contributions(module, a, d.detach(), xhat).items():
+                    add(f"{prefix}{pname}", value)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    with preserved(model), frozen_norm_statistics(model):
+        modules = [(n, m) for n, m in model.named_modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear)) or (is_norm(m) and _affine(m))]
+        handles = [m.register_forward_hook(forward_hook(f"{n}." if n else ""))
+                   for n, m in modules]
+        with hooks_removed(handles):
+            loss = loss_fn(model(x), y)
+            params = [p for p in model.parameters() if p.requires_grad]
+            torch.autograd.grad(loss, params, allow_unused=True)
+        named = dict(model.named_parameters())
+        grads = {k: v for k, v in sums.items() if named[k].requires_grad}
+        return PerExampleGradients(grads, quantity=CONTRIBUTIONS, bn_mode=bn_mode(model),
+                                   layers={k: param_layers(model)[k] for k in grads},
+                                   method="layer_hooks")
+
+
+def _affine(module: nn.Module) -> bool:
+    return getattr(module, "weight", None) is not None
+
+
+def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """xhat: the norm's output with unit scale and zero shift (so output = xhat * w + b).
+
+    Recomputed with the norm's own forward (running statistics are frozen by the caller), which
+    is exact for every norm kind, BatchRenorm's r/d corrections included.
+    """
+    from torch.func import functional_call
+
+    state = {"weight": torch.ones_like(module.weight)}
+    if getattr(module, "bias", None) is not None:
+        state["bias"] = torch.zeros_like(module.bias)
+    with torch.no_grad(), _hooks_off(module):
+        return functional_call(module, state, (a,), strict=False)
+
+
+class _hooks_off:
+    """Run a module's forward without its forward hooks (avoids re-entering our own hook)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.saved = self.module._forward_hooks
+        self.module._forward_hooks = type(self.saved)()
+
+    def __exit__(self, *exc) -> None:
+        self.module._forward_hooks = self.saved
+
+
+def _layer_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor,
+                         xhat: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-example parameter gradients of one module call: name -> (B, *param.shape)."""
+    out = {}
+    if isinstance(module, nn.Conv2d):
+        out["weight"] = _conv_weight_contributions(module, a, d)
+        if module.bias is not None:
+            out["bias"] = d.sum(dim=(2, 3))
+    elif isinstance(module, nn.Linear):
+        a2 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, positions, in)
+        d2 = d.reshape(d.shape[0], -1, d.shape[-1])  # (B, positions, out)
+        out["weight"] = torch.einsum("bpo,bpi->boi", d2, a2)
+        if module.bias is not None:
+            out["bias"] = d2.sum(dim=1)
+    else:  # a norm's affine parameters, shaped like `weight`
+        out["weight"] = _reduce_to(d * xhat, module)
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = _reduce_to(d, module)
+    return out
+
+
+def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Sum a (B, ...) tensor to (B, *affine shape): over positions for per-channel affine
+    parameters (BN, BatchRenorm, GN, IN: channel dim 1), over the leading dims for
+    nn.LayerNorm's affine parameters shaped like its trailing `normalized_shape`."""
+    if isinstance(module, nn.LayerNorm):
+        lead = t.dim() - 1 - len(module.normalized_shape)
+        return t.sum(dim=tuple(range(1, 1 + lead))) if lead else t
+    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+def _conv_weight_contributions(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor
+                               ) -> torch.Tensor:
+    """sum over positions of d[i, o, p] * unfold(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        a = padded_conv_input(conv, a)  # 'same'/'valid' or reflect/replicate/circular padding
+        padding: tuple[int, ...] | int = 0
+    else:
+        padding = conv.padding
+    cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                    stride=conv.stride)  # (B, C_in * kh * kw, L)
+    batch, groups = a.shape[0], conv.groups
+    cols = cols.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_in/G * kh * kw, L)
+    d = d.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_out/G, L)
+    per = torch.einsum("bgol,bgil->bgoi", d, cols)
+    return per.reshape(batch, *conv.weight.shape)
+

@@ -1,0 +1,154 @@
+"""Per-example gradients against brute force: one backward of each ell_i through the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import NORM_KINDS, tiny_case
+from normlab.config import ConfigError
+from normlab.probes import per_example_contributions, per_example_loss_grads
+from normlab.probes._hygiene import frozen_norm_statistics
+
+UNCOUPLED = ("none", "group", "layer", "instance")
+
+
+def brute_force_grads(case) -> dict[str, torch.Tensor]:
+    """g_i = d ell_i / d theta: forward the whole batch, backward ell_i alone, for each i."""
+    model = case.model
+    params = dict(model.named_parameters())
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in params}
+    with frozen_norm_statistics(model):
+        for i in range(case.x.shape[0]):
+            losses = torch.nn.functional.cross_entropy(model(case.x), case.y, reduction="none")
+            grads = torch.autograd.grad(losses[i], list(params.values()), allow_unused=True)
+            for k, g, p in zip(params, grads, params.values(), strict=True):
+                rows[k].append(torch.zeros_like(p) if g is None else g)
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def batch_gradient(case) -> dict[str, torch.Tensor]:
+    with frozen_norm_statistics(case.model):
+        loss = case.loss_fn(case.model(case.x), case.y)
+        params = dict(case.model.named_parameters())
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return dict(zip(params, grads, strict=True))
+
+
+def assert_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        scale = want[k].abs().max().clamp_min(1e-12)
+        assert (got[k] - want[k]).abs().max() <= rtol * scale, k
+
+
+@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_loss_grads_match_brute_force_in_train_mode(norm, chunk_size):
+    case = tiny_case(norm)
+    want = brute_force_grads(case)
+    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, chunk_size=chunk_size)
+    assert got.quantity == "per_example_loss_grads" and got.bn_mode == "train"
+    assert got["conv1.weight"].shape == (6, *case.model.conv1.weight.shape)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("norm", UNCOUPLED)
+def test_vjp_and_vmap_paths_agree_without_coupling(norm):
+    case = tiny_case(norm)
+    fast = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vmap")
+    slow = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vjp",
+                                  chunk_size=3)
+    assert fast.method == "vmap" and slow.method == "vjp"
+    assert_close(fast, slow)
+
+
+def test_auto_picks_vjp_for_batchnorm_in_train_and_vmap_in_eval():
+    case = tiny_case("batch")
+    assert per_example_loss_grads(case.model, case.loss_fn, case.x, case.y).method == "vjp"
+    case.model.eval()
+    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y)
+    assert got.method == "vmap" and got.bn_mode == "eval"
+    assert_close(got, brute_force_grads(case))
+
+
+def test_vmap_refused_for_batch_coupled_model():
+    case = tiny_case("batch")
+    with pytest.raises(ConfigError, match="'method'"):
+        per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vmap")
+
+
+def test_loss_grads_sum_to_the_summed_loss_gradient_under_bn():
+    case = tiny_case("batch_renorm")
+    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, params=["fc.weight"])
+    assert list(got) == ["fc.weight"]
+    batch = batch_gradient(case)["fc.weight"]
+    torch.testing.assert_close(got["fc.weight"].sum(0) / case.x.shape[0], batch)
+
+
+def test_max_memory_bounds_the_chunk():
+    case = tiny_case("batch")
+    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, max_memory=1)
+    assert_close(got, brute_force_grads(case))
+
+
+@pytest.mark.parametrize("setting,value", [("chunk_size", 0), ("max_memory", -1.0),
+                                           ("method", "magic")])
+def test_bad_settings_are_refused(setting, value):
+    case = tiny_case("none")
+    with pytest.raises(ConfigError, match=setting):
+        per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, **{setting: value})
+
+
+@pytest.mark.parametrize("norm", NORM_KINDS)
+def test_contributions_sum_to_the_batch_gradient(norm):
+    case = tiny_case(norm)
+    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    assert got.quantity == "per_example_contributions"
+    want = batch_gradient(case)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", UNCOUPLED)
+def test_contributions_equal_loss_grads_over_b_without_coupling(norm):
+    case = tiny_case(norm)
+    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    exact = brute_force_grads(case)
+    assert_close({k: v * case.x.shape[0] for k, v in got.items()}, exact)
+
+
+def test_contributions_differ_from_loss_grads_under_batchnorm():
+    case = tiny_case("batch")
+    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    exact = brute_force_grads(case)
+    gap = (got["conv1.weight"] * case.x.shape[0] - exact["conv1.weight"]).abs().max()
+    assert gap > 1e-3 * exact["conv1.weight"].abs().max()
+
+
+def test_contributions_of_a_strided_grouped_padded_conv():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect",
+                           dtype=torch.float64)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.LazyLinear(3,
+                                dtype=torch.float64))
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    model(x)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    got = per_example_contributions(model, loss_fn, x, y)
+    want = per_example_loss_grads(model, loss_fn, x, y, method="vjp")
+    assert_close(dict(got), dict(want))  # sum reduction: c_i = g_i
+
+
+def test_contributions_of_torch_layernorm_over_trailing_dims():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    x = torch.randn(5, 4, 4, dtype=torch.float64)  # (B, positions = 4, features = 4)
+    y = torch.randint(0, 3, (5,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    got = per_example_contributions(model, loss_fn, x, y)
+    want = per_example_loss_grads(model, loss_fn, x, y, method="vjp")
+    assert_close({k: v * 5 for k, v in got.items()}, dict(want))
