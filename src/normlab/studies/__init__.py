@@ -2,8 +2,8 @@
 
 from normlab.studies.base import (
     SCALES,
-    Finding,
     FigureInfo,
+    Finding,
     Study,
     StudyResults,
     get_study,
@@ -24,6 +24,6 @@ __all__ = [
     "register_study",
 ]
 
-from normlab._plugins import import_submodules  # noqa: E402
+from normlab._plugins import import_submodules
 
 import_submodules(__name__)  # every module of this package registers its study on import

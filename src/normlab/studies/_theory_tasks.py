@@ -1,0 +1,152 @@
+"""Measurement tasks of the theory studies (rmt, init, noise-scale): no training, one record set.
+
+- "rmt-product": singular values of a product of `options.M` Gaussian N(0, 1/N) matrices of size
+  `options.N` (seed = spec.seed), beside the Fuss-Catalan law.
+- "jacobian-spectrum": the spec's model at initialization (float64; for `spec.model == "mlp"`
+  with `options.activation == "linear"` a deep linear network of `depth` square layers of
+  `width` units after a first layer from the input), the singular values of its input-output
+  Jacobian on the first `options.examples` training images (train-mode BN: batch statistics),
+  and the signal-propagation profile (per-channel activation mean and variance per layer).
+- "sgd-noise": per-example loss gradients at initialization of `options.examples` training
+  examples (no batch coupling allowed), and the SGD noise E||g_B - g||^2 per batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.config import ConfigError, interval_problem
+from normlab.result import RunResult, provenance
+from normlab.spec import RunSpec
+from normlab.tasks import RunContext, register_task
+
+RMT_TASK = "rmt-product"
+JACOBIAN_TASK = "jacobian-spectrum"
+NOISE_TASK = "sgd-noise"
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    RMT_TASK: {"M": 1, "N": 400},
+    JACOBIAN_TASK: {"activation": "relu", "examples": 8, "k": None, "method": "lanczos",
+                    "layer": None},
+    NOISE_TASK: {"examples": 256, "batch_sizes": [1, 4, 16, 64], "samples": 200},
+}
+_POSITIVE_INTS = {"M", "N", "examples", "samples", "k"}
+
+
+def task_options(spec: RunSpec) -> dict[str, Any]:
+    """The task's options with defaults; one ConfigError listing every unknown or bad option."""
+    defaults = _DEFAULTS[spec.task]
+    options = {**defaults, **spec.mapping("options")}
+    problems = [f"The 'options' setting of the {spec.task!r} task may only hold "
+                f"{', '.join(repr(k) for k in defaults)}; got {key!r}."
+                for key in options if key not in defaults]
+    for key in _POSITIVE_INTS & set(options):
+        if options[key] is not None:
+            problem = interval_problem(f"options.{key}", options[key], 1, kind=int,
+                                       low_open=False)
+            problems += [problem] if problem else []
+    if spec.task == JACOBIAN_TASK and options["examples"] < 2 and spec.norm != "none":
+        problems.append("The 'options.examples' setting must be >= 2 with a normalization "
+                        f"(batch statistics need a batch); got {options['examples']!r}.")
+    if problems:
+        raise ConfigError(problems)
+    return options
+
+
+def _result(spec: RunSpec, final: dict[str, Any]) -> RunResult:
+    return RunResult(status="completed", steps=0, final=final,
+                     provenance=provenance(spec.run_id, "cpu", spec.seed))
+
+
+@register_task(RMT_TASK)
+def rmt_product_task(spec: RunSpec, context: RunContext) -> RunResult:
+    """Singular values of a product of M Gaussian matrices, and their summaries."""
+    from normlab.probes.rmt import fuss_catalan_support, product_singular_values, spectrum_summary
+
+    options = task_options(spec)
+    values = product_singular_values(options["M"], options["N"], seed=spec.seed)
+    rows = [{"quantity": "singular_value", "rank": i, "value": v}
+            for i, v in enumerate(values.tolist())]
+    summary = spectrum_summary(values)
+    context.log_records("rmt_product", rows + [{"quantity": q, "value": v}
+                                               for q, v in summary.items()])
+    edge = fuss_catalan_support(options["M"]) ** 0.5
+    return _result(spec, {**{f"sv_{q}": v for q, v in summary.items()},
+                          "sv_edge_theory": edge, "M": options["M"], "N": options["N"]})
+
+
+def build_init_model(spec: RunSpec, image_shape: tuple[int, int, int],
+                     num_classes: int, activation: str) -> nn.Module:
+    """The spec's model at initialization in float64 (see the module docstring)."""
+    from normlab.nn import build_model, initialize, mlp
+
+    if spec.model == "mlp" and activation == "linear":
+        d_in = image_shape[0] * image_shape[1] * image_shape[2]
+        model = mlp([d_in, *[spec.width] * spec.depth], activation="linear", norm=spec.norm,
+                    norm_options=spec.mapping("norm_options"), init=spec.init, bias=False,
+                    seed=spec.seed, init_gain=spec.init_gain)
+    else:
+        model = build_model(spec.model, depth=spec.depth, width=spec.width, norm=spec.norm,
+                            norm_options=spec.mapping("norm_options"),
+                            norm_placement=spec.norm_placement, init=spec.init,
+                            init_gain=spec.init_gain, num_classes=num_classes,
+                            in_channels=image_shape[0], seed=spec.seed,
+                            input_shape=image_shape)
+    model = model.double()
+    # again in float64, so that orthogonal weights are orthogonal to rounding, not to float32
+    return initialize(model, spec.init, gain=spec.init_gain, seed=spec.seed).train()
+
+
+@register_task(JACOBIAN_TASK)
+def jacobian_spectrum_task(spec: RunSpec, context: RunContext) -> RunResult:
+    """Jacobian singular values and per-layer activation statistics at initialization."""
+    from normlab.data import load
+    from normlab.probes.activations import activation_stats
+    from normlab.probes.rmt import jacobian_singular_values, spectrum_summary
+
+    options = task_options(spec)
+    train_set, _ = load(spec.data, **spec.mapping("data_options"))
+    model = build_init_model(spec, train_set.image_shape, train_set.num_classes,
+                             options["activation"])
+    x = train_set.x[:options["examples"]].double()
+    spectrum = jacobian_singular_values(model, x, k=options["k"], method=options["method"],
+                                        layer=options["layer"], seed=spec.seed)
+    context.log_records("jacobian_spectrum", spectrum.records())
+    context.log_records("activation_stats", activation_stats(model, x))
+    summary = spectrum_summary(spectrum.values)
+    return _result(spec, {**{f"jac_{q}": v for q, v in summary.items()},
+                          "jac_products": spectrum.products, "jac_values": len(spectrum.values)})
+
+
+@register_task(NOISE_TASK)
+def sgd_noise_task(spec: RunSpec, context: RunContext) -> RunResult:
+    """SGD noise at initialization: Monte-Carlo estimate vs the exact formula per batch size."""
+    from normlab.data import load
+    from normlab.nn import is_batch_coupled
+    from normlab.probes.noise import gradient_variance, sgd_noise
+    from normlab.probes.per_example import per_example_loss_grads
+
+    options = task_options(spec)
+    train_set, _ = load(spec.data, **spec.mapping("data_options"))
+    model = build_init_model(spec, train_set.image_shape, train_set.num_classes, "relu")
+    if is_batch_coupled(model):
+        raise ConfigError(f"The 'norm' setting of the {NOISE_TASK!r} task must not couple the "
+                          f"examples of a batch (eq. 2 needs fixed per-example gradients); got "
+                          f"{spec.norm!r}. Use 'none', 'group', 'layer' or 'instance'.")
+    n = min(options["examples"], len(train_set))
+    x, y = train_set.x[:n].double(), train_set.y[:n]
+    grads = per_example_loss_grads(model, nn.CrossEntropyLoss(), x, y, chunk_size=64)
+    records = sgd_noise(grads, [b for b in options["batch_sizes"] if b <= n],
+                        samples=options["samples"], seed=spec.seed)
+    context.log_records("sgd_noise", records, bn_mode="train",
+                        gradient="per_example_loss_grads")
+    ratios = [r["value"] for r in records  # b = N has no noise, hence no ratio
+              if r["quantity"] == "estimate_over_exact" and r["value"] == r["value"]]
+    with torch.no_grad():
+        c_hat = gradient_variance(grads)
+    return _result(spec, {"noise_c_hat": c_hat, "noise_examples": n,
+                          "noise_max_ratio_error": max((abs(r - 1) for r in ratios),
+                                                       default=float("nan"))})

@@ -1,0 +1,285 @@
+"""The `init` study (R7): initialization scheme x norm kind x depth.
+
+For each combination:
+- the signal-propagation profile at initialization: per-channel mean and variance of every
+  conv/linear output versus depth (train-mode BN, one batch of training images);
+- the input-output Jacobian spectrum at initialization (input -> stage3 feature map);
+- the largest stable learning rate of short constant-lr runs, and the test accuracy of those
+  runs after the fixed budget.
+
+The question it answers: does delta-orthogonal initialization (Xiao et al. 2018) let an
+unnormalized ResNet take the learning rates BN allows? And the mean-field view (Schoenholz et
+al. 2017): without normalization the forward signal's variance drifts geometrically with depth
+unless the init sits at the order/chaos boundary (see docs/theory.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from normlab.spec import RunSpec
+from normlab.studies._theory_tasks import JACOBIAN_TASK
+from normlab.studies._trainable_lr import largest_trainable_lr, log_y_if_positive
+from normlab.studies.base import (
+    FigureInfo,
+    Finding,
+    Study,
+    StudyResults,
+    default_data,
+    register_study,
+)
+from normlab.studies.rmt import INIT_COLORS
+
+INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
+MIN_ACC = 0.2  # twice chance on 10 classes: below it a run that did not diverge learned nothing
+
+
+@dataclass(frozen=True)
+class _Scale:
+    depths: tuple[int, ...]
+    width: int
+    norms: tuple[str, ...]
+    lrs: tuple[float, ...]
+    steps: int
+    batch_size: int
+    examples: int
+
+
+SCALES = {
+    # digits, ResNet-8/14 of width 8: a few minutes on 2 CPU cores
+    "smoke": _Scale((8, 14), 8, ("none", "batch"), (0.01, 0.1, 1.0), 60, 64, 4),
+    # CIFAR-10, one GPU
+    "reduced": _Scale((20, 56), 16, ("none", "batch", "group"),
+                      tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), 2000, 128, 2),
+    "paper": _Scale((20, 56, 110), 16, ("none", "batch", "group", "layer"),
+                    tuple(float(v) for v in np.geomspace(1e-5, 3.0, 12)), 8000, 128, 2),
+}
+
+
+@register_study
+class InitStudy(Study):
+    name = "init"
+    description = ("R7: init scheme x norm x depth: signal propagation and Jacobian spectrum at "
+                   "initialization, largest stable lr and test accuracy after a fixed budget.")
+    experiments = ("R7",)
+
+    def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        data = default_data(scale, data)
+        s = SCALES[scale]
+        base = RunSpec(data=data, model="resnet", width=s.width, batch_size=s.batch_size,
+                       schedule="constant", momentum=0.9, weight_decay=5e-4)
+        specs = []
+        for depth in s.depths:
+            for norm in s.norms:
+                for init in INITS:
+                    spec = base.replace(depth=depth, norm=norm, init=init)
+                    specs.append(spec.replace(task=JACOBIAN_TASK, group="R7-profile",
+                                              options={"examples": s.examples,
+                                                       "layer": "stage3"}))
+                    specs += [spec.replace(group="R7-train", lr=lr, steps=s.steps,
+                                           log_every=s.steps) for lr in s.lrs]
+        return specs
+
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+        out = [_profile_figure(results, fig_dir), _jacobian_figure(results, fig_dir),
+               _stable_lr_figure(results, fig_dir), _accuracy_figure(results, fig_dir)]
+        return [f for f in out if f is not None]
+
+    def findings(self, results: StudyResults) -> list[Finding]:
+        rows = []
+        growth = _variance_growth(results)
+        if not growth.empty:
+            deepest = growth[growth["depth"] == growth["depth"].max()].set_index(["norm", "init"])
+            values = deepest["growth"]
+            keys = [("none", "kaiming_normal"), ("none", "xavier_normal"),
+                    ("batch", "xavier_normal")]
+            if all(k in values.index for k in keys):
+                he, xavier, bn = (float(values[k]) for k in keys)
+                rows.append(Finding(
+                    "R7", "Without normalization the activation variance grows with depth at "
+                    "initialization, more with He (Kaiming) than with Xavier init; BN keeps "
+                    "it within a decade",
+                    "He ~1e9, Xavier ~1e3 over 54 blocks of ResNet-110; BN ~1e-1...1e1",
+                    f"median channel variance, last conv / first conv, ResNet-"
+                    f"{int(deepest['depth'].iloc[0])}: He {he:.3g}, Xavier {xavier:.3g}, "
+                    f"BN+Xavier {bn:.3g}",
+                    bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1)))
+        stable = largest_trainable_lr(_runs(results, "R7-train"), ["depth", "norm", "init"],
+                                      MIN_ACC)
+        if not stable.empty:
+            deepest = stable[stable["depth"] == stable["depth"].max()]
+            table = deepest.set_index(["norm", "init"])["largest_stable_lr"]
+            if ("none", "delta_orthogonal") in table.index and "batch" in deepest["norm"].values:
+                delta = float(table[("none", "delta_orthogonal")])
+                bn = float(deepest[deepest["norm"] == "batch"]["largest_stable_lr"].max())
+                answer = ("yes" if delta >= bn else "no") if not (
+                    math.isnan(delta) or math.isnan(bn)) else "undetermined"
+                rows.append(Finding(
+                    "R7", "Delta-orthogonal init lets an unnormalized ResNet train at the "
+                    "learning rates BN allows",
+                    "not in the paper (review R7)",
+                    f"{answer}: largest lr that trains (no divergence, test accuracy >= "
+                    f"{MIN_ACC:g}) at depth {int(deepest['depth'].iloc[0])}: "
+                    f"no norm + delta-orthogonal {delta:.3g}, BN (best init) {bn:.3g}",
+                    None))
+        return rows
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def _runs(results: StudyResults, group: str) -> pd.DataFrame:
+    runs = results.runs
+    if runs.empty or "group" not in runs:
+        return pd.DataFrame()
+    return runs[runs["group"] == group]
+
+
+def _profile_table(results: StudyResults) -> pd.DataFrame:
+    records = results.records("activation_stats")
+    if records.empty:
+        return records
+    # the record's `depth` (layer index) shadows the run's `depth` (network depth) in the join
+    runs = results.runs.set_index("run_id")["depth"].rename("network_depth")
+    records = records.join(runs, on="run_id")
+    records = records[records["quantity"].isin(["mean", "variance"])].copy()
+    records["value"] = records["value"].abs()
+    return (records.groupby(["network_depth", "norm", "init", "quantity", "depth"],
+                            as_index=False)["value"].median()
+            .rename(columns={"depth": "layer_depth"}))
+
+
+def _variance_growth(results: StudyResults) -> pd.DataFrame:
+    """Median channel variance of the last conv over that of the first, per network."""
+    table = _profile_table(results)
+    if table.empty:
+        return table
+    var = table[table["quantity"] == "variance"]
+    rows = []
+    for (depth, norm, init), part in var.groupby(["network_depth", "norm", "init"]):
+        part = part.sort_values("layer_depth")
+        convs = part[part["layer_depth"] < part["layer_depth"].max()]  # without the classifier
+        rows.append({"depth": depth, "norm": norm, "init": init,
+                     "growth": float(convs["value"].iloc[-1] / convs["value"].iloc[0])})
+    return pd.DataFrame(rows)
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import new_figure, save_figure
+
+    table = _profile_table(results)
+    if table.empty:
+        return None
+    keys = sorted(table.groupby(["network_depth", "norm"]).groups)
+    fig, axes = new_figure(2, len(keys), width=3.4)
+    for col, (depth, norm) in enumerate(keys):
+        for row, quantity in enumerate(("variance", "mean")):
+            ax = axes[row][col]
+            part = table[(table["network_depth"] == depth) & (table["norm"] == norm)
+                         & (table["quantity"] == quantity)]
+            for init, line in part.groupby("init"):
+                ax.plot(line["layer_depth"], line["value"].clip(lower=1e-30), "o-", ms=3,
+                        color=INIT_COLORS.get(init), label=init)
+            ax.set_yscale("log")
+            ax.set_xlabel("layer depth")
+            ax.set_ylabel(f"median channel {'variance' if row == 0 else '|mean|'}")
+            ax.set_title(f"ResNet-{int(depth)}, norm {norm}")
+    axes[0][0].legend(fontsize=6)
+    files = save_figure(fig, fig_dir, "init_signal_propagation", table)
+    return FigureInfo("R7", "init_signal_propagation", "Signal propagation at initialization",
+                      "Median over channels of the per-channel variance and |mean| of each "
+                      "conv/linear output (before its norm) at initialization, one batch of "
+                      "training images; BN mode: train (batch statistics).", files)
+
+
+def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import new_figure, save_figure
+
+    runs = _runs(results, "R7-profile")
+    if runs.empty or "jac_max" not in runs:
+        return None
+    runs = runs[runs["status"] == "completed"]
+    table = runs[["depth", "norm", "init", "jac_max", "jac_rms", "jac_condition",
+                  "jac_tiny_share"]].copy()
+    table["max_over_rms"] = table["jac_max"] / table["jac_rms"]
+    norms = sorted(table["norm"].unique())
+    fig, axes = new_figure(1, 2, width=4.0)
+    for ax, column, label in ((axes[0][0], "max_over_rms", "largest / rms singular value"),
+                              (axes[0][1], "jac_tiny_share", "share of s < 0.1 rms")):
+        for init, part in table.groupby("init"):
+            for norm in norms:
+                line = part[part["norm"] == norm].sort_values("depth")
+                ax.plot(line["depth"], line[column], "o-" if norm == "none" else "s--",
+                        color=INIT_COLORS.get(init), label=f"{init}, {norm}")
+        ax.set_xlabel("network depth")
+        ax.set_ylabel(label)
+    axes[0][0].set_yscale("log")
+    axes[0][0].legend(fontsize=6)
+    files = save_figure(fig, fig_dir, "init_jacobian", table)
+    return FigureInfo("R7", "init_jacobian", "Jacobian conditioning at initialization",
+                      "Spread of the singular values of the Jacobian from the input batch to "
+                      "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
+                      "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).", files)
+
+
+def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import new_figure, save_figure
+
+    table = largest_trainable_lr(_runs(results, "R7-train"), ["depth", "norm", "init"], MIN_ACC)
+    if table.empty:
+        return None
+    depths = sorted(table["depth"].unique())
+    fig, axes = new_figure(1, len(depths), width=4.0)
+    for ax, depth in zip(axes[0], depths, strict=True):
+        part = table[table["depth"] == depth]
+        norms = sorted(part["norm"].unique())
+        width = 0.8 / len(INITS)
+        for i, init in enumerate(INITS):
+            values = part[part["init"] == init].set_index("norm")["largest_stable_lr"]
+            ax.bar(np.arange(len(norms)) + (i - (len(INITS) - 1) / 2) * width,
+                   [values.get(n, np.nan) for n in norms], width, color=INIT_COLORS.get(init),
+                   label=init)
+        ax.set_xticks(np.arange(len(norms)), norms)
+        log_y_if_positive(ax, part["largest_stable_lr"])
+        ax.set_ylabel("largest lr that trains (constant schedule)")
+        ax.set_title(f"ResNet-{int(depth)}")
+    axes[0][0].legend(fontsize=6)
+    files = save_figure(fig, fig_dir, "init_stable_lr", table)
+    return FigureInfo("R7", "init_stable_lr", "Largest lr that trains, by init and norm",
+                      "Largest learning rate of the grid whose short constant-lr SGD run did "
+                      "not diverge (mini-batch loss > diverge_loss or non-finite) and reached "
+                      f"test accuracy >= {MIN_ACC:g} (eval mode); BN mode: train during the "
+                      "steps.", files)
+
+
+def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import new_figure, save_figure
+
+    runs = _runs(results, "R7-train")
+    if runs.empty or "test_acc" not in runs:
+        return None
+    table = runs[["depth", "norm", "init", "lr", "status", "test_acc"]].copy()
+    keys = sorted(table.groupby(["depth", "norm"]).groups)
+    fig, axes = new_figure(1, len(keys), width=3.4)
+    for ax, (depth, norm) in zip(axes[0], keys, strict=True):
+        part = table[(table["depth"] == depth) & (table["norm"] == norm)]
+        for init, line in part.groupby("init"):
+            line = line.sort_values("lr")
+            ax.plot(line["lr"], line["test_acc"], "o-", color=INIT_COLORS.get(init), label=init)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("test accuracy after the budget")
+        ax.set_title(f"ResNet-{int(depth)}, norm {norm}")
+    axes[0][0].legend(fontsize=6)
+    files = save_figure(fig, fig_dir, "init_accuracy", table)
+    return FigureInfo("R7", "init_accuracy", "Test accuracy after a fixed budget",
+                      "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
+                      "train for the steps, eval (running statistics) for the test set; "
+                      "missing points diverged.", files)

@@ -1,0 +1,264 @@
+"""The `noise-scale` study (E2, R5): SGD noise and Smith & Le's noise scale.
+
+- E2: per-example gradients at initialization of N training examples; the SGD noise
+  E||g_B - g||^2 estimated by drawing batches without replacement, against the exact formula
+  (N - b) / (b (N - 1)) C_hat (eq. 2, derived in docs/theory.md), for b from 1 to N/2.
+- R5: a learning rate x batch size grid of constant-lr SGD runs with a fixed budget in epochs.
+  Test accuracy and the largest learning rate that trains, plotted against the noise scale
+  g = lr N / (B (1 - m)): if the linear scaling rule holds, the best runs of every batch size
+  sit at the same g; where it breaks, they do not (and stability, set by curvature, does not
+  scale with B at all).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from normlab.spec import RunSpec
+from normlab.studies._theory_tasks import NOISE_TASK
+from normlab.studies._trainable_lr import largest_trainable_lr, log_y_if_positive
+from normlab.studies.base import (
+    FigureInfo,
+    Finding,
+    Study,
+    StudyResults,
+    default_data,
+    register_study,
+)
+
+MIN_ACC = 0.2  # twice chance on 10 classes
+BATCH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+@dataclass(frozen=True)
+class _Scale:
+    depth: int
+    width: int
+    noise_norms: tuple[str, ...]
+    noise_examples: int
+    noise_batches: tuple[int, ...]
+    noise_samples: int
+    norms: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    lrs: tuple[float, ...]
+    epochs: float
+
+
+SCALES = {
+    # digits, ResNet-8 of width 8: about a minute on 2 CPU cores
+    "smoke": _Scale(8, 8, ("none",), 128, (1, 2, 4, 8, 16, 32, 64), 200, ("batch",),
+                    (16, 64, 256), (0.01, 0.04, 0.16, 0.64, 2.56), 3.0),
+    # CIFAR-10, ResNet-20: one GPU
+    "reduced": _Scale(20, 16, ("none", "group"), 1024, (1, 4, 16, 64, 256, 512), 400,
+                      ("batch", "none"), (32, 128, 512, 2048),
+                      tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)), 30.0),
+    "paper": _Scale(110, 16, ("none", "group"), 2048, (1, 4, 16, 64, 256, 1024), 400,
+                    ("batch", "none"), (32, 128, 512, 2048),
+                    tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), 160.0),
+}
+
+
+@register_study
+class NoiseScaleStudy(Study):
+    name = "noise-scale"
+    description = ("E2, R5: SGD noise vs batch size against the exact without-replacement "
+                   "formula, and an lr x batch-size grid read against the noise scale "
+                   "g = lr N / (B (1 - m)).")
+    experiments = ("E2", "R5")
+
+    def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        data = default_data(scale, data)
+        s = SCALES[scale]
+        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
+                       init="xavier_normal", schedule="constant", momentum=0.9,
+                       weight_decay=5e-4)
+        specs = [base.replace(task=NOISE_TASK, group="E2", norm=norm,
+                              options={"examples": s.noise_examples,
+                                       "batch_sizes": list(s.noise_batches),
+                                       "samples": s.noise_samples})
+                 for norm in s.noise_norms]
+        specs += [base.replace(group="R5", norm=norm, batch_size=b, lr=lr, epochs=s.epochs,
+                               log_every=50)
+                  for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
+        return specs
+
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+        out = [_noise_figure(results, fig_dir), _accuracy_figure(results, fig_dir),
+               _stable_lr_figure(results, fig_dir)]
+        return [f for f in out if f is not None]
+
+    def findings(self, results: StudyResults) -> list[Finding]:
+        rows = []
+        noise = _noise_table(results)
+        if not noise.empty:
+            z = (noise["noise_estimate"] - noise["noise_exact"]) / noise["stderr"]
+            worst = noise.loc[z.abs().idxmax()]
+            sizes = ", ".join(str(int(b)) for b in sorted(set(noise["batch_size"])))
+            rows.append(Finding(
+                "E2", "E||g_B - g||^2 = (N-b)/(b(N-1)) C_hat for batches drawn without "
+                "replacement (eq. 2)", "derived (appendix proof)",
+                f"Monte-Carlo vs formula over b = {sizes}"
+                f" (N = {int(noise['examples'].iloc[0])}): largest deviation "
+                f"{abs(worst['noise_estimate'] / worst['noise_exact'] - 1):.1%} at b = "
+                f"{int(worst['batch_size'])} ({abs(z).max():.1f} standard errors)",
+                bool(z.abs().max() < 4)))
+        grid = _grid(results)
+        if not grid.empty:
+            for norm, part in grid.groupby("norm"):
+                best = part.loc[part.groupby("batch_size")["test_acc"].idxmax()]
+                if len(best) < 2:
+                    continue
+                lr_spread = best["lr"].max() / best["lr"].min()
+                g_spread = best["noise_scale"].max() / best["noise_scale"].min()
+                rows.append(Finding(
+                    "R5", f"Linear scaling rule (norm {norm}): the best runs of every batch "
+                    "size share one noise scale g = lr N / (B(1-m))",
+                    "Smith & Le 2018 (not measured in the paper)",
+                    "best lr per batch size " + ", ".join(
+                        f"B={int(r.batch_size)}: {r.lr:g} (g={r.noise_scale:.3g})"
+                        for r in best.itertuples())
+                    + f"; spread of best g {g_spread:.3g}x vs of best lr {lr_spread:.3g}x",
+                    bool(g_spread < lr_spread)))
+        return rows
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _train_size(data: str) -> int:
+    from normlab.data import load
+
+    return len(load(data)[0])
+
+
+def _noise_table(results: StudyResults) -> pd.DataFrame:
+    records = results.records("sgd_noise")
+    if records.empty:
+        return records
+    wide = records.pivot_table(index=["norm", "batch_size", "examples"], columns="quantity",
+                               values="value").reset_index()
+    stderr = (records[records["quantity"] == "noise_estimate"]
+              .groupby(["norm", "batch_size"])["stderr"].first().rename("stderr"))
+    return wide.join(stderr, on=["norm", "batch_size"])
+
+
+def _grid(results: StudyResults) -> pd.DataFrame:
+    runs = results.runs
+    if runs.empty or "group" not in runs:
+        return pd.DataFrame()
+    runs = runs[runs["group"] == "R5"].copy()
+    if runs.empty:
+        return runs
+    if "test_acc" not in runs:
+        runs["test_acc"] = np.nan
+    runs["examples"] = [_train_size(d) for d in runs["data"]]
+    runs["noise_scale"] = runs["lr"] * runs["examples"] / (runs["batch_size"]
+                                                           * (1 - runs["momentum"]))
+    # a diverged run reached no accuracy; plot it at chance level's floor (0)
+    runs.loc[runs["status"] == "diverged", "test_acc"] = 0.0
+    return runs
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
+
+    table = _noise_table(results)
+    if table.empty:
+        return None
+    fig, axes = new_figure(1, 1, width=4.6)
+    ax = axes[0][0]
+    for norm, part in table.groupby("norm"):
+        part = part.sort_values("batch_size")
+        color = NORM_COLORS.get(norm)
+        ax.errorbar(part["batch_size"], part["noise_estimate"], yerr=2 * part["stderr"],
+                    fmt="o", color=color, ms=4, label=f"{norm}: sampled batches (+-2 se)")
+        ax.plot(part["batch_size"], part["noise_exact"], "-", color=color,
+                label=f"{norm}: (N-b)/(b(N-1)) C_hat")
+        ax.plot(part["batch_size"], part["noise_bound"], ":", color=color,
+                label=f"{norm}: bound C_hat / b")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size b")
+    ax.set_ylabel("E ||g_B - g||^2")
+    ax.legend(fontsize=6)
+    files = save_figure(fig, fig_dir, "sgd_noise_vs_batch", table)
+    return FigureInfo("E2", "sgd_noise_vs_batch", "SGD noise versus batch size",
+                      "Squared distance between the mini-batch gradient and the full gradient "
+                      "over N training examples at initialization, averaged over batches drawn "
+                      "without replacement, against eq. 2; per-example loss gradients "
+                      "(per_example_loss_grads), models without batch coupling, so BN mode "
+                      "does not apply.", files)
+
+
+def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import new_figure, save_figure
+
+    grid = _grid(results)
+    if grid.empty:
+        return None
+    norms = sorted(grid["norm"].unique())
+    fig, axes = new_figure(len(norms), 2, width=4.0)
+    batches = sorted(grid["batch_size"].unique())
+    for row, norm in enumerate(norms):
+        part = grid[grid["norm"] == norm]
+        for i, b in enumerate(batches):
+            line = part[part["batch_size"] == b].sort_values("lr")
+            color = BATCH_COLORS[i % len(BATCH_COLORS)]
+            axes[row][0].plot(line["lr"], line["test_acc"], "o-", color=color, label=f"B={b}")
+            axes[row][1].plot(line["noise_scale"], line["test_acc"], "o-", color=color,
+                              label=f"B={b}")
+        for ax, label in zip(axes[row], ("learning rate", "noise scale g = lr N / (B(1-m))"),
+                             strict=True):
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1)
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"norm {norm}")
+    axes[0][0].legend(fontsize=7)
+    data = grid[["norm", "batch_size", "lr", "momentum", "examples", "noise_scale", "status",
+                 "test_acc"]]
+    files = save_figure(fig, fig_dir, "accuracy_vs_noise_scale", data)
+    return FigureInfo("R5", "accuracy_vs_noise_scale", "Accuracy against lr and noise scale",
+                      "Test accuracy (BN mode: eval, running statistics) after a fixed "
+                      "number of epochs of constant-lr SGD, against the learning rate (left) "
+                      "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
+                      "at 0. Curves that collapse on the right obey the linear scaling rule.",
+                      files)
+
+
+def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
+
+    grid = _grid(results)
+    if grid.empty:
+        return None
+    table = largest_trainable_lr(grid, ["norm", "batch_size"], MIN_ACC)
+    fig, axes = new_figure(1, 1, width=4.4)
+    ax = axes[0][0]
+    for norm, part in table.groupby("norm"):
+        part = part.sort_values("batch_size")
+        ax.plot(part["batch_size"], part["largest_stable_lr"], "o-",
+                color=NORM_COLORS.get(norm), label=f"{norm}")
+        first = part.dropna(subset=["largest_stable_lr"]).head(1)
+        if not first.empty:
+            b0, lr0 = float(first["batch_size"].iloc[0]), float(first["largest_stable_lr"].iloc[0])
+            ax.plot(part["batch_size"], lr0 * part["batch_size"] / b0, ":",
+                    color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
+    ax.set_xscale("log")
+    log_y_if_positive(ax, table["largest_stable_lr"])
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("largest lr that trains")
+    ax.legend(fontsize=7)
+    files = save_figure(fig, fig_dir, "stable_lr_vs_batch", table)
+    return FigureInfo("R5", "stable_lr_vs_batch", "Largest lr that trains versus batch size",
+                      "Largest learning rate of the grid whose constant-lr run neither diverged "
+                      f"nor ended below {MIN_ACC:g} test accuracy, per batch size (BN mode: "
+                      "train during the steps), against the linear scaling line.", files)
+
