@@ -1,0 +1,223 @@
+"""The `lr-sweep` study (E1, E10, R1): how large a learning rate does each normalization allow?
+
+Three groups of "train" runs (`RunSpec.group`):
+- "sweep" (R1): norm in {none, batch, group, layer, instance, batch_renorm} x a log grid of
+  learning rates x seeds, at the scale's depth.
+- "E10": no norm and BN at further depths over the same grid (the sweep supplies the
+  scale's own depth): does depth limit the usable learning rate without normalization?
+- "E1": the paper's four runs, BN at lr 0.1, 0.003, 0.0001 and no norm at 0.0001, each with its
+  own length (the paper trained the small learning rates far longer), compared as "% of
+  training".
+
+All runs: CIFAR ResNet (post-activation basic blocks, shortcut A), Xavier-normal init (what the
+paper appears to use; with He init an unnormalized ResNet-110 blows up ~1e9 at init), SGD with
+momentum 0.9 and weight decay 5e-4, lr divided by 10 at 50 % and 75 % of training, standard
+augmentation. GroupNorm uses width/4 groups; BatchRenorm relaxes rmax, dmax from BatchNorm's
+(1, 0) to (3, 5) between 5 % and 50 % of training.
+
+"Stable" (see `studies._stable_lr`; an lr counts only if every seed was stable): no
+divergence (mini-batch loss finite and <= 1e3, the paper's criterion) and, for the "trains"
+criterion, final test accuracy >= 50 %. Figures report both, since unnormalized networks often
+collapse to chance accuracy without diverging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from normlab.spec import RunSpec
+from normlab.studies._lr_sweep_figures import (
+    accuracy_vs_lr,
+    e1_curves,
+    stable_lr_bars,
+    stable_lr_vs_depth,
+    worst_seed,
+)
+from normlab.studies._stable_lr import largest_stable_lr
+from normlab.studies.base import (
+    FigureInfo,
+    Finding,
+    Study,
+    StudyResults,
+    check_scale,
+    default_data,
+    register_study,
+)
+
+NORMS = ("none", "batch", "group", "layer", "instance", "batch_renorm")
+TRAINS_ACC = 0.5  # final test accuracy a run must reach to count as "trains"
+# E1: (norm, lr) -> the paper's reported final test accuracy (%)
+PAPER_E1 = {("batch", 0.1): 93.0, ("batch", 0.003): 90.5, ("batch", 0.0001): 81.0,
+            ("none", 0.0001): 82.0}
+E1_MATCHED_MARGIN = 0.05  # "no advantage": BN at 1e-4 within 5 points of no norm at 1e-4
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The runs of one scale. `e1_runs` holds (norm, lr, epochs) per E1 run."""
+
+    depth: int
+    width: int
+    batch_size: int
+    epochs: float
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    e10_depths: tuple[int, ...]
+    e1_depth: int
+    e1_runs: tuple[tuple[str, float, float], ...]
+    e1_seeds: tuple[int, ...]
+    log_every: int
+    norms: tuple[str, ...] = NORMS
+
+
+def _half_decades(low: float, high: float) -> tuple[float, ...]:
+    """1, 3, 10, 30, ... between low and high (both powers of ten or 3x one), rounded."""
+    count = round(2 * np.log10(high / low)) + 1
+    return tuple(float(f"{v:.0e}") for v in np.geomspace(low, high, count))
+
+
+GRIDS = {
+    # digits, ResNet-20 of width 8 (E10 adds ResNet-8; E1 uses ResNet-8): 1-3 minutes on
+    # 2 CPU cores. Depth 20, because at depth 8 no norm trains at BN's learning rates (E10).
+    "smoke": SweepGrid(depth=20, width=8, batch_size=64, epochs=3,
+                       lrs=_half_decades(0.01, 10.0), seeds=(0,), e10_depths=(8,), e1_depth=8,
+                       e1_runs=(("batch", 0.1, 5), ("batch", 0.003, 40),
+                                ("batch", 0.0001, 72), ("none", 0.0001, 72)),
+                       e1_seeds=(0,), log_every=5),
+    # CIFAR-10, ResNet-20 (E10: 56; E1: 56), shortened schedules: one GPU, hours
+    "reduced": SweepGrid(depth=20, width=16, batch_size=128, epochs=30,
+                         lrs=_half_decades(0.001, 3.0), seeds=(0,), e10_depths=(56,),
+                         e1_depth=56,
+                         e1_runs=(("batch", 0.1, 30), ("batch", 0.003, 120),
+                                  ("batch", 0.0001, 200), ("none", 0.0001, 200)),
+                         e1_seeds=(0,), log_every=50),
+    # the paper: ResNet-110, CIFAR-10, 165 epochs (E1: 165, 1320, 2400, 2400), 5 seeds
+    "paper": SweepGrid(depth=110, width=16, batch_size=128, epochs=165,
+                       lrs=_half_decades(0.0001, 1.0), seeds=(0, 1, 2, 3, 4),
+                       e10_depths=(20, 56), e1_depth=110,
+                       e1_runs=(("batch", 0.1, 165), ("batch", 0.003, 1320),
+                                ("batch", 0.0001, 2400), ("none", 0.0001, 2400)),
+                       e1_seeds=(0, 1, 2, 3, 4), log_every=100),
+}
+
+
+def norm_options(norm: str, width: int) -> dict:
+    """GroupNorm: width/4 groups (divides every stage); BatchRenorm: relaxed over 5-50 %."""
+    if norm == "group":
+        return {"groups": max(1, width // 4)}
+    if norm == "batch_renorm":
+        return {"renorm_warmup": [0.05, 0.5]}
+    return {}
+
+
+@register_study
+class LrSweepStudy(Study):
+    name = "lr-sweep"
+    description = ("Final accuracy and the largest stable learning rate per normalization, "
+                   "vs depth, and the paper's four E1 runs (E1, E10, R1).")
+    experiments = ("E1", "E10", "R1")
+
+    def __init__(self, grids: Mapping[str, SweepGrid] | None = None) -> None:
+        self.grids = dict(GRIDS if grids is None else grids)
+
+    def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        check_scale(scale)
+        grid = self.grids[scale]
+        base = RunSpec(data=default_data(scale, data), model="resnet", width=grid.width,
+                       batch_size=grid.batch_size, init="xavier_normal", momentum=0.9,
+                       weight_decay=5e-4, schedule="step", milestones=(0.5, 0.75),
+                       lr_decay=0.1, epochs=float(grid.epochs), log_every=grid.log_every)
+
+        def run(group: str, norm: str, depth: int, lr: float, seed: int, **more) -> RunSpec:
+            return base.replace(group=group, norm=norm, depth=depth, lr=lr, seed=seed,
+                                norm_options=norm_options(norm, grid.width), **more)
+
+        specs = [run("sweep", norm, grid.depth, lr, seed)
+                 for norm in grid.norms for lr in grid.lrs for seed in grid.seeds]
+        specs += [run("E10", norm, depth, lr, seed)
+                  for depth in grid.e10_depths if depth != grid.depth
+                  for norm in ("none", "batch") for lr in grid.lrs for seed in grid.seeds]
+        specs += [run("E1", norm, grid.e1_depth, lr, seed, epochs=float(epochs))
+                  for norm, lr, epochs in grid.e1_runs for seed in grid.e1_seeds]
+        return specs
+
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+        drawn = [accuracy_vs_lr(results, fig_dir),
+                 stable_lr_bars(results, fig_dir, TRAINS_ACC),
+                 stable_lr_vs_depth(results, fig_dir, TRAINS_ACC),
+                 e1_curves(results, fig_dir, PAPER_E1)]
+        return [figure for figure in drawn if figure is not None]
+
+    def findings(self, results: StudyResults) -> list[Finding]:
+        runs = results.runs
+        if runs.empty or "group" not in runs:
+            return []
+        return [*_stable_lr_findings(runs), *_e1_findings(runs), *_depth_findings(runs)]
+
+
+def _stable_lr_findings(runs) -> list[Finding]:
+    sweep = runs[runs["group"] == "sweep"]
+    table = largest_stable_lr(worst_seed(sweep, ["norm"]), ["norm"],
+                              min_test_acc=TRAINS_ACC).set_index("norm")
+    if not {"none", "batch"} <= set(table.index):
+        return []
+    bn, none = (table.loc[n, "largest_stable_lr"] for n in ("batch", "none"))
+    out = [Finding("R1", "BN trains at far larger learning rates than no normalization",
+                   "BN at 0.1; no BN converged only up to 0.0001",
+                   f"largest lr that trains: BN {_lr(bn)}, none {_lr(none)}",
+                   None if np.isnan(bn) else bool(np.isnan(none) or bn > none))]
+    for norm in table.index.difference(["none", "batch"]):
+        value = table.loc[norm, "largest_stable_lr"]
+        out.append(Finding("R1", f"{norm} allows a learning rate as large as BN's",
+                           "not tested in the paper (the review asks)",
+                           f"largest lr that trains: {norm} {_lr(value)}, BN {_lr(bn)}",
+                           None))
+    return out
+
+
+def _e1_findings(runs) -> list[Finding]:
+    e1 = runs[(runs["group"] == "E1") & (runs["status"] == "completed")]
+    if e1.empty or "test_acc" not in e1:
+        return []
+    acc = e1.groupby(["norm", "lr"])["test_acc"].mean()
+    keys = list(PAPER_E1)
+    if not all(k in acc.index for k in keys):
+        return []
+    measured = [float(acc.loc[k]) for k in keys]
+    ours = ", ".join(f"{'BN' if n == 'batch' else 'no norm'} {lr:g}: {100 * a:.1f} %"
+                     for (n, lr), a in zip(keys, measured, strict=True))
+    paper = ", ".join(f"{v:g} %" for v in PAPER_E1.values())
+    bn_hi, bn_mid, bn_lo, none_lo = measured
+    return [
+        Finding("E1", "With BN, a larger learning rate gives better final test accuracy",
+                paper, ours, bool(bn_hi >= bn_mid >= bn_lo)),
+        Finding("E1", "At a matched small learning rate (1e-4) BN gives no advantage",
+                "BN 81 % vs no BN 82 %",
+                f"BN {100 * bn_lo:.1f} % vs no BN {100 * none_lo:.1f} %",
+                bool(bn_lo - none_lo < E1_MATCHED_MARGIN)),
+    ]
+
+
+def _depth_findings(runs) -> list[Finding]:
+    deep = runs[runs["group"].isin(["sweep", "E10"]) & (runs["norm"] == "none")]
+    table = largest_stable_lr(worst_seed(deep, ["depth"]), ["depth"],
+                              min_test_acc=TRAINS_ACC).sort_values("depth")
+    if len(table) < 2:
+        return []
+    values = table["largest_stable_lr"].to_numpy(dtype=float)
+    ours = ", ".join(f"depth {d}: {_lr(v)}" for d, v in zip(table["depth"], values, strict=True))
+    # no verdict when the shallowest network trains at no lr of the grid
+    filled = np.nan_to_num(values, nan=0.0)
+    agree = None if np.isnan(values[0]) else bool(np.all(np.diff(filled) <= 0)
+                                                  and filled[-1] < filled[0])
+    return [Finding("E10", "Without normalization, deeper networks tolerate smaller learning "
+                    "rates", "shallower ResNets tolerate larger learning rates",
+                    f"largest lr that trains (no norm): {ours}", agree)]
+
+
+def _lr(value: float) -> str:
+    return "none of the grid" if np.isnan(value) else f"{value:g}"

@@ -1,0 +1,89 @@
+"""From a RunSpec to the things a run needs: device, data, model and optimizer.
+
+Conventions:
+- Device "auto": $NORMLAB_DEVICE when set (a pool worker pinned to a GPU), else "cuda" when
+  available, else "cpu". An explicit device is used as given.
+- Training batches come from `normlab.data.BatchIterator` on the run's device with
+  `drop_last=True`: every optimizer step sees exactly `batch_size` examples, so the SGD noise
+  scale is the one the spec states; an epoch is floor(N / batch_size) steps.
+- SGD with coupled L2 weight decay on every parameter (biases and norm affine parameters
+  included), as in the paper-era CIFAR ResNet code. The optimizer's own lr is set by the
+  schedule before each step.
+- Options of the "train" task (`RunSpec.options`): `one_cycle_peak`, `one_cycle_div` (see
+  schedules.py), `fused_sgd` (bool: torch's fused SGD kernel; same update, faster on GPU) and
+  `eval_batch_size` (int, default 1024: chunk size of evaluation, no effect on the numbers).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.config import ConfigError, interval_problem
+from normlab.spec import RunSpec
+
+TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a spec's `device` setting ('auto' honours $NORMLAB_DEVICE)."""
+    if device == "auto":
+        device = os.environ.get("NORMLAB_DEVICE") or (
+            "cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def train_options(spec: RunSpec) -> dict[str, Any]:
+    """The "train" task's options with defaults; ConfigError for an unknown key or bad value."""
+    options = spec.mapping("options")
+    problems = [f"The 'options' setting of the 'train' task may only hold "
+                f"{', '.join(repr(k) for k in TRAIN_OPTIONS)}; got {key!r}."
+                for key in options if key not in TRAIN_OPTIONS]
+    fused = options.get("fused_sgd", False)
+    if not isinstance(fused, bool):
+        problems.append(f"The 'options.fused_sgd' setting must be a bool; got {fused!r}.")
+    eval_batch = options.get("eval_batch_size", 1024)
+    problem = interval_problem("options.eval_batch_size", eval_batch, 1, kind=int,
+                               low_open=False)
+    problems += [problem] if problem else []
+    if problems:
+        raise ConfigError(problems)
+    return {"fused_sgd": fused, "eval_batch_size": eval_batch}
+
+
+def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:
+    """(train data set, test data set, training BatchIterator) on `device`."""
+    from normlab.data import BatchIterator, load
+
+    train_set, test_set = load(spec.data, **spec.mapping("data_options"))
+    batches = BatchIterator(train_set, spec.batch_size, shuffle=True, augment=spec.augment,
+                            drop_last=True, seed=spec.seed, device=device)
+    return batches.dataset, test_set.to(device), batches
+
+
+def build_model(spec: RunSpec, train_set: Any, device: torch.device) -> nn.Module:
+    """The spec's model for `train_set`'s image shape and classes, initialized with the seed."""
+    from normlab.nn import build_model as build
+
+    model = build(spec.model, depth=spec.depth, width=spec.width, norm=spec.norm,
+                  norm_options=spec.mapping("norm_options"), norm_placement=spec.norm_placement,
+                  init=spec.init, init_gain=spec.init_gain, num_classes=train_set.num_classes,
+                  in_channels=train_set.image_shape[0], seed=spec.seed,
+                  input_shape=train_set.image_shape)
+    model = model.to(device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(spec: RunSpec, model: nn.Module, fused: bool = False) -> torch.optim.SGD:
+    """SGD(momentum, nesterov, coupled weight decay) over every parameter of `model`."""
+    if spec.nesterov and spec.momentum == 0:
+        raise ConfigError("The 'nesterov' setting needs a 'momentum' > 0; got nesterov=True "
+                          "with momentum=0.")
+    extra = {"fused": True} if fused else {}
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                           nesterov=spec.nesterov, weight_decay=spec.weight_decay, **extra)

@@ -1,0 +1,278 @@
+"""`train(spec)`: SGD on the spec's data and model, with evaluation, divergence and callbacks.
+
+Conventions:
+- Budget: `spec.steps` optimizer steps if set, else ceil(spec.epochs * batches_per_epoch).
+- "step" in every metric row is the number of optimizer updates applied to the weights the
+  number was measured on. A per-step row {"step", "epoch", "lr", "loss", "acc"} is written for
+  every step index s with s % log_every == 0: the mini-batch loss and accuracy computed in train
+  mode (batch statistics) *before* update s + 1, and the lr that update used.
+- After every epoch (and at the end of a run that stops mid-epoch) an eval row
+  {"step", "epoch", "kind": "eval", "test_loss", "test_acc", "train_loss", "train_acc"}:
+  test_* on the whole test set with the model in eval mode (BatchNorm/BatchRenorm use running
+  statistics), mean cross-entropy; train_* the running average of the epoch's mini-batch losses
+  and accuracies in train mode, on augmented data (free, but not an eval-mode number).
+- `RunResult.final` (its keys never collide with RunSpec settings, since the runs table joins
+  both): a completed run has train_loss, train_acc, test_loss, test_acc (the last eval row) and
+  final_lr (the lr of the last step); a diverged run has final_lr (the lr of the diverging step),
+  diverged_reason and diverged_epoch, and no accuracy (a diverged run has no final accuracy).
+- Divergence (see divergence.py): the run stops at the first step s whose mini-batch loss is
+  non-finite or above `spec.diverge_loss`; `diverged_step` = s, status "diverged".
+- Determinism: the run draws all randomness from `spec.seed` (model init, batch order and
+  augmentation, anything else through a forked global RNG that is restored afterwards), so the
+  same spec on the same CPU gives the same numbers.
+- Callbacks (and `spec.probes`, built by `callbacks.scheduled`) are called with a `TrainState`
+  at step 0 (first mini-batch, before any update) and after every optimizer step.
+
+Cost: one forward and backward per step. Losses are read back to the host in windows of 32
+steps (every step when callbacks are present, since they receive the loss as a float), so a GPU
+is not synchronized every step; a run that diverges inside a window has done at most 31 more
+updates than recorded, which changes nothing that is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.result import RunResult, provenance
+from normlab.spec import RunSpec
+from normlab.tasks import RunContext, register_task
+from normlab.train.build import (
+    build_data,
+    build_model,
+    build_optimizer,
+    resolve_device,
+    train_options,
+)
+from normlab.train.callbacks import Callback, TrainState, scheduled
+from normlab.train.divergence import Divergence, check_divergence, json_safe
+from normlab.train.projection import UpdateProjection
+from normlab.train.schedules import lr_at
+
+READ_WINDOW = 32  # steps between host read-backs of the losses when no callback needs them
+
+
+@dataclass
+class _Pending:
+    """Per-step values kept on the device until the next read-back."""
+
+    steps: list[int] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    correct: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.losses.append(loss)
+        self.correct.append(correct)
+
+    def drain(self) -> Iterator[tuple[int, float, float, int]]:
+        """(step, lr, loss, correct) per pending step, with one device-to-host copy."""
+        if not self.steps:
+            return iter(())
+        losses = torch.stack(self.losses).float().cpu().tolist()
+        correct = torch.stack(self.correct).cpu().tolist()
+        rows = list(zip(self.steps, self.lrs, losses, correct, strict=True))
+        self.steps, self.lrs, self.losses, self.correct = [], [], [], []
+        return iter(rows)
+
+
+@dataclass
+class _EpochAverage:
+    """Running average of the mini-batch loss and accuracy over one epoch (train mode)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: float, correct: int, n: int) -> None:
+        self.loss_sum += loss * n
+        self.correct += correct
+        self.count += n
+
+    def values(self) -> tuple[float, float]:
+        return self.loss_sum / max(self.count, 1), self.correct / max(self.count, 1)
+
+
+def train(spec: RunSpec, callbacks: Sequence[Callback] = (),
+          context: RunContext | None = None) -> RunResult:
+    """Train the spec's model with SGD; return a RunResult ("completed" or "diverged").
+
+    BN mode: train mode (batch statistics) for the steps, eval mode (running statistics) for
+    the per-epoch test evaluation. Cost: one forward+backward per step, one test-set forward per
+    epoch. Metric rows go to `context` (in memory when None). See the module docstring for the
+    conventions of steps, rows and divergence.
+    """
+    context = context or RunContext(run_id=spec.run_id)
+    device = resolve_device(spec.device)
+    start = time.perf_counter()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(spec.seed)
+        result = _Run(spec, list(callbacks), context, device).run()
+    result.wall_time_s = time.perf_counter() - start
+    return result
+
+
+@register_task("train")
+def train_task(spec: RunSpec, context: RunContext) -> RunResult:
+    """The "train" task: `train(spec)` with the spec's probes as callbacks."""
+    return train(spec, context=context)
+
+
+class _Run:
+    """One training run; `run()` executes it."""
+
+    def __init__(self, spec: RunSpec, callbacks: list[Callback], context: RunContext,
+                 device: torch.device) -> None:
+        options = train_options(spec)
+        self.spec, self.context, self.device = spec, context, device
+        self.eval_batch_size = options["eval_batch_size"]
+        self.callbacks = callbacks + [scheduled(**entry) for entry in spec.probe_schedules()]
+        self.train_set, self.test_set, self.batches = build_data(spec, device)
+        self.model = build_model(spec, self.train_set, device)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model) if spec.compile else self.model)
+        self.optimizer = build_optimizer(spec, self.model, fused=options["fused_sgd"])
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.projection = UpdateProjection(self.model, spec.update_projection)
+        self.per_epoch = len(self.batches)
+        self.total = spec.steps or max(1, math.ceil(spec.epochs * self.per_epoch))
+        self.renorm_schedule = any(callable(getattr(m, "set_training_fraction", None))
+                                   for m in self.model.modules())
+        self.read_window = 1 if self.callbacks else READ_WINDOW
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.spec.autocast == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
+
+    def state(self, step: int, x: torch.Tensor, y: torch.Tensor, loss: float | None,
+              lr: float) -> TrainState:
+        return TrainState(spec=self.spec, step=step, epoch=step / self.per_epoch,
+                          total_steps=self.total, model=self.model, optimizer=self.optimizer,
+                          loss_fn=self.loss_fn, x=x, y=y, loss=loss, lr=lr, device=self.device,
+                          context=self.context, train_data=self.train_set,
+                          test_data=self.test_set)
+
+    def call_back(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback(state)
+        self.model.train()  # callbacks restore modes; this is a guard, not a change
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) on the test set, model in eval mode."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        x_all, y_all = self.test_set.x, self.test_set.y
+        for start in range(0, len(self.test_set), self.eval_batch_size):
+            x = self.prepare(x_all[start:start + self.eval_batch_size])
+            y = y_all[start:start + self.eval_batch_size]
+            with self.autocast():
+                logits = self.forward(x).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+        self.model.train()
+        n = len(self.test_set)
+        return loss_sum.item() / n, correct.item() / n
+
+    def sgd_step(self, step: int, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step on (x, y); returns (lr, loss, correct) with loss/correct on device."""
+        lr = lr_at(step, self.total, self.spec)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.renorm_schedule:
+            from normlab.nn import set_training_fraction
+
+            set_training_fraction(self.model, step / self.total)
+        with self.autocast():
+            logits = self.forward(x).float()
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.projection.before()
+        self.optimizer.step()
+        self.projection.after()
+        return lr, loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.model.train()
+        pending, average = _Pending(), _EpochAverage()
+        step, last_lr = 0, self.spec.lr
+        divergence: Divergence | None = None
+        final: dict[str, Any] = {}
+        while step < self.total and divergence is None:
+            for x, y in self.batches:
+                x = self.prepare(x)
+                if step == 0 and self.callbacks:
+                    self.call_back(self.state(0, x, y, None, lr_at(0, self.total, self.spec)))
+                last_lr, loss, correct = self.sgd_step(step, x, y)
+                pending.add(step, last_lr, loss, correct)
+                step += 1
+                end_of_epoch = step % self.per_epoch == 0 or step == self.total
+                if len(pending.steps) >= self.read_window or end_of_epoch:
+                    divergence = self.read_back(pending, average, len(y))
+                    if divergence is not None:
+                        break
+                    if self.callbacks:
+                        self.call_back(self.state(step, x, y, loss.item(), last_lr))
+                    self.context.progress(step / self.total, f"step {step}/{self.total}")
+                if end_of_epoch:  # the last step always ends an epoch: every run ends evaluated
+                    final = self.log_eval(step, average)
+                    average = _EpochAverage()
+                if step == self.total:
+                    break
+        if divergence is not None:
+            return self.diverged(divergence)
+        return RunResult(status="completed", steps=step, final={**final, "final_lr": last_lr},
+                         provenance=provenance(self.spec.run_id, str(self.device),
+                                               self.spec.seed))
+
+    def read_back(self, pending: _Pending, average: _EpochAverage,
+                  batch_size: int) -> Divergence | None:
+        """Check and log the pending steps; the first divergence found, if any."""
+        for s, lr, loss, correct in pending.drain():
+            divergence = check_divergence(loss, s, self.spec.diverge_loss)
+            if divergence is not None or s % self.spec.log_every == 0:
+                self.context.log_metrics(json_safe({
+                    "step": s, "epoch": s / self.per_epoch, "lr": lr, "loss": loss,
+                    "acc": correct / batch_size}))
+            if divergence is not None:
+                return divergence
+            average.add(loss, correct, batch_size)
+        return None
+
+    def log_eval(self, step: int, average: _EpochAverage) -> dict[str, float]:
+        test_loss, test_acc = self.evaluate()
+        train_loss, train_acc = average.values()
+        row = {"train_loss": train_loss, "train_acc": train_acc,
+               "test_loss": test_loss, "test_acc": test_acc}
+        self.context.log_metrics(json_safe({"step": step, "epoch": step / self.per_epoch,
+                                            "kind": "eval", **row}))
+        return json_safe(row)
+
+    def diverged(self, divergence: Divergence) -> RunResult:
+        lr = lr_at(divergence.step, self.total, self.spec)
+        return RunResult(
+            status="diverged", steps=divergence.step, diverged_step=divergence.step,
+            diverged_loss=divergence.stored_loss,
+            final={"final_lr": lr, "diverged_reason": divergence.reason,
+                   "diverged_epoch": divergence.step / self.per_epoch},
+            provenance=provenance(self.spec.run_id, str(self.device), self.spec.seed))
