@@ -1,0 +1,122 @@
+"""Cost of lambda_max on ResNet-20: HVP vs gradient, and HVPs needed by Lanczos vs power iteration.
+
+    python benchmarks/hessian.py            # batch 128, CIFAR-shaped synthetic input
+    python benchmarks/hessian.py --quick    # batch 32, fewer iterations: a fast check
+    python benchmarks/hessian.py --device cuda
+
+Measured in the same run, for a model without norm and one with BatchNorm in train mode (batch
+statistics part of the function, running statistics frozen), at initialization:
+- gradient: one forward + backward of the mean loss (the unit);
+- graph: one forward + backward with create_graph (paid once per `hessian_eigs` call);
+- HVP (reused graph): one double backward through that graph (what each iteration costs);
+- HVP (fresh): graph + one product, for reference;
+- HVPs to reach lambda_max within `--tol` (relative) of a reference value (a long Lanczos run),
+  for `hessian_eigs(method="lanczos")` and `method="power"`, read off their per-HVP history
+  (the reference run's own history serves for Lanczos: the same start vector);
+  and the HVPs each method's own stopping rule (relative change < tol) used.
+Targets: HVP (reused) <= 3x gradient; <= 30 HVPs for lambda_max at 1e-3.
+Timings: one warm-up, then the median of `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from normlab.nn import resnet_cifar
+from normlab.probes import hessian_eigs
+from normlab.probes._hygiene import frozen_norm_statistics
+from normlab.probes.curvature import hessian_operator
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gradient(model, x, y, create_graph: bool = False) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with frozen_norm_statistics(model):
+        torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=create_graph)
+
+
+def hvps_to_reach(history: list[float], reference: float, tol: float) -> int | None:
+    """1-based index of the first estimate within `tol` (relative) of `reference`."""
+    for i, value in enumerate(history, 1):
+        if abs(value - reference) <= tol * abs(reference):
+            return i
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--power-iters", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="batch 32, 2 repeats, 30 iterations")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    batch, repeats, power_iters = ((32, 2, 30) if args.quick
+                                   else (args.batch, args.repeats, args.power_iters))
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    data = (x, y)
+    print(f"ResNet-20, batch {batch}, device {device} ({torch.get_num_threads()} threads), "
+          f"train-mode BN, median of {repeats} after warm-up")
+    for norm in ("none", "batch"):
+        model = resnet_cifar(20, norm=norm, init="kaiming_normal", seed=0).to(device).train()
+        seconds = {"gradient": timed(lambda m=model: gradient(m, x, y), repeats, device),
+                   "graph (create_graph)": timed(lambda m=model: gradient(m, x, y, True),
+                                                 repeats, device)}
+        with hessian_operator(model, loss_fn, data) as op:
+            v = torch.randn(op.size, generator=gen, dtype=torch.float64).to(device)
+            seconds["HVP (reused graph)"] = timed(lambda op=op, v=v: op(v), repeats, device)
+
+        def fresh(m=model, v=v) -> None:
+            with hessian_operator(m, loss_fn, data) as fresh_op:
+                fresh_op(v)
+
+        seconds["HVP (fresh graph)"] = timed(fresh, repeats, device)
+        print(f"\n[{norm}] {'quantity':<22} {'seconds':>9} {'x gradient':>11}")
+        for name, s in seconds.items():
+            print(f"[{norm}] {name:<22} {s:9.3f} {s / seconds['gradient']:11.2f}")
+
+        # the long Lanczos run is both the reference and the Lanczos history (same seed)
+        lanczos = reference = hessian_eigs(model, loss_fn, data, tol=1e-9, max_iter=60)
+        power = hessian_eigs(model, loss_fn, data, method="power", tol=1e-7,
+                             max_iter=power_iters)
+        stop = {m: hessian_eigs(model, loss_fn, data, method=m, tol=args.tol,
+                                max_iter=power_iters) for m in ("lanczos", "power")}
+        ref = reference.values[0]
+        print(f"[{norm}] reference lambda_max {ref:.6g} (Lanczos, {reference.hvps} HVPs)")
+        print(f"[{norm}] {'method':<9} {'HVPs to ' + format(args.tol, 'g'):>12} "
+              f"{'stop-rule HVPs':>15} {'stop-rule value':>16} {'rel. error':>11}")
+        for name, run in (("lanczos", lanczos), ("power", power)):
+            reached = hvps_to_reach(run.history, ref, args.tol)
+            own = stop[name]
+            print(f"[{norm}] {name:<9} {reached if reached else '>' + str(len(run.history)):>12} "
+                  f"{own.hvps:>15} {own.values[0]:16.6g} "
+                  f"{abs(own.values[0] - ref) / abs(ref):11.2e}")
+
+
+if __name__ == "__main__":
+    main()

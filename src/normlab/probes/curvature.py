@@ -1,0 +1,351 @@
+"""Curvature of the training loss from Hessian-vector products: top eigenpairs, trace, density.
+
+The function differentiated is the mean loss over fixed batches, in the BN mode asked for
+(train mode by default: the batch statistics are part of the function, so the Hessian includes
+the coupling between examples). Running statistics are never updated (`frozen_norm_statistics`)
+and the model is restored on exit (`preserved`).
+
+One HVP is a double backward through a gradient graph that is built once per call and reused by
+every product (`retain_graph`), which is what keeps an HVP near 2-3 gradients of cost.
+Memory: one double-backward graph per batch held for the whole call, plus `max_iter` vectors of
+the parameter count in float64 for Lanczos.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlab.config import check_choice, check_interval
+from normlab.probes._batches import (
+    Batch,
+    LossFn,
+    Vector,
+    as_batches,
+    set_bn_mode,
+    unflatten,
+)
+from normlab.probes._hygiene import frozen_norm_statistics, preserved
+from normlab.probes._modules import select_params
+from normlab.train.callbacks import TrainState, register_callback
+
+METHODS = ("lanczos", "power")
+
+
+class HessianOperator:
+    """v -> H v for the mean loss over `batches`, with the gradient graph built once and reused.
+
+    Vectors are flat float64 tensors over the selected parameters (in `self.params` order).
+    `count` is the number of HVPs taken so far.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+                 params: dict[str, nn.Parameter]) -> None:
+        self.params = params
+        self.size = sum(p.numel() for p in params.values())
+        self.count = 0
+        tensors = list(params.values())
+        self._grads = []
+        for x, y in batches:  # one graph per batch: memory grows with the number of batches
+            loss = loss_fn(model(x), y) / len(batches)
+            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+            self._grads.append(grads)
+        self.gradient = torch.cat([
+            sum((g[i].detach() if g[i] is not None else torch.zeros_like(p))
+                for g in self._grads).reshape(-1).double()
+            for i, p in enumerate(tensors)])
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        tensors = list(self.params.values())
+        pieces = unflatten(v, self.params)
+        total = torch.zeros(self.size, dtype=torch.float64, device=v.device)
+        for grads in self._grads:
+            pairs = [(g, pieces[n]) for g, n in zip(grads, self.params, strict=True)
+                     if g is not None and g.requires_grad]
+            if not pairs:
+                continue
+            hv = torch.autograd.grad([g for g, _ in pairs], tensors,
+                                     grad_outputs=[u for _, u in pairs],
+                                     retain_graph=True, allow_unused=True)
+            total += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                                for h, p in zip(hv, tensors, strict=True)]).double()
+        return total
+
+
+@contextlib.contextmanager
+def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
+                     params: Sequence[str] | None = None, bn_mode: str = "train"
+                     ) -> Iterator[HessianOperator]:
+    """A `HessianOperator` on `model` in `bn_mode`; the model is restored exactly on exit."""
+    batches = as_batches(data)
+    with preserved(model):
+        set_bn_mode(model, bn_mode)
+        with frozen_norm_statistics(model):
+            yield HessianOperator(model, loss_fn, batches, select_params(model, params))
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], vector: Vector,
+        bn_mode: str = "train") -> Vector:
+    """H v for one direction (a dict name -> tensor) in `bn_mode`; costs one gradient graph
+    plus one double backward. For many products use `hessian_operator`, which reuses the graph.
+    """
+    with hessian_operator(model, loss_fn, data, list(vector), bn_mode) as op:
+        flat = torch.cat([vector[n].reshape(-1).double() for n in op.params])
+        return {n: t.detach().clone() for n, t in unflatten(op(flat), op.params).items()}
+
+
+@dataclass
+class HessianEigs:
+    """Top-k eigenpairs of the Hessian. `history[i]` is the estimate of lambda_max after i+1
+    HVPs (power) or Lanczos steps; `hvps` counts every product taken (including the final check).
+    """
+
+    values: list[float]
+    vectors: list[Vector]
+    hvps: int
+    converged: bool
+    method: str
+    bn_mode: str
+    history: list[float] = field(default_factory=list)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"quantity": "hessian_eigenvalue", "rank": i + 1, "value": v, "hvps": self.hvps,
+                 "method": self.method, "converged": self.converged, "bn_mode": self.bn_mode}
+                for i, v in enumerate(self.values)]
+
+
+def _start_vector(size: int, seed: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(size, generator=generator, dtype=torch.float64).to(device)
+    return v / v.norm()
+
+
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int,
+            stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Lanczos with full reorthogonalization (classical Gram-Schmidt, applied twice).
+
+    Returns (alphas, betas, Q, invariant): T = tridiag(betas, alphas, betas), the orthonormal
+    basis Q (one row per step) and whether the Krylov space became invariant (beta ~ 0, so the
+    Ritz values are exact eigenvalues). `stop(alphas, betas)` is asked after each step.
+    """
+    basis, alphas, betas = [v0 / v0.norm()], [], []
+    invariant = False
+    while True:
+        w = matvec(basis[-1])
+        alphas.append(torch.dot(w, basis[-1]))
+        a = torch.stack(alphas)
+        b = torch.stack(betas) if betas else a[:0]
+        if (stop is not None and stop(a, b)) or len(alphas) >= steps:
+            break
+        Q = torch.stack(basis)
+        for _ in range(2):
+            w = w - Q.T @ (Q @ w)
+        beta = w.norm()
+        if beta <= 1e-10 * a.abs().max().clamp_min(1e-30):
+            invariant = True
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return a, b, torch.stack(basis), invariant
+
+
+def tridiagonal_eigh(alphas: torch.Tensor, betas: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix."""
+    T = torch.diag(alphas)
+    if len(betas):
+        T = T + torch.diag(betas, 1) + torch.diag(betas, -1)
+    return torch.linalg.eigh(T)
+
+
+def _lanczos_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int
+                  ) -> tuple[list[float], list[torch.Tensor], bool, list[float]]:
+    history: list[float] = []
+    previous: list[torch.Tensor | None] = [None]
+    state = {"converged": False}
+
+    def stop(alphas: torch.Tensor, betas: torch.Tensor) -> bool:
+        values, _ = tridiagonal_eigh(alphas, betas)
+        top = values.flip(0)[:k]
+        history.append(float(top[0]))
+        last, previous[0] = previous[0], top
+        if len(alphas) < k + 1 or last is None or len(last) < k:
+            return False
+        change = (top - last[:k]).abs() / top.abs().clamp_min(1e-30)
+        state["converged"] = bool((change < tol).all())
+        return state["converged"]
+
+    v0 = _start_vector(op.size, seed, op.gradient.device)
+    alphas, betas, Q, invariant = lanczos(op, v0, min(max_iter, op.size), stop)
+    if invariant or len(alphas) == op.size:
+        state["converged"] = True  # exact: the Krylov space is invariant
+    values, vectors = tridiagonal_eigh(alphas, betas)
+    order = values.flip(0)[:k]
+    ritz = (vectors.flip(1)[:, :k].T @ Q)
+    return [float(v) for v in order], list(ritz), state["converged"], history
+
+
+def _power_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int
+                ) -> tuple[list[float], list[torch.Tensor], bool, list[float]]:
+    """Power iteration with deflation (PyHessian's method): largest |eigenvalue| first."""
+    values, vectors, history, converged = [], [], [], True
+    for i in range(k):
+        v = _start_vector(op.size, seed + i, op.gradient.device)
+        estimate, ok = None, False
+        for _ in range(max_iter):
+            for u in vectors:
+                v = v - torch.dot(u, v) * u
+            v = v / v.norm()
+            hv = op(v)
+            for u, lam in zip(vectors, values, strict=True):
+                hv = hv - lam * torch.dot(u, v) * u
+            new = float(torch.dot(hv, v))
+            if i == 0:
+                history.append(new)
+            if estimate is not None and abs(new - estimate) < tol * max(abs(new), 1e-30):
+                estimate, ok = new, True
+                break
+            estimate, v = new, hv
+        converged &= ok
+        values.append(estimate)
+        vectors.append(v / v.norm())
+    return values, vectors, converged, history
+
+
+def hessian_eigs(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], k: int = 1,
+                 method: str = "lanczos", tol: float = 1e-3, max_iter: int = 100,
+                 params: Sequence[str] | None = None, bn_mode: str = "train",
+                 seed: int = 0) -> HessianEigs:
+    """Top-k eigenpairs of the training-loss Hessian on fixed batches, in `bn_mode` ("train":
+    batch statistics, part of the function), from HVPs; cost ~ `hvps` x (2-3 gradients).
+
+    "lanczos" (full reorthogonalization) returns the k largest (algebraic) eigenvalues and stops
+    when each changed by less than `tol` (relative) in one step; "power" (deflated power
+    iteration) returns the k largest in magnitude and uses the same stopping rule per pair.
+    `params` restricts the Hessian to the named parameters (e.g. one layer's weight).
+
+    Notes: the loss is the mean of mean-reduced batch losses; a sum-reduced loss scales every
+    eigenvalue by the batch size. Running statistics are not updated; the model is restored.
+    """
+    check_choice("method", method, METHODS)
+    check_interval("k", k, 1, math.inf, kind=int, low_open=False)
+    check_interval("tol", tol, 0.0, 1.0)
+    check_interval("max_iter", max_iter, 1, math.inf, kind=int, low_open=False)
+    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+        solver = _lanczos_eigs if method == "lanczos" else _power_eigs
+        values, flat, converged, history = solver(op, min(k, op.size), tol, max_iter, seed)
+        vectors = [{n: t.detach().clone() for n, t in unflatten(v, op.params).items()}
+                   for v in flat]
+        return HessianEigs(values, vectors, op.count, converged, method, bn_mode, history)
+
+
+@dataclass
+class TraceEstimate:
+    """Hutchinson estimate of tr(H): mean of v^T H v over Rademacher v, with its stderr."""
+
+    value: float
+    stderr: float
+    samples: int
+    bn_mode: str
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"quantity": "hessian_trace", "value": self.value, "stderr": self.stderr,
+                 "hvps": self.samples, "bn_mode": self.bn_mode}]
+
+
+def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
+                  samples: int = 50, params: Sequence[str] | None = None,
+                  bn_mode: str = "train", seed: int = 0) -> TraceEstimate:
+    """tr(H) of the training loss by Hutchinson's estimator in `bn_mode`; costs `samples` HVPs.
+
+    Rademacher probes from a generator seeded with `seed` (the global RNG is untouched).
+    """
+    check_interval("samples", samples, 2, math.inf, kind=int, low_open=False)
+    generator = torch.Generator().manual_seed(seed)
+    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+        draws = []
+        for _ in range(samples):
+            v = torch.randint(0, 2, (op.size,), generator=generator).double() * 2 - 1
+            v = v.to(op.gradient.device)
+            draws.append(float(torch.dot(v, op(v))))
+    values = torch.tensor(draws, dtype=torch.float64)
+    return TraceEstimate(float(values.mean()), float(values.std() / samples ** 0.5), samples,
+                         bn_mode)
+
+
+@dataclass
+class SpectralDensity:
+    """Stochastic Lanczos quadrature: per probe vector, Ritz `nodes` and `weights` (summing to 1).
+
+    The density estimate is the average over probes of sum_j weights_j delta(x - nodes_j);
+    `smoothed(grid, sigma)` convolves it with a Gaussian of width sigma.
+    """
+
+    nodes: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    bn_mode: str
+
+    def smoothed(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+        grid = grid.double()
+        density = torch.zeros_like(grid)
+        for nodes, weights in zip(self.nodes, self.weights, strict=True):
+            z = (grid[:, None] - nodes[None, :]) / sigma
+            density += (weights[None, :] * torch.exp(-0.5 * z ** 2)).sum(1)
+        return density / (len(self.nodes) * sigma * math.sqrt(2 * math.pi))
+
+
+def spectral_density(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
+                     steps: int = 30, probes: int = 1, params: Sequence[str] | None = None,
+                     bn_mode: str = "train", seed: int = 0) -> SpectralDensity:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature in `bn_mode`;
+    costs `steps` x `probes` HVPs. Quadrature is exact for polynomials of degree < 2 steps.
+    """
+    check_interval("steps", steps, 1, math.inf, kind=int, low_open=False)
+    check_interval("probes", probes, 1, math.inf, kind=int, low_open=False)
+    nodes, weights = [], []
+    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+        for i in range(probes):
+            v0 = _start_vector(op.size, seed + i, op.gradient.device)
+            alphas, betas, _, _ = lanczos(op, v0, min(steps, op.size))
+            values, vectors = tridiagonal_eigh(alphas, betas)
+            nodes.append(values.cpu())
+            weights.append((vectors[0] ** 2).cpu())
+    return SpectralDensity(nodes, weights, bn_mode)
+
+
+@register_callback("sharpness")
+def sharpness_callback(tol: float = 1e-3, max_iter: int = 30, batch: str = "current"
+                       ) -> Callable[[TrainState], None]:
+    """lambda_max of the mini-batch loss (train-mode BN, running statistics frozen) beside the
+    stability thresholds 2/lr (gradient descent) and 2(1+momentum)/lr (heavy ball).
+
+    `batch="current"` uses the batch of the step; `"first"` keeps the first batch seen, so that
+    values over training are on the same data. Cost per call: up to `max_iter` HVPs.
+    """
+    check_choice("batch", batch, ("current", "first"))
+    kept: list[Batch] = []
+
+    def callback(state: TrainState) -> None:
+        if batch == "first" and not kept:
+            kept.append((state.x.detach().clone(), state.y.detach().clone()))
+        data = kept[0] if kept else (state.x, state.y)
+        eigs = hessian_eigs(state.model, state.loss_fn, data, tol=tol, max_iter=max_iter)
+        momentum = float(state.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
+        lr = state.lr
+        rows = [{"quantity": "lambda_max", "value": eigs.values[0], "hvps": eigs.hvps,
+                 "converged": eigs.converged, "bn_mode": eigs.bn_mode},
+                {"quantity": "two_over_lr", "value": 2.0 / lr if lr > 0 else math.inf},
+                {"quantity": "two_one_plus_momentum_over_lr",
+                 "value": 2.0 * (1.0 + momentum) / lr if lr > 0 else math.inf}]
+        state.context.log_records("sharpness", rows, step=state.step, lr=lr,
+                                  momentum=momentum)
+
+    return callback

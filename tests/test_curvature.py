@@ -1,0 +1,167 @@
+"""Hessian probes against a dense Hessian (torch.autograd.functional.hessian) of tiny models."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from cases import NORM_KINDS, assert_unchanged, model_snapshot, tiny_case
+from normlab.config import ConfigError
+from normlab.probes import hessian_eigs, hessian_trace, spectral_density
+from normlab.probes.curvature import hessian_operator, hvp
+
+
+def dense_hessian(case, names=None):
+    """The full Hessian of the mean loss on the case's batch (train-mode BN on a buffer copy)."""
+    model = case.model
+    params = dict(model.named_parameters())
+    names = names or list(params)
+    shapes = [params[n].shape for n in names]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def loss(flat):
+        pieces, start = dict(params), 0
+        for name, shape in zip(names, shapes, strict=True):
+            pieces[name] = flat[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        state = {**pieces, **{n: b.clone() for n, b in buffers.items()}}
+        return case.loss_fn(functional_call(model, state, (case.x,)), case.y)
+
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_eigenvalues_match_the_dense_hessian(norm, method):
+    case = tiny_case(norm)
+    before = model_snapshot(case.model)
+    expected = torch.linalg.eigvalsh(dense_hessian(case)).flip(0)
+    # power iteration finds the largest |eigenvalue|; after deflation that can be negative,
+    # so it is checked for the top one only
+    k = 2 if method == "lanczos" else 1
+    eigs = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), k=k, method=method,
+                        tol=1e-10, max_iter=300 if method == "lanczos" else 3000)
+    assert eigs.converged
+    assert eigs.values == pytest.approx(expected[:k].tolist(), rel=1e-4)
+    assert_unchanged(before, case.model)  # BN running statistics included
+
+
+def test_eigenvectors_satisfy_the_eigen_equation():
+    case = tiny_case("batch")
+    H = dense_hessian(case)
+    eigs = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), k=1, tol=1e-12,
+                        max_iter=300)
+    v = torch.cat([t.reshape(-1) for t in eigs.vectors[0].values()])
+    assert torch.linalg.norm(H @ v - eigs.values[0] * v) < 1e-4 * eigs.values[0]
+
+
+def test_products_are_counted_and_lanczos_is_cheap_at_1e_3():
+    case = tiny_case("batch")
+    data = (case.x, case.y)
+    lanczos = hessian_eigs(case.model, case.loss_fn, data, tol=1e-3)
+    power = hessian_eigs(case.model, case.loss_fn, data, method="power", tol=1e-3)
+    exact = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])
+    assert abs(lanczos.values[0] - exact) < 1e-2 * exact
+    assert lanczos.hvps <= 30 and lanczos.hvps == len(lanczos.history)
+    assert power.hvps == len(power.history)
+
+
+def test_per_layer_restriction_is_the_hessian_block():
+    case = tiny_case("batch")
+    names = ["conv2.weight"]
+    block = dense_hessian(case, names)
+    eigs = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), params=names, tol=1e-10,
+                        max_iter=200)
+    assert eigs.values[0] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+    assert set(eigs.vectors[0]) == set(names)
+
+
+def test_hvp_matches_dense_product():
+    case = tiny_case("batch")
+    H = dense_hessian(case)
+    params = dict(case.model.named_parameters())
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    got = torch.cat([t.reshape(-1) for t in hvp(case.model, case.loss_fn, (case.x, case.y),
+                                                 v).values()])
+    expected = H @ torch.cat([t.reshape(-1) for t in v.values()])
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_eval_mode_uses_running_statistics():
+    case = tiny_case("batch")
+    train = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), tol=1e-8, max_iter=200)
+    evaluated = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), tol=1e-8, max_iter=200,
+                             bn_mode="eval")
+    assert evaluated.bn_mode == "eval" and train.bn_mode == "train"
+    assert abs(train.values[0] - evaluated.values[0]) > 1e-3 * train.values[0]
+
+
+def test_hutchinson_trace_within_statistical_tolerance():
+    case = tiny_case("batch")
+    exact = float(torch.trace(dense_hessian(case)))
+    estimate = hessian_trace(case.model, case.loss_fn, (case.x, case.y), samples=200, seed=1)
+    assert abs(estimate.value - exact) < 4 * estimate.stderr
+    again = hessian_trace(case.model, case.loss_fn, (case.x, case.y), samples=200, seed=1)
+    assert again.value == estimate.value  # seeded
+
+
+def test_lanczos_quadrature_is_exact_for_low_degree_polynomials():
+    # ground truth: with a unit start vector v, sum_j w_j theta_j^p = v^T H^p v for p < 2m
+    case = tiny_case("none")
+    H = dense_hessian(case)
+    density = spectral_density(case.model, case.loss_fn, (case.x, case.y), steps=6, seed=3)
+    nodes, weights = density.nodes[0], density.weights[0]
+    generator = torch.Generator().manual_seed(3)
+    v = torch.randn(H.shape[0], generator=generator, dtype=torch.float64)
+    v = v / v.norm()
+    for p in range(0, 8):
+        expected = float(v @ torch.linalg.matrix_power(H, p) @ v)
+        assert float((weights * nodes ** p).sum()) == pytest.approx(expected, rel=1e-6)
+    grid = torch.linspace(-5, 15, 2001)
+    area = float(density.smoothed(grid, 0.3).sum() * (grid[1] - grid[0]))
+    assert area == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("norm", NORM_KINDS)
+def test_curvature_probes_leave_the_model_unchanged(norm):
+    case = tiny_case(norm)
+    before = model_snapshot(case.model)
+    data = (case.x, case.y)
+    hessian_eigs(case.model, case.loss_fn, data, max_iter=5)
+    hessian_trace(case.model, case.loss_fn, data, samples=2)
+    spectral_density(case.model, case.loss_fn, data, steps=3)
+    with hessian_operator(case.model, case.loss_fn, data) as op:
+        op(torch.ones(op.size, dtype=torch.float64))
+    assert_unchanged(before, case.model)
+
+
+def test_bad_settings_are_named():
+    case = tiny_case("none")
+    data = (case.x, case.y)
+    with pytest.raises(ConfigError, match="method"):
+        hessian_eigs(case.model, case.loss_fn, data, method="arnoldi")
+    with pytest.raises(ConfigError, match="bn_mode"):
+        hessian_eigs(case.model, case.loss_fn, data, bn_mode="test")
+    with pytest.raises(ConfigError, match="params"):
+        hessian_eigs(case.model, case.loss_fn, data, params=["nope"])
+    with pytest.raises(ConfigError, match="'k'"):
+        hessian_eigs(case.model, case.loss_fn, data, k=0)
+
+
+def test_sharpness_callback_records_thresholds():
+    from types import SimpleNamespace
+
+    from normlab.tasks import RunContext
+    from normlab.train.callbacks import scheduled
+
+    case = tiny_case("batch")
+    optimizer = torch.optim.SGD(case.model.parameters(), lr=0.05, momentum=0.9)
+    context = RunContext()
+    callback = scheduled("sharpness", every=1, batch="first")
+    callback(SimpleNamespace(model=case.model, loss_fn=case.loss_fn, x=case.x, y=case.y,
+                             lr=0.05, step=0, context=context, optimizer=optimizer))
+    values = {r["quantity"]: r["value"] for r in context.records}
+    assert values["two_over_lr"] == pytest.approx(40.0)
+    assert values["two_one_plus_momentum_over_lr"] == pytest.approx(76.0)
+    exact = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])
+    assert values["lambda_max"] == pytest.approx(exact, rel=1e-2)
