@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from normlab._plugins import keep_functions_over_submodules
 from normlab.config import ConfigError
 from normlab.result import RunResult
 from normlab.spec import RunSpec
@@ -58,3 +59,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+keep_functions_over_submodules(__name__, _LAZY)  # `normlab.train` stays the function

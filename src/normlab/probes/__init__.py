@@ -8,9 +8,9 @@ Submodules are imported on first use.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
+
+from normlab._plugins import keep_functions_over_submodules
 
 _LAZY = {
     # Probes I: activations, per-example gradients and gradient structure (E3-E8)
@@ -57,18 +57,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-class _ProbesPackage(types.ModuleType):
-    """Keeps `normlab.probes.step_loss` (and any probe named like its module) the function.
-
-    Importing submodule `normlab.probes.X` makes Python set attribute X of the package to the
-    submodule, which would shadow a probe function of the same name; this keeps the function.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (name in _LAZY and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{__name__}.{_LAZY[name]}" and hasattr(value, name)):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _ProbesPackage
+keep_functions_over_submodules(__name__, _LAZY)
