@@ -58,6 +58,8 @@ def test_report_has_run_table_findings_sections_and_environment(study_dir):
     assert page.count('class="status-diverged"') == 1
     assert "<th>test_acc</th>" in page and "<th>lr</th>" in page  # metrics, varying settings
     assert '<section id="E1">' in page and "A fake claim" in page
+    summary = page.split('<section id="summary">')[1].split("</section>")[0]
+    assert "A fake claim" in summary  # the closing claim / paper / normlab / verdict table
     assert torch.__version__ in page and platform.python_version() in page
 
 

@@ -17,7 +17,7 @@ from normlab.report.columns import in_plan_order
 from normlab.report.terminal import status_counts
 from normlab.result import provenance
 from normlab.store import RunStore, read_result
-from normlab.studies.base import Study, StudyResults, get_study, read_study_file
+from normlab.studies.base import Finding, Study, StudyResults, get_study, read_study_file
 
 T = TypeVar("T")
 
@@ -35,7 +35,14 @@ def build_report(out_dir: str | Path) -> Path:
     run_ids = plan.get("run_ids") or []
     loaded = StudyResults.load(out_dir)
     results = StudyResults(out_dir, in_plan_order(loaded.runs, run_ids))
-    sections = study_sections(study, results, out_dir / "figures", out_dir, experiment_intros())
+    sections, findings = study_sections(study, results, out_dir / "figures", out_dir,
+                                        experiment_intros())
+    if findings:
+        sections.append(html.section(
+            "summary", "Summary: the paper's claims and normlab's results",
+            [html.findings_table(findings)],
+            "Every finding of this report in one table; 'agrees' and 'differs' compare normlab's "
+            "measurement at this scale with what the paper reported."))
     sections.append(html.section("runs", "Runs", [html.run_table(results.runs)]))
     sections.append(html.section("environment", "Environment", [
         html.environment_table(run_provenances(out_dir, list(results.runs.get("run_id", []))),
@@ -48,8 +55,9 @@ def build_report(out_dir: str | Path) -> Path:
 
 
 def study_sections(study: Study, results: StudyResults, fig_dir: Path, base: Path,
-                   intros: Mapping[str, str] | None = None) -> list[str]:
-    """The sections of one study: one per experiment id (findings, figures), errors first.
+                   intros: Mapping[str, str] | None = None) -> tuple[list[str], list[Finding]]:
+    """The sections of one study, one per experiment id (findings, figures), errors first; and
+    the study's findings, for a summary table.
 
     Usable for a combined report: call it once per study and join the sections in one `page`.
     """
@@ -58,8 +66,9 @@ def study_sections(study: Study, results: StudyResults, fig_dir: Path, base: Pat
                        f"The figures of study {study.name!r} could not be drawn")
     findings = _attempt(study.findings, (results,), errors,
                         f"The findings of study {study.name!r} could not be computed")
-    return errors + html.experiment_sections(study.experiments, figures or [], findings or [],
-                                             base, intros)
+    sections = errors + html.experiment_sections(study.experiments, figures or [],
+                                                 findings or [], base, intros)
+    return sections, findings or []
 
 
 def study_header(study: Study, plan: Mapping[str, Any], results: StudyResults) -> str:
@@ -70,7 +79,7 @@ def study_header(study: Study, plan: Mapping[str, Any], results: StudyResults) -
                 "scale": plan.get("scale"), "data": plan.get("data") or "(the scale's default)",
                 "overrides": ", ".join(f"{k}={v}" for k, v in (plan.get("overrides") or {}).items())
                 or "(none)", "runs": counts, "built": built}
-    links = [(e, e) for e in study.experiments] + [("runs", "Runs"),
+    links = [(e, e) for e in study.experiments] + [("summary", "Summary"), ("runs", "Runs"),
                                                    ("environment", "Environment")]
     return html.settings_table(settings) + "\n" + html.navigation(links)
 

@@ -54,10 +54,11 @@ def _e4_explosion(results: StudyResults) -> Finding | None:
     blown = none[none["value"].fillna(math.inf) > 1e6]
     first = blown["step_size"].min() if not blown.empty else math.nan
     bn_max = bn["value"].max()
+    first_text = "none up to s = 0.1" if math.isnan(first) else f"{first:.3g}"
     return Finding("E4", "Without BN the loss along the gradient explodes at small steps; with "
                    "BN it stays within a factor of a few",
                    "no BN: past 1e6 by s ~ 3e-3; BN: within a few x up to s = 0.1",
-                   f"no BN: first s with L(s)/L(0) > 1e6: {first:.3g}; BN: max ratio "
+                   f"no BN: first s with L(s)/L(0) > 1e6: {first_text}; BN: max ratio "
                    f"{bn_max:.3g} on s in [1e-5, 0.1]",
                    None if math.isnan(first) and math.isnan(bn_max)
                    else bool(first <= 0.1 and bn_max < 10))
