@@ -120,3 +120,15 @@ def test_metrics_skip_unfinished_runs_and_name_corrupt_finished_ones(tmp_path):
     with pytest.raises(CorruptRecordError) as info:
         StudyResults.load(tmp_path).metrics()
     assert str(finished) in str(info.value) and "line 6" in str(info.value)
+
+
+def test_in_group_selects_the_runs_of_one_group(tmp_path):
+    import pandas as pd
+
+    from normlab.studies.base import StudyResults
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "group": ["E1", "R1", "E1"]})
+    results = StudyResults(tmp_path, runs)
+    assert list(results.in_group("E1")["run_id"]) == ["a", "c"]
+    assert results.in_group("R9").empty
+    assert StudyResults(tmp_path, pd.DataFrame()).in_group("E1").empty

@@ -153,6 +153,12 @@ class StudyResults:
     def load(cls, out_dir: str | Path) -> StudyResults:
         return cls(Path(out_dir), load_results(out_dir))
 
+    def in_group(self, group: str) -> pd.DataFrame:
+        """The runs table restricted to runs whose spec `group` is `group` (empty when none)."""
+        if self.runs.empty or "group" not in self.runs:
+            return pd.DataFrame()
+        return self.runs[self.runs["group"] == group]
+
     def subset(self, run_ids: list[str]) -> StudyResults:
         """The results of the given runs only (e.g. one study's share of a combined folder)."""
         if self.runs.empty:

@@ -176,7 +176,7 @@ class CurvatureStudy(Study):
 
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
-        runs = _runs(results, "R9")
+        runs = results.in_group("R9")
         if not runs.empty and "lambda_max" in runs:
             done = runs[(runs["status"] == "completed") & runs["lambda_max"].notna()
                         & (runs["test_acc"] >= TRAINS_ACC)]  # dead networks are trivially flat
@@ -192,7 +192,7 @@ class CurvatureStudy(Study):
                     f"lambda_max {low['lambda_max']:.3g} at lr {low['lr']:g} vs "
                     f"{high['lambda_max']:.3g} at lr {high['lr']:g}",
                     bool(high["lambda_max"] < low["lambda_max"])))
-        ranges = _runs(results, "R8")
+        ranges = results.in_group("R8")
         stable = _stable_table(results).set_index("norm") if not runs.empty else None
         if not ranges.empty and stable is not None and "lr_at_min" in ranges:
             for _, run in ranges.iterrows():
@@ -207,15 +207,8 @@ class CurvatureStudy(Study):
         return rows
 
 
-def _runs(results: StudyResults, group: str) -> pd.DataFrame:
-    runs = results.runs
-    if runs.empty or "group" not in runs:
-        return pd.DataFrame()
-    return runs[runs["group"] == group]
-
-
 def _stable_table(results: StudyResults) -> pd.DataFrame:
-    runs = _runs(results, "R9")
+    runs = results.in_group("R9")
     if runs.empty:
         return pd.DataFrame(columns=["norm", "largest_stable_lr", "largest_trained_lr"])
     return stable_and_trained(runs, ["norm"], TRAINS_ACC)
@@ -224,7 +217,7 @@ def _stable_table(results: StudyResults) -> pd.DataFrame:
 def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.report.figures import NORM_COLORS, new_figure, save_figure
 
-    runs = _runs(results, "R9")
+    runs = results.in_group("R9")
     if runs.empty or "lambda_max" not in runs:
         return None
     table = runs[["norm", "lr", "momentum", "status", "lambda_max"]].copy()

@@ -109,7 +109,7 @@ class InitStudy(Study):
                     f"{int(deepest['depth'].iloc[0])}: He {he:.3g}, Xavier {xavier:.3g}, "
                     f"BN+Xavier {bn:.3g}",
                     bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1)))
-        stable = largest_trainable_lr(_runs(results, "R7-train"), ["depth", "norm", "init"],
+        stable = largest_trainable_lr(results.in_group("R7-train"), ["depth", "norm", "init"],
                                       MIN_ACC)
         if not stable.empty:
             deepest = stable[stable["depth"] == stable["depth"].max()]
@@ -131,13 +131,6 @@ class InitStudy(Study):
 
 
 # -- tables ----------------------------------------------------------------------------------------
-
-def _runs(results: StudyResults, group: str) -> pd.DataFrame:
-    runs = results.runs
-    if runs.empty or "group" not in runs:
-        return pd.DataFrame()
-    return runs[runs["group"] == group]
-
 
 def _profile_table(results: StudyResults) -> pd.DataFrame:
     records = results.records("activation_stats")
@@ -201,7 +194,7 @@ def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.report.figures import new_figure, save_figure
 
-    runs = _runs(results, "R7-profile")
+    runs = results.in_group("R7-profile")
     if runs.empty or "jac_max" not in runs:
         return None
     runs = runs[runs["status"] == "completed"]
@@ -231,7 +224,7 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.report.figures import new_figure, save_figure
 
-    table = largest_trainable_lr(_runs(results, "R7-train"), ["depth", "norm", "init"], MIN_ACC)
+    table = largest_trainable_lr(results.in_group("R7-train"), ["depth", "norm", "init"], MIN_ACC)
     if table.empty:
         return None
     depths = sorted(table["depth"].unique())
@@ -261,7 +254,7 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.report.figures import new_figure, save_figure
 
-    runs = _runs(results, "R7-train")
+    runs = results.in_group("R7-train")
     if runs.empty or "test_acc" not in runs:
         return None
     table = runs[["depth", "norm", "init", "lr", "status", "test_acc"]].copy()

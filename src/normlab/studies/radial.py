@@ -259,15 +259,8 @@ def _landscape_findings(results: StudyResults) -> list[Finding]:
 
 # -- tables ----------------------------------------------------------------------------------------
 
-def _runs(results: StudyResults, group: str) -> pd.DataFrame:
-    runs = results.runs
-    if runs.empty or "group" not in runs:
-        return pd.DataFrame()
-    return runs[runs["group"] == group]
-
-
 def _stable_table(results: StudyResults) -> pd.DataFrame:
-    runs = _runs(results, "R4")
+    runs = results.in_group("R4")
     if runs.empty:
         return pd.DataFrame()
     return stable_and_trained(runs, ["norm", "update_projection"], TRAINS_ACC)

@@ -88,7 +88,7 @@ class SmallBatchStudy(Study):
                     "best test accuracy over the lr grid: "
                     + ", ".join(f"{n} {a:.3f}" for n, a in acc.items()),
                     bool(rival > acc["batch"])))
-        table = largest_trainable_lr(_runs(results), ["norm", "batch_size"], MIN_ACC)
+        table = largest_trainable_lr(results.in_group("R1"), ["norm", "batch_size"], MIN_ACC)
         if not table.empty:
             lrs = table.groupby("norm")["largest_stable_lr"].max()  # over batch sizes
             if "batch" in lrs and len(lrs) > 1:
@@ -104,16 +104,9 @@ class SmallBatchStudy(Study):
         return rows
 
 
-def _runs(results: StudyResults) -> pd.DataFrame:
-    runs = results.runs
-    if runs.empty or "group" not in runs:
-        return pd.DataFrame()
-    return runs[runs["group"] == "R1"]
-
-
 def _best_accuracy(results: StudyResults) -> pd.DataFrame:
     """Best test accuracy over the lr grid per (norm, batch size), with the lr that got it."""
-    runs = _runs(results)
+    runs = results.in_group("R1")
     if runs.empty or "test_acc" not in runs:
         return pd.DataFrame()
     done = runs[(runs["status"] == "completed") & runs["test_acc"].notna()]
@@ -152,7 +145,7 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.report.figures import NORM_COLORS, new_figure, save_figure
 
-    table = largest_trainable_lr(_runs(results), ["norm", "batch_size"], MIN_ACC)
+    table = largest_trainable_lr(results.in_group("R1"), ["norm", "batch_size"], MIN_ACC)
     if table.empty:
         return None
     fig, axes = new_figure(1, 1, width=4.6)
