@@ -234,6 +234,14 @@ class RunSpec:
         """A mapping-valued setting ('norm_options', 'data_options', 'options') as a dict."""
         return _thaw_mapping(getattr(self, name))
 
+    def task_options(self, defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`options` laid over the task's `defaults`, and one problem per key it does not take."""
+        options = {**defaults, **self.mapping("options")}
+        problems = [f"The 'options' setting of the {self.task!r} task may only hold "
+                    f"{', '.join(repr(k) for k in defaults)}; got {key!r}."
+                    for key in options if key not in defaults]
+        return options, problems
+
     def probe_schedules(self) -> list[dict[str, Any]]:
         return [_thaw_mapping(p) for p in self.probes]
 

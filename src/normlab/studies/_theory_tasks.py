@@ -38,11 +38,7 @@ _POSITIVE_INTS = {"M", "N", "examples", "samples", "k"}
 
 def task_options(spec: RunSpec) -> dict[str, Any]:
     """The task's options with defaults; one ConfigError listing every unknown or bad option."""
-    defaults = _DEFAULTS[spec.task]
-    options = {**defaults, **spec.mapping("options")}
-    problems = [f"The 'options' setting of the {spec.task!r} task may only hold "
-                f"{', '.join(repr(k) for k in defaults)}; got {key!r}."
-                for key in options if key not in defaults]
+    options, problems = spec.task_options(_DEFAULTS[spec.task])
     for key in _POSITIVE_INTS & set(options):
         if options[key] is not None:
             problem = interval_problem(f"options.{key}", options[key], 1, kind=int,

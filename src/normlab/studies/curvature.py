@@ -67,10 +67,7 @@ RANGE_DEFAULTS = {"start": 1e-5, "end": 10.0, "range_steps": 100, "smoothing": 0
 
 
 def _options(spec: RunSpec, defaults: dict[str, Any]) -> dict[str, Any]:
-    options = {**defaults, **spec.mapping("options")}
-    problems = [f"The 'options' setting of the {spec.task!r} task may only hold "
-                f"{', '.join(repr(k) for k in defaults)}; got {key!r}."
-                for key in options if key not in defaults]
+    options, problems = spec.task_options(defaults)
     for key, value in options.items():
         if key in defaults:
             kind = int if isinstance(defaults[key], int) else float

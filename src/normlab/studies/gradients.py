@@ -38,8 +38,6 @@ from normlab.studies.base import (
 )
 from normlab.tasks import RunContext, register_task
 
-OPTIONS = ("measure_at", "step_loss_at", "probe_batch", "layers", "histogram_layer",
-           "stats_every", "anatomy_points")
 PAPER_DEPTHS = (8, 44, 80)  # of 110: the paper's anatomy layers, scaled to other depths
 
 
@@ -53,11 +51,8 @@ def default_options(depth: int, steps: int, probe_batch: int, points: int) -> di
 
 def task_options(spec: RunSpec) -> dict[str, Any]:
     """The "gradients" task's options, validated (all problems at once)."""
-    options = {**default_options(spec.depth, spec.steps or 1, min(32, spec.batch_size), 20),
-               **spec.mapping("options")}
-    problems = [f"The 'options' setting of the 'gradients' task may only hold "
-                f"{', '.join(repr(k) for k in OPTIONS)}; got {key!r}."
-                for key in options if key not in OPTIONS]
+    options, problems = spec.task_options(
+        default_options(spec.depth, spec.steps or 1, min(32, spec.batch_size), 20))
     for key in ("measure_at", "step_loss_at", "layers"):
         value = options[key]
         if not (isinstance(value, list) and value and all(

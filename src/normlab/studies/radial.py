@@ -77,10 +77,7 @@ OPTION_DEFAULTS = {"mean_batches": 8, "landscape_batches": 2, "points": 11, "poi
 
 
 def _options(spec: RunSpec) -> dict[str, Any]:
-    options = {**OPTION_DEFAULTS, **spec.mapping("options")}
-    problems = [f"The 'options' setting of the {TASK!r} task may only hold "
-                f"{', '.join(repr(k) for k in OPTION_DEFAULTS)}; got {key!r}."
-                for key in options if key not in OPTION_DEFAULTS]
+    options, problems = spec.task_options(OPTION_DEFAULTS)
     for key, low in (("mean_batches", 2), ("landscape_batches", 1), ("points", 2),
                      ("points_2d", 2)):
         problem = interval_problem(f"options.{key}", options[key], low, kind=int,

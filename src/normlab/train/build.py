@@ -39,9 +39,7 @@ def resolve_device(device: str) -> torch.device:
 def train_options(spec: RunSpec) -> dict[str, Any]:
     """The "train" task's options with defaults; ConfigError for an unknown key or bad value."""
     options = spec.mapping("options")
-    problems = [f"The 'options' setting of the 'train' task may only hold "
-                f"{', '.join(repr(k) for k in TRAIN_OPTIONS)}; got {key!r}."
-                for key in options if key not in TRAIN_OPTIONS]
+    _, problems = spec.task_options(dict.fromkeys(TRAIN_OPTIONS))
     fused = options.get("fused_sgd", False)
     if not isinstance(fused, bool):
         problems.append(f"The 'options.fused_sgd' setting must be a bool; got {fused!r}.")
