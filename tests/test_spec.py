@@ -151,3 +151,11 @@ def test_overrides_report_unknown_keys_and_bad_values_together():
     assert "Unknown setting 'learning_rate'" in text
     assert "The 'lr' setting" in text and "got -1" in text
     assert "The 'seed' setting" in text and "got 'abc'" in text
+
+
+def test_task_options_lays_options_over_defaults_and_names_unknown_keys():
+    spec = RunSpec(options={"a": 5, "zz": 1})
+    options, problems = spec.task_options({"a": 1, "b": 2})
+    assert options == {"a": 5, "b": 2, "zz": 1}
+    assert problems == ["The 'options' setting of the 'train' task may only hold 'a', 'b'; "
+                        "got 'zz'."]
