@@ -87,7 +87,7 @@ def test_show_prints_runs_with_status_and_metrics(study_dir, capsys):
     assert main(["show", str(study_dir)]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
-    assert header == ["run_id", "lr", "status", "steps", "test_acc", "diverged_step"]
+    assert header == ["run_id", "lr", "status", "steps_done", "test_acc", "diverged_step"]
     for run_dir in (study_dir / "runs").iterdir():
         assert run_dir.name in out
     assert "3 runs: 2 completed, 1 diverged" in out

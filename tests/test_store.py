@@ -125,10 +125,16 @@ def test_metrics_skip_unfinished_runs_and_name_corrupt_finished_ones(tmp_path):
 def test_in_group_selects_the_runs_of_one_group(tmp_path):
     import pandas as pd
 
-    from normlab.studies.base import StudyResults
-
     runs = pd.DataFrame({"run_id": ["a", "b", "c"], "group": ["E1", "R1", "E1"]})
     results = StudyResults(tmp_path, runs)
     assert list(results.in_group("E1")["run_id"]) == ["a", "c"]
     assert results.in_group("R9").empty
     assert StudyResults(tmp_path, pd.DataFrame()).in_group("E1").empty
+
+
+def test_results_keep_the_step_budget_beside_the_steps_done(tmp_path):
+    spec, store = RunSpec(steps=7), RunStore(tmp_path)
+    store.begin(spec)
+    store.finish(spec, RunResult(status="diverged", steps=3, diverged_step=3, diverged_loss=None))
+    row = load_results(tmp_path).iloc[0]
+    assert row["steps"] == 7 and row["steps_done"] == 3

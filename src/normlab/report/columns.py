@@ -19,15 +19,11 @@ from normlab.studies.base import _spec_columns
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 MAPPING_PREFIXES = ("data_options.", "norm_options.", "options.")
-RESULT_COLUMNS = ("status", "steps", "diverged_step", "diverged_loss", "wall_time_s", "error")
+RESULT_COLUMNS = ("status", "steps_done", "diverged_step", "diverged_loss", "wall_time_s", "error")
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
-    """The columns that hold spec settings, in the order RunSpec declares them.
-
-    "steps" is left out: in a results table it holds the steps a run made (the result's), which
-    replaced the budget setting of the same name.
-    """
+    """The columns that hold spec settings, in the order RunSpec declares them."""
     columns = [c for c in runs.columns if c not in RESULT_COLUMNS
                and (c in SPEC_FIELDS or c.startswith(MAPPING_PREFIXES))]
     return sorted(columns, key=lambda c: (SPEC_FIELDS.index(c.split(".")[0]), c))

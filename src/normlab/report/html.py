@@ -125,7 +125,7 @@ def run_table(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "<p>No runs.</p>"
     varying = varying_settings(runs)
-    columns = ["run_id", *varying, "status", "steps", "diverged_step", "diverged_loss",
+    columns = ["run_id", *varying, "status", "steps_done", "diverged_step", "diverged_loss",
                "wall_time_s", *metric_columns(runs)]
     columns = [c for c in columns if c in runs.columns]
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)

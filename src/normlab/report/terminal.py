@@ -61,7 +61,7 @@ def summary_table(runs: pd.DataFrame) -> str:
     """`normlab show`: run id, the settings that vary, status, steps, test accuracy, divergence."""
     if runs.empty:
         return "No runs."
-    columns = ["run_id", *varying_settings(runs), "status", "steps", "test_acc",
+    columns = ["run_id", *varying_settings(runs), "status", "steps_done", "test_acc",
                "diverged_step"]
     return format_table(runs, columns) + "\n\n" + status_counts(runs["status"])
 

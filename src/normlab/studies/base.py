@@ -117,7 +117,8 @@ def _spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_results(out_dir: str | Path) -> pd.DataFrame:
-    """One row per run: run_id, every spec setting, status, steps, divergence, final metrics.
+    """One row per run: run_id, every spec setting (`steps` is the budget), status, steps_done
+    (the optimizer steps the run made), divergence and final metrics.
 
     Runs without a result.json have status "unfinished". A corrupt spec or result file raises
     CorruptRecordError naming the file.
@@ -131,7 +132,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         result_path = run_dir / "result.json"
         if result_path.exists():
             result = read_result(result_path)
-            row.update(status=result.status, steps=result.steps,
+            row.update(status=result.status, steps_done=result.steps,
                        diverged_step=result.diverged_step, diverged_loss=result.diverged_loss,
                        wall_time_s=result.wall_time_s, error=result.error,
                        device=result.provenance.get("device", row.get("device")))
