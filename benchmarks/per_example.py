@@ -17,31 +17,15 @@ faster than it on a GPU. Each method is warmed up once, then timed `--repeats` t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import timed  # benchmarks/ is on sys.path when run as a script
 
 from normlab.nn import resnet_cifar
 from normlab.probes import per_example_contributions, per_example_loss_grads
 from normlab.probes._hygiene import frozen_norm_statistics
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def naive_loop(model, x, y) -> None:
