@@ -1,10 +1,34 @@
-"""Shared test settings: deterministic torch on CPU, a headless matplotlib."""
+"""Shared test settings: deterministic torch, a headless matplotlib, and the test device.
+
+`NORMLAB_TEST_DEVICE` (default "cpu") names the device that tests marked `device` run on, e.g.
+`NORMLAB_TEST_DEVICE=cuda bash scripts/test.sh -m device` runs every probe's ground-truth and
+hygiene test on a GPU. Those tests take the device from the `device` fixture.
+"""
+
+import os
 
 import matplotlib
 import pytest
 import torch
 
 matplotlib.use("Agg")
+
+
+def _test_device() -> torch.device:
+    name = os.environ.get("NORMLAB_TEST_DEVICE", "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise pytest.UsageError(f"NORMLAB_TEST_DEVICE={name!r} is not a torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"NORMLAB_TEST_DEVICE={name!r} but CUDA is not available here.")
+    return device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device that `device`-marked tests run on (NORMLAB_TEST_DEVICE, default cpu)."""
+    return _test_device()
 
 
 @pytest.fixture(autouse=True)
