@@ -1,4 +1,8 @@
-"""Atomic file writes: write a temporary file beside the target, fsync, then rename over it."""
+"""Atomic file writes: write a temporary file beside the target, fsync, then rename over it.
+
+The file gets the mode a plain `open` would give it (0666 less the process umask), not the 0600
+of `tempfile.mkstemp`, so a report on a shared machine can be read by the people it is for.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -23,6 +28,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:

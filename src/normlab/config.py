@@ -23,9 +23,15 @@ class ConfigError(ValueError):
         return cls(choice_problem(setting, value, allowed))
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters (a 5000-digit number stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
 def choice_problem(setting: str, value: Any, allowed: Iterable[Any]) -> str:
     options = ", ".join(repr(a) for a in allowed)
-    return f"The {setting!r} setting must be one of {options}; got {value!r}."
+    return f"The {setting!r} setting must be one of {options}; got {shown(value)}."
 
 
 def check_choice(setting: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -59,12 +65,16 @@ def interval_problem(
         return None
     left = "(" if low_open or math.isinf(low) else "["
     right = ")" if high_open or math.isinf(high) else "]"
-    lo = "-inf" if math.isinf(low) else f"{low:g}"
-    hi = "inf" if math.isinf(high) else f"{high:g}"
     return (
         f"The {setting!r} setting must be a{'n' if kind is int else ''} {kind.__name__} "
-        f"in {left}{lo}, {hi}{right}; got {value!r}."
+        f"in {left}{_bound(low)}, {_bound(high)}{right}; got {shown(value)}."
     )
+
+
+def _bound(value: float) -> str:
+    if math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def check_interval(setting: str, value: Any, low: float = -math.inf, high: float = math.inf,

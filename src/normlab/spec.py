@@ -16,10 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from normlab.config import ConfigError, choice_problem, interval_problem
+from normlab.config import ConfigError, choice_problem, interval_problem, shown
 
 Frozen = tuple  # a mapping frozen as a sorted tuple of (key, value) pairs
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_DEPTH = 1202  # the deepest CIFAR ResNet trained in He et al. (2016)
+MAX_SEED = 2**31 - 1  # a seed every generator takes (numpy, torch, CUDA), with room for seed + i
+MAX_NESTING = 16  # levels of lists and mappings in a mapping setting such as `options`
 
 
 def _is_frozen_mapping(value: Any) -> bool:
@@ -77,9 +80,9 @@ def _choices(kind: str) -> Callable[[], list[str]]:
 
 def _setting(default: Any, *, choices: Any = None, low: float | None = None,
              high: float = math.inf, kind: type | None = None, low_open: bool = True,
-             optional: bool = False, doc: str = "") -> Any:
-    meta = {"choices": choices, "low": low, "high": high, "kind": kind,
-            "low_open": low_open, "optional": optional, "doc": doc}
+             high_open: bool = True, optional: bool = False, doc: str = "") -> Any:
+    meta = {"choices": choices, "low": low, "high": high, "kind": kind, "low_open": low_open,
+            "high_open": high_open, "optional": optional, "doc": doc}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: freeze(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -103,8 +106,10 @@ class RunSpec:
                              doc="random pad-crop (and flip where the data set allows)")
     # model
     model: str = _setting("resnet", choices=lambda: ["resnet", "plain_cnn", "mlp"])
-    depth: int = _setting(20, kind=int, low=1, low_open=False, doc="number of weight layers")
-    width: int = _setting(16, kind=int, low=1, low_open=False, doc="channels of the first stage")
+    depth: int = _setting(20, kind=int, low=1, low_open=False, high=MAX_DEPTH, high_open=False,
+                          doc="number of weight layers")
+    width: int = _setting(16, kind=int, low=1, low_open=False, high=4096, high_open=False,
+                          doc="channels of the first stage")
     norm: str = _setting("batch", choices=_choices("norm"))
     norm_options: Frozen = _setting({}, doc="options for make_norm, e.g. groups, rmax, dmax")
     norm_placement: str = _setting("every_conv", choices=lambda: ["every_conv", "single"])
@@ -127,7 +132,7 @@ class RunSpec:
     steps: int | None = _setting(None, kind=int, low=1, low_open=False, optional=True,
                                  doc="budget in optimizer steps; overrides epochs")
     # run control
-    seed: int = _setting(0, kind=int, low=0, low_open=False)
+    seed: int = _setting(0, kind=int, low=0, low_open=False, high=MAX_SEED, high_open=False)
     device: str = _setting("auto", kind=str, doc="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     diverge_loss: float = _setting(1e3, low=0.0, doc="mini-batch loss above which a run diverged")
     log_every: int = _setting(10, kind=int, low=1, low_open=False, doc="steps between metric rows")
@@ -165,12 +170,13 @@ class RunSpec:
                 kind = meta.get("kind") or float
                 low = meta["low"] if meta["low"] is not None else -math.inf
                 problem = interval_problem(f.name, value, low, meta["high"], kind=kind,
-                                           low_open=meta["low_open"])
+                                           low_open=meta["low_open"],
+                                           high_open=meta["high_open"])
                 if problem:
                     out.append(problem)
             elif meta.get("kind") is not None and not isinstance(value, meta["kind"]):
                 out.append(f"The {f.name!r} setting must be a {meta['kind'].__name__}; "
-                           f"got {value!r}.")
+                           f"got {shown(value)}.")
         if not (isinstance(self.milestones, tuple)
                 and all(isinstance(m, float) and 0.0 < m < 1.0 for m in self.milestones)):
             out.append(f"The 'milestones' setting must be fractions of training in (0, 1); "
@@ -178,7 +184,10 @@ class RunSpec:
         for name in ("data_options", "norm_options", "options"):
             if not _is_frozen_mapping(getattr(self, name)):
                 out.append(f"The {name!r} setting must be a mapping of names to values; "
-                           f"got {_thaw(getattr(self, name))!r}.")
+                           f"got {shown(_thaw(getattr(self, name)))}.")
+            elif _nesting(getattr(self, name)) > MAX_NESTING:
+                out.append(f"The {name!r} setting may nest lists and mappings at most "
+                           f"{MAX_NESTING} levels deep; got {_nesting(getattr(self, name))}.")
         if not isinstance(self.probes, tuple):
             out.append(f"The 'probes' setting must be a list of mappings; got {self.probes!r}.")
         for probe in self.probes if isinstance(self.probes, tuple) else ():
@@ -187,7 +196,7 @@ class RunSpec:
                            f"got {_thaw(probe)!r}.")
         if isinstance(self.device, str) and not _DEVICE.fullmatch(self.device):
             out.append(f"The 'device' setting must be one of 'auto', 'cpu', 'cuda', 'cuda:N', "
-                       f"'mps'; got {self.device!r}.")
+                       f"'mps'; got {shown(self.device)}.")
         if (self.model in ("resnet", "plain_cnn") and isinstance(self.depth, int)
                 and ((self.depth - 2) % 6 or self.depth < 8)):
             out.append(f"The 'depth' setting must be 6n+2 for a CIFAR ResNet or plain CNN "
@@ -253,8 +262,13 @@ class RunSpec:
         fields = {f.name: f for f in dataclasses.fields(self)}
         problems = [f"Unknown setting {k!r}; valid settings are {', '.join(sorted(fields))}."
                     for k in overrides if k not in fields]
-        parsed = {k: parse_setting(getattr(self, k), v) for k, v in overrides.items()
-                  if k in fields}
+        parsed = {}
+        for key, value in overrides.items():
+            if key in fields:
+                try:
+                    parsed[key] = parse_setting(getattr(self, key), value, key)
+                except ConfigError as err:
+                    problems.extend(err.problems)
         try:
             spec = self.replace(**parsed)
         except ConfigError as err:  # report bad values together with unknown keys
@@ -264,8 +278,20 @@ class RunSpec:
         return spec
 
 
-def parse_setting(current: Any, text: Any) -> Any:
-    """Parse a CLI string to the type of the setting's current value (JSON for the rest)."""
+def _nesting(value: Any) -> int:
+    """Levels of tuples (frozen lists and mappings) in `value`: 0 for a scalar."""
+    if not isinstance(value, tuple):
+        return 0
+    return 1 + max((_nesting(v) for v in value), default=0)
+
+
+def parse_setting(current: Any, text: Any, name: str = "value") -> Any:
+    """Parse a CLI string to the type of the setting's current value (JSON for the rest).
+
+    Text that is not JSON stays a string (the setting's check then names it); JSON that Python
+    refuses to hold (a number of more than 4300 digits, nesting deeper than the recursion limit)
+    is a ConfigError naming the setting.
+    """
     if not isinstance(text, str):
         return text
     if isinstance(current, bool):
@@ -281,6 +307,12 @@ def parse_setting(current: Any, text: Any) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except ValueError as err:  # int too long to convert (Python's digit limit)
+        raise ConfigError(f"The {name!r} setting could not be read: {err}; got a value of "
+                          f"{len(text)} characters.") from err
+    except RecursionError as err:
+        raise ConfigError(f"The {name!r} setting nests lists or mappings too deeply to read "
+                          f"(at most {MAX_NESTING} levels are allowed).") from err
 
 
 def settings_help() -> list[tuple[str, Any, str]]:

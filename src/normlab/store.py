@@ -5,9 +5,12 @@ Layout of `<out>/runs/<run_id>/`:
     spec.json       the RunSpec (written first, atomically)
     metrics.jsonl   per-step and per-epoch metric rows, appended as the run goes
     records.jsonl   tidy probe records (one JSON object a line, each with a "probe" key)
-    result.json     the RunResult, written atomically and last: its presence means "done"
+    result.json     the RunResult, written atomically and last: its presence means "done";
+                    it also records the size and line count of the two JSON-lines files
+                    ("files"), so that a file deleted or truncated later is detected
 
 A run folder without a valid result.json is unfinished; starting the run again clears it.
+`normlab.verify` checks a folder; damaged runs are moved to `<out>/damaged/` by `set_aside`.
 """
 
 from __future__ import annotations
@@ -59,11 +62,27 @@ class RunStore:
         return run_dir
 
     def finish(self, spec: RunSpec, result: RunResult) -> None:
-        atomic_write_json(self.run_dir(spec) / "result.json", result.to_dict())
+        from normlab.verify import FILES_KEY, files_record
+
+        run_dir = self.run_dir(spec)
+        atomic_write_json(run_dir / "result.json",
+                          {**result.to_dict(), FILES_KEY: files_record(run_dir)})
 
     def run_dirs(self) -> Iterator[Path]:
         if self.runs_dir.exists():
             yield from sorted(p for p in self.runs_dir.iterdir() if p.is_dir())
+
+    def set_aside(self, run_id: str) -> Path:
+        """Move a damaged run's folder to `<out>/damaged/` (kept for inspection; the run is then
+        redone like any missing run). Returns where it went."""
+        target = self.root / "damaged" / run_id
+        number = 1
+        while target.exists():
+            number += 1
+            target = self.root / "damaged" / f"{run_id}-{number}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.runs_dir / run_id), target)
+        return target
 
 
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -79,14 +98,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise CorruptRecordError(f"{path}, line {number}: not valid JSON ({err.msg}).") \
+                rows.append(json.loads(raw.decode("utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                reason = getattr(err, "msg", None) or type(err).__name__
+                raise CorruptRecordError(f"{path}, line {number}: not valid JSON ({reason}).") \
                     from err
     return rows
 
@@ -94,13 +114,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CorruptRecordError(f"{path}: not valid JSON ({err}).") from err
 
 
 def read_result(path: Path) -> RunResult:
+    """The RunResult in `path`; CorruptRecordError naming the file (and each field of the wrong
+    type) when it is not one."""
+    from normlab.verify import FILES_KEY, result_problems
+
     data = read_json(path)
-    try:
-        return RunResult.from_dict(data)
-    except (TypeError, KeyError, ValueError) as err:
-        raise CorruptRecordError(f"{path}: not a run result ({err}).") from err
+    problems = result_problems(data)
+    if problems:
+        raise CorruptRecordError(f"{path}: not a run result: {' '.join(problems)}")
+    return RunResult.from_dict({k: v for k, v in data.items() if k != FILES_KEY})

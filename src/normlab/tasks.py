@@ -16,6 +16,7 @@ from typing import Any
 
 from normlab._plugins import import_submodules
 from normlab._registry import Registry
+from normlab.config import ConfigError
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.store import RunStore, append_jsonl
@@ -25,6 +26,28 @@ ProgressFn = Callable[[str, float, str], None]  # (run_id, fraction done, messag
 
 _TASKS: Registry[Task] = Registry("task")
 register_task = _TASKS.register
+_CHECKS: Registry[Callable[[RunSpec], Any]] = Registry("task check")
+
+
+def register_task_check(name: str) -> Callable[[Callable[[RunSpec], Any]], Callable[..., Any]]:
+    """Declare the option check of task `name`: a function of a spec that raises ConfigError.
+
+    `normlab run` calls it for every planned spec before the first run starts, so a bad option
+    is refused up front instead of failing every run.
+    """
+    return _CHECKS.register(name)
+
+
+def task_problems(spec: RunSpec) -> list[str]:
+    """The problems the declared check of `spec.task` finds (none when it declares no check)."""
+    _load_builtin_tasks()
+    if spec.task not in _CHECKS:
+        return []
+    try:
+        _CHECKS.get(spec.task)(spec)
+    except ConfigError as err:
+        return err.problems
+    return []
 
 
 def list_tasks() -> list[str]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from normlab.config import ConfigError, interval_problem
 from normlab.spec import RunSpec
+from normlab.tasks import register_task_check
 
 TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size")
 
@@ -36,6 +37,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@register_task_check("train")
 def train_options(spec: RunSpec) -> dict[str, Any]:
     """The "train" task's options with defaults; ConfigError for an unknown key or bad value."""
     options = spec.mapping("options")

@@ -1,0 +1,145 @@
+"""Checks of a study's whole plan before its first run starts, every problem reported at once.
+
+`plan_problems` looks at what `RunSpec` validation cannot see on its own: each task's options
+(the check a task declares with `register_task_check`), the models (each distinct architecture
+is built on PyTorch's "meta" device: no memory, about 0.3 s for a ResNet-110 on a CPU core), the
+devices the runs would use on this machine, and the output folder (a folder, writable, with free
+disk). A plan that passes may still fail at run time (a run can run out of memory), but none of
+the mistakes caught here costs a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from normlab.config import ConfigError, shown
+from normlab.spec import RunSpec
+from normlab.tasks import task_problems
+
+MIN_FREE_BYTES = 100 * 2**20  # a smoke study writes a few MiB; a paper-scale one tens of MiB
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+_ARCHITECTURE = ("model", "depth", "width", "norm", "norm_options", "norm_placement", "init",
+                 "init_gain")
+
+
+def plan_problems(specs: Sequence[RunSpec], out_dir: str | Path,
+                  device: str | None = None) -> list[str]:
+    """Every problem of running `specs` into `out_dir` on this machine, one sentence each.
+
+    `device` is the `--device` of the command line (used by runs whose device is "auto").
+    """
+    distinct = list(dict.fromkeys(specs))
+    problems = [p for spec in distinct for p in task_problems(spec)]
+    problems += model_problems(distinct)
+    problems += device_problems(distinct, device)
+    problems += folder_problems(Path(out_dir))
+    return list(dict.fromkeys(problems))
+
+
+def duplicate_note(specs: Sequence[RunSpec]) -> str | None:
+    """E.g. "60 specs, 1 distinct run: the overrides make 59 of them duplicates", or None."""
+    distinct = len(set(specs))
+    if distinct == len(specs):
+        return None
+    noun = "run" if distinct == 1 else "runs"
+    return (f"{len(specs)} specs, {distinct} distinct {noun}: the overrides make "
+            f"{len(specs) - distinct} of them duplicates, which are run once.")
+
+
+def model_problems(specs: Iterable[RunSpec]) -> list[str]:
+    """The problems of building each distinct architecture (e.g. groups that do not divide the
+    channels), found by building it on the "meta" device."""
+    import torch
+
+    from normlab.nn import build_model
+
+    problems, seen = [], set()
+    for spec in specs:
+        key = tuple(getattr(spec, name) for name in _ARCHITECTURE)
+        if key in seen:
+            continue
+        seen.add(key)
+        where = (f"In runs with model={spec.model}, depth={spec.depth}, width={spec.width}, "
+                 f"norm={spec.norm}, norm_options={spec.mapping('norm_options')}")
+        try:
+            with torch.device("meta"):
+                build_model(spec.model, depth=spec.depth, width=spec.width, norm=spec.norm,
+                            norm_options=spec.mapping("norm_options"),
+                            norm_placement=spec.norm_placement, init=spec.init,
+                            init_gain=spec.init_gain, input_shape=(3, 8, 8))
+        except ConfigError as err:
+            problems += [f"{where}: {problem}" for problem in err.problems]
+        except Exception as err:  # any failure to build is a failure of every such run
+            problems.append(f"{where}: the model cannot be built ({type(err).__name__}: "
+                            f"{shown(str(err), 200)}).")
+    return problems
+
+
+def device_problems(specs: Iterable[RunSpec], device: str | None = None) -> list[str]:
+    """The devices the runs would use that this machine does not have.
+
+    A run's device is its `device` setting, or for "auto" the `--device` option, else
+    $NORMLAB_DEVICE, else "cuda" when CUDA is available and "cpu" otherwise.
+    """
+    env = os.environ.get("NORMLAB_DEVICE")
+    asked: dict[str, str] = {}
+    for spec in specs:
+        if spec.device != "auto":
+            asked.setdefault(spec.device, f"the 'device' setting {spec.device!r}")
+        elif device is not None:
+            asked.setdefault(device, f"--device {device}")
+        elif env:
+            asked.setdefault(env, f"NORMLAB_DEVICE={env}")
+    return [problem for name, source in asked.items()
+            if (problem := _device_problem(name, source))]
+
+
+def _device_problem(name: str, source: str) -> str | None:
+    import torch
+
+    if not _DEVICE.fullmatch(name):
+        return (f"{source}: the device must be one of 'cpu', 'cuda', 'cuda:N', 'mps'; "
+                f"got {shown(name)}.")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if count == 0:
+            return (f"{source}: CUDA is not available on this machine (torch "
+                    f"{torch.__version__}); use --device cpu, or run where there is a GPU.")
+        if index >= count:
+            return f"{source}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
+    if name == "mps" and not torch.backends.mps.is_available():
+        return f"{source}: MPS (Apple GPU) is not available on this machine; use --device cpu."
+    return None
+
+
+def folder_problems(out_dir: Path, min_free: int = MIN_FREE_BYTES) -> list[str]:
+    """Whether runs can be written into `out_dir`: a folder (or creatable), whose `runs` is a
+    folder, writable (probed by creating and removing an empty file, which also catches
+    read-only and immutable folders, for root too), on a disk with `min_free` bytes free."""
+    runs = out_dir / "runs"
+    if out_dir.exists() and not out_dir.is_dir():
+        return [f"The output folder {out_dir} is a file, not a folder; choose another --out."]
+    if runs.exists() and not runs.is_dir():
+        return [f"{runs} is a file, but the output folder keeps its runs in a folder of that "
+                f"name; move the file away or choose another --out."]
+    existing = next((p for p in (runs, out_dir, *out_dir.absolute().parents) if p.exists()),
+                    None)
+    if existing is None or not existing.is_dir():
+        return [f"The output folder {out_dir} cannot be created: {existing} is not a folder."]
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".normlab-probe-"):
+            pass
+    except OSError as err:
+        return [f"The output folder {out_dir} cannot be written: {existing}: "
+                f"{err.strerror or err}. Choose another --out."]
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        return [f"The disk of the output folder {out_dir} has {free / 2**20:.1f} MiB free; "
+                f"normlab asks for at least {min_free / 2**20:.0f} MiB before it starts."]
+    return []
