@@ -20,14 +20,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from normlab.config import ConfigError
 from normlab.report.figures import NORM_COLORS, new_figure, save_figure
 from normlab.result import RunResult, provenance
 from normlab.spec import RunSpec
 from normlab.studies.base import FigureInfo, Finding, Study, StudyResults, register_study
-from normlab.tasks import RunContext, register_task
+from normlab.tasks import RunContext, register_task, register_task_check
 
 LRS = (0.01, 0.1, 1.0)
 STEPS = 5
+OPTIONS = {"steps": STEPS, "sleep": 0.0, "diverge_lr": None, "crash": None, "crash_unless": None,
+           "counter": None}
+
+
+@register_task_check("fake")
+def fake_options(spec: RunSpec) -> None:
+    """ConfigError for an option the fake task does not take."""
+    _, problems = spec.task_options(OPTIONS)
+    if problems:
+        raise ConfigError(problems)
 
 
 @register_task("fake")

@@ -12,7 +12,7 @@ import fake_study
 from normlab.cli import main, parse_overrides
 from normlab.config import ConfigError
 from normlab.report import build_report
-from normlab.report.terminal import TerminalProgress, format_table
+from normlab.report.terminal import TerminalProgress, format_table, run_labels
 from normlab.result import RunResult
 from normlab.runner import plan_study, run_study
 from normlab.spec import RunSpec
@@ -182,36 +182,57 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def progress_output(stream: io.StringIO) -> str:
-    spec = RunSpec(task="fake", model="mlp", depth=3)
-    progress = TerminalProgress(stream, interval_s=3600)
-    progress.study_start("fake", total=4, skipped=1)
+def progress_output(stream: io.StringIO, interval_s: float = 3600) -> str:
+    specs = plan_study("fake")
+    progress = TerminalProgress(stream, interval_s=interval_s)
+    progress.study_start("fake", specs, specs[1:])
     for fraction in (0.25, 0.5, 0.75):
-        progress.run_progress(spec.run_id, fraction, f"step {fraction}")
-    progress.run_end(spec, RunResult("diverged", steps=3, diverged_step=3, diverged_loss=2e3),
-                     done=1, total=3)
+        progress.run_progress(specs[2].run_id, fraction, f"step {fraction}")
+    progress.run_end(specs[2], RunResult("diverged", steps=3, diverged_step=3,
+                                         diverged_loss=2e3), done=1, total=2)
+    progress.study_end()
     return stream.getvalue()
 
 
-def test_progress_redraws_one_line_on_a_terminal():
+def test_runs_are_labelled_by_the_settings_that_vary():
+    specs = plan_study("fake")
+    assert list(run_labels(specs).values()) == ["lr=0.01", "lr=0.1", "lr=1"]
+    seeds = [s.replace(seed=k) for s in specs[:2] for k in (0, 1)]
+    assert list(run_labels(seeds).values()) == [
+        "lr=0.01 seed=0", "lr=0.01 seed=1", "lr=0.1 seed=0", "lr=0.1 seed=1"]
+    assert run_labels(specs[:1]) == {specs[0].run_id: specs[0].run_id}  # nothing varies
+
+
+def test_progress_draws_live_bars_on_a_terminal():
     out = progress_output(FakeTerminal())
-    assert out.startswith("fake: 4 runs, 1 already done (skipped), 3 to run\n")
-    assert out.count("\r") == 4  # three progress redraws and the run's end
-    assert "[2/4]" in out and "75% step 0.75" in out
-    assert out.endswith("diverged (0.0 s) at step 3, loss 2000\n")
+    assert out.startswith("fake: 3 runs, 1 already done (skipped), 2 to run\n")
+    assert "\033[" in out  # drawn by rich, redrawn in place
+    assert "[2/3] lr=1: diverged in 0.0 s at step 3, loss 2000 | 0:00:00 elapsed" in out
 
 
-def test_progress_prints_plain_lines_when_not_a_terminal():
+def test_progress_prints_plain_throttled_lines_when_not_a_terminal():
     out = progress_output(io.StringIO())
     assert "\r" not in out and "\033" not in out
     lines = out.splitlines()
     assert len(lines) == 3  # the study line, one progress line (throttled), the run's end
-    assert "25% step 0.25" in lines[1] and "diverged" in lines[2]
+    assert lines[1].startswith("[2/3] lr=1: 25% step 0.25 | 0:00:00 elapsed, about 0:00:")
+    assert lines[1].endswith(" left")
+    assert lines[2].startswith("[2/3] lr=1: diverged in 0.0 s at step 3, loss 2000 | ")
+    unthrottled = progress_output(io.StringIO(), interval_s=0).splitlines()
+    assert len(unthrottled) == 5 and "75% step 0.75" in unthrottled[3]
+
+
+def test_run_prints_plain_progress_lines_into_a_log(tmp_path, capsys):
+    assert main(["run", "fake", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # pytest's capture is not a terminal
+    assert "\033" not in err
+    for label in ("lr=0.01", "lr=0.1", "lr=1"):
+        assert re.search(rf"\[\d/3\] {re.escape(label)}: completed in [\d.]+ s test_acc=", err)
 
 
 def test_dry_run_shows_failed_and_unfinished_runs_as_to_be_redone(tmp_path, capsys):
     crash = ["--set", 'options={"crash": "boom"}']
-    assert main(["run", "fake", "--out", str(tmp_path), *crash]) == 0
+    assert main(["run", "fake", "--out", str(tmp_path), *crash]) == 1  # runs failed
     killed = next((tmp_path / "runs").iterdir())
     (killed / "result.json").unlink()  # as if killed before its result was written
     capsys.readouterr()

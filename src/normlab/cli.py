@@ -4,10 +4,14 @@
                       [--out DIR] [--device DEV] [--workers N] [--dry-run]
     normlab report DIR
     normlab show DIR
+    normlab verify DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]
+    normlab bench [NAME ...] [--quick] [--device DEV]
 
-Bad input (unknown study, setting or value) exits with code 2 and one line per problem; a
-corrupt run file exits with code 1 and names the file. Neither prints a traceback.
+Bad input (unknown study, setting or value, a device this machine lacks, an output folder that
+cannot be written) exits with code 2 and one line per problem, all at once, before any run. A
+damaged run file (`show`, `report`, `verify`), a run that failed, or a file system error exits
+with code 1 and names the file. None prints a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import normlab
 from normlab.config import ConfigError, check_choice, check_interval
 from normlab.store import CorruptRecordError
+from normlab.verify import DamagedStoreError
 
 LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
 
@@ -39,8 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"normlab: error: {problem}", file=sys.stderr)
         return 2
+    except DamagedStoreError as err:
+        for damage in err.damages:
+            print(f"normlab: error: damaged: {damage}", file=sys.stderr)
+        print(f"normlab: {err.advice}", file=sys.stderr)
+        return 1
     except CorruptRecordError as err:
         print(f"normlab: error: corrupt run file: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a read-only folder, ...: the file and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"normlab: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -81,9 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("dir")
     show.set_defaults(handler=_show)
 
+    verify = commands.add_parser("verify", help="check every file of DIR; name the damaged ones")
+    verify.add_argument("dir")
+    verify.set_defaults(handler=_verify)
+
     listing = commands.add_parser("list", help="list studies (or norms, inits, data, ...)")
     listing.add_argument("what", nargs="?", default="studies", help=" | ".join(LISTS))
     listing.set_defaults(handler=_list)
+
+    bench = commands.add_parser("bench", help="run the benchmarks of a source checkout")
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
+    bench.add_argument("--quick", action="store_true", help="each benchmark's fast check")
+    bench.add_argument("--device", default=None, help="device passed to each benchmark")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -108,39 +132,56 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     from normlab.executor import LocalExecutor
+    from normlab.preflight import duplicate_note, plan_problems
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
     from normlab.runner import plan_study, run_study
+    from normlab.spec import RunSpec
     from normlab.store import RunStore
     from normlab.studies import get_study
     from normlab.studies.base import check_scale
+    from normlab.verify import damaged_runs, verify_store
 
-    study, overrides, _, _, _ = _all_or_problems(
+    study, overrides, _, _ = _all_or_problems(
         lambda: get_study(args.study),
         lambda: parse_overrides(args.settings),
-        lambda: check_scale(args.scale),
         lambda: args.device is None or _check_device(args.device),
         lambda: check_interval("--workers", args.workers, 1, kind=int, low_open=False),
+        also=lambda: _all_or_problems(
+            lambda: check_scale(args.scale),
+            lambda: RunSpec().with_overrides(parse_overrides(args.settings))),
     )
-    out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
     specs = plan_study(study, args.scale, args.data, overrides)
+    out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
+    problems = plan_problems(specs, out_dir, args.device)
+    if problems:
+        raise ConfigError(problems)
     if args.dry_run:
         print(f"{study.name} at {args.scale} scale into {out_dir}")
-        print(plan_summary(plan_table(specs, RunStore(out_dir))))
+        note = duplicate_note(specs)
+        if note:
+            print(f"note: {note}")
+        damaged = set(damaged_runs(verify_store(out_dir)))
+        print(plan_summary(plan_table(list(dict.fromkeys(specs)), RunStore(out_dir), damaged)))
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device
     executor = LocalExecutor(args.workers, _pool_devices(args.workers, args.device))
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
-                        progress=TerminalProgress(sys.stderr))
+                        progress=TerminalProgress(sys.stderr), preflight=False)
     print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))
     print(f"\nreport: {out_dir / 'report.html'}")
-    return 0
+    failed = int((results.runs["status"] == "failed").sum()) if "status" in results.runs else 0
+    if failed:
+        print(f"normlab: {failed} run(s) failed (their errors are in the report's run table); "
+              "run the same command again to retry them.", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from normlab.report import build_report
 
+    _check_study_folder(Path(args.dir))
     print(build_report(args.dir))
     return 0
 
@@ -152,15 +193,59 @@ def _show(args: argparse.Namespace) -> int:
     from normlab.studies.base import read_study_file
 
     folder = Path(args.dir)
-    if not (folder / "study.json").exists() and not (folder / "runs").is_dir():
-        raise ConfigError(f"{folder} is not a study folder: it has neither study.json nor runs/.")
+    _check_study_folder(folder)
     results = StudyResults.load(folder)
     if (folder / "study.json").exists():
         results = StudyResults(folder, in_plan_order(results.runs,
                                                      read_study_file(folder).get("run_ids", [])))
-    results.metrics()  # reads every finished run's metrics.jsonl: a corrupt one is named
     print(summary_table(results.runs))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from normlab.store import RunStore
+
+    folder = Path(args.dir)
+    _check_study_folder(folder)
+    runs = sum(1 for _ in RunStore(folder).run_dirs())
+    print(f"{folder}: {runs} run folder(s), every file sound.")
+    return 0
+
+
+def _check_study_folder(folder: Path) -> None:
+    """ConfigError when `folder` is no study folder; DamagedStoreError naming each damaged file
+    (with the command that redoes the damaged runs) when it is one with damage."""
+    from normlab.verify import verify_store
+
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "not there"
+        raise ConfigError(f"{folder} is not a study folder: it is {what}.")
+    if not (folder / "study.json").is_file() and not (folder / "runs").is_dir():
+        raise ConfigError(f"{folder} is not a study folder: it has neither study.json nor runs/.")
+    damages = verify_store(folder)
+    if damages:
+        raise DamagedStoreError(damages, _redo_advice(folder))
+
+
+def _redo_advice(folder: Path) -> str:
+    """The command that moves the damaged runs aside and redoes them."""
+    from normlab.store import read_json
+
+    try:
+        plan = read_json(folder / "study.json")
+        command = [f"normlab run {plan['study']} --scale {plan['scale']}"]
+        command += [f"--data {plan['data']}"] if plan.get("data") else []
+        command += [f"--set {k}={v}" for k, v in plan.get("overrides", {}).items()]
+        command.append(f"--out {folder}")
+        return f"to redo the damaged runs: {' '.join(command)}"
+    except (CorruptRecordError, KeyError, TypeError, AttributeError, OSError):
+        return "`normlab run STUDY --out DIR` moves damaged runs to DIR/damaged/ and redoes them."
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from normlab.bench import run_benchmarks
+
+    return run_benchmarks(args.names, quick=args.quick, device=args.device)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -208,14 +293,21 @@ _LISTERS: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def _all_or_problems(*checks: Callable[[], Any]) -> list[Any]:
-    """The value of each check, or one ConfigError with the problems of all that failed."""
+def _all_or_problems(*checks: Callable[[], Any],
+                     also: Callable[[], Any] | None = None) -> list[Any]:
+    """The value of each check, or one ConfigError with the problems of all that failed and,
+    then, those of `also` too (a check that is only worth its problems)."""
     values, problems = [], []
     for check in checks:
         try:
             values.append(check())
         except ConfigError as err:
             problems.extend(err.problems)
+    if problems and also is not None:
+        try:
+            also()
+        except ConfigError as err:
+            problems.extend(p for p in err.problems if p not in problems)
     if problems:
         raise ConfigError(problems)
     return values

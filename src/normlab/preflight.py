@@ -118,10 +118,12 @@ def _device_problem(name: str, source: str) -> str | None:
     return None
 
 
-def folder_problems(out_dir: Path, min_free: int = MIN_FREE_BYTES) -> list[str]:
+def folder_problems(out_dir: Path, min_free: int | None = None) -> list[str]:
     """Whether runs can be written into `out_dir`: a folder (or creatable), whose `runs` is a
     folder, writable (probed by creating and removing an empty file, which also catches
-    read-only and immutable folders, for root too), on a disk with `min_free` bytes free."""
+    read-only and immutable folders, for root too), on a disk with `min_free` bytes free
+    (default MIN_FREE_BYTES)."""
+    min_free = MIN_FREE_BYTES if min_free is None else min_free
     runs = out_dir / "runs"
     if out_dir.exists() and not out_dir.is_dir():
         return [f"The output folder {out_dir} is a file, not a folder; choose another --out."]

@@ -69,7 +69,7 @@ class RunStore:
                           {**result.to_dict(), FILES_KEY: files_record(run_dir)})
 
     def run_dirs(self) -> Iterator[Path]:
-        if self.runs_dir.exists():
+        if self.runs_dir.is_dir():
             yield from sorted(p for p in self.runs_dir.iterdir() if p.is_dir())
 
     def set_aside(self, run_id: str) -> Path:

@@ -162,7 +162,8 @@ def _data_file_problems(path: Path, expected: Mapping[str, Any] | None,
         rows = read_jsonl(path)
     except CorruptRecordError as err:
         return [_problem(err, path)]
-    problems = [f"line {i}: {p}" for i, row in enumerate(rows, 1) if (p := _row_problem(path.name, row))]
+    problems = [f"row {i}: {p}" for i, row in enumerate(rows, 1)
+                if (p := _row_problem(path.name, row))]
     if expected is not None:
         size = path.stat().st_size
         with open(path, "rb") as handle:

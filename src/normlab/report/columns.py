@@ -49,17 +49,20 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if c not in skip and c not in settings]
 
 
-def plan_table(specs: Sequence[RunSpec], store: RunStore) -> pd.DataFrame:
+def plan_table(specs: Sequence[RunSpec], store: RunStore,
+               damaged: Iterable[str] = ()) -> pd.DataFrame:
     """One row per planned run: run_id, its settings, and its state in `store`.
 
     States: "done" (completed or diverged: skipped on a re-run), "failed" (retried),
-    "unfinished" (a folder without result: redone from scratch), "to run" (no folder yet).
-    A corrupt result.json raises CorruptRecordError naming it.
+    "unfinished" (a folder without result: redone from scratch), "damaged" (run ids in
+    `damaged`: set aside and redone), "to run" (no folder yet).
     """
-    rows = []
+    rows, damaged = [], set(damaged)
     for spec in specs:
         result_path = store.run_dir(spec) / "result.json"
-        if result_path.exists():
+        if spec.run_id in damaged:
+            state = "damaged"
+        elif result_path.exists():
             status = read_result(result_path).status
             state = "failed" if status == "failed" else "done"
         else:

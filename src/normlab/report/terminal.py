@@ -1,6 +1,6 @@
 """Terminal output: the summary table of `normlab show`, the dry-run plan, the progress display.
 
-The progress display redraws one status line on a terminal and, when stderr is not a terminal
+The progress display draws live bars with `rich` on a terminal and, when stderr is not a terminal
 (CI, a log file), prints plain lines instead: one per finished run, and a progress line for the
 current run at most every `interval_s` seconds.
 """
@@ -19,6 +19,7 @@ from normlab.report.columns import varying_settings
 from normlab.result import RunResult
 from normlab.runner import ProgressReporter
 from normlab.spec import RunSpec
+from normlab.studies.base import _spec_columns
 
 STATUS_ORDER = ("completed", "diverged", "failed", "unfinished")
 
@@ -79,51 +80,136 @@ def plan_summary(plan: pd.DataFrame) -> str:
     return table + "\n\n" + line
 
 
+def run_labels(specs: Sequence[RunSpec], width: int = 60) -> dict[str, str]:
+    """Run id -> the settings that vary across `specs`, e.g. "norm=batch lr=0.1 seed=0" (the run
+    id where nothing varies), cut to `width` characters."""
+    if not specs:
+        return {}
+    table = pd.DataFrame([_spec_columns(s.to_dict()) for s in specs])
+    varying = varying_settings(table)
+    labels = {}
+    for spec, (_, row) in zip(specs, table.iterrows(), strict=True):
+        text = " ".join(f"{c}={format_value(row[c])}" for c in varying)
+        labels[spec.run_id] = _cut(text or spec.run_id, width)
+    return labels
+
+
 class TerminalProgress(ProgressReporter):
-    """Progress of a study (runs done/total, skipped) and of the current run, on `stream`."""
+    """A study's progress on `stream`: each run labelled by the settings that vary, its steps, and
+    the elapsed time and estimated time left for the whole study.
+
+    On a terminal, `rich` draws two live bars (the study; the current run, step by step). Not on a
+    terminal (CI, a SLURM log), plain lines: one per finished run, and one for the current run
+    at most every `interval_s` seconds.
+    """
 
     def __init__(self, stream: TextIO | None = None, interval_s: float = 30.0) -> None:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = interval_s
-        self.study = ""
+        self.labels: dict[str, str] = {}
         self.total = self.skipped = self.done = 0
+        self._fraction = 0.0
+        self._start = time.monotonic()
         self._last_print = -math.inf
+        self._live: Any = None
 
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+    def _line(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
-    def study_start(self, study: str, total: int, skipped: int) -> None:
-        self.study, self.total, self.skipped, self.done = study, total, skipped, 0
-        self._write(f"{study}: {total} runs, {skipped} already done (skipped), "
-                    f"{total - skipped} to run\n")
+    def notice(self, message: str) -> None:
+        self._line(f"note: {message}")
+
+    def study_start(self, study: str, planned: Sequence[RunSpec],
+                    todo: Sequence[RunSpec]) -> None:
+        self.labels = run_labels(planned)
+        self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
+        self._start = time.monotonic()
+        self._line(f"{study}: {self.total} runs, {self.skipped} already done (skipped), "
+                   f"{len(todo)} to run")
+        if self.tty and todo:
+            self._live = _LiveBars(self.stream, len(todo))
 
     def run_progress(self, run_id: str, fraction: float, message: str) -> None:
-        line = (f"[{self.skipped + self.done + 1}/{self.total}] {run_id} "
-                f"{_bar(fraction)} {100 * fraction:3.0f}% {message}")
-        if self.tty:
-            self._write("\r\033[K" + line)
+        self._fraction = min(max(fraction, 0.0), 1.0)
+        label = f"{self._counter(1)} {self.labels.get(run_id, run_id)}"
+        if self._live is not None:
+            self._live.update(label, message, self._fraction, self.done + self._fraction)
         elif time.monotonic() - self._last_print >= self.interval_s:
             self._last_print = time.monotonic()
-            self._write(line + "\n")
+            self._line(f"{label}: {100 * self._fraction:.0f}% {message} | {self._times()}")
 
     def run_end(self, spec: RunSpec, result: RunResult, done: int, total: int) -> None:
-        self.done = done
-        detail = _result_detail(result)
-        line = (f"[{self.skipped + done}/{self.total}] {spec.run_id} {result.status} "
-                f"({result.wall_time_s:.1f} s){detail}")
-        self._write(("\r\033[K" if self.tty else "") + line + "\n")
+        self.done, self._fraction = done, 0.0
+        label = self.labels.get(spec.run_id, spec.run_id)
+        self._line(f"{self._counter(0)} {label}: {result.status} in {result.wall_time_s:.1f} s"
+                   f"{_result_detail(result)} | {self._times()}")
+        if self._live is not None:
+            self._live.update("", "", 0.0, self.done)
         self._last_print = -math.inf
+
+    def study_end(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _counter(self, ahead: int) -> str:
+        return f"[{self.skipped + self.done + ahead}/{self.total}]"
+
+    def _times(self) -> str:
+        """"0:01:23 elapsed, about 0:04:56 left" (the left part once a run has progressed)."""
+        elapsed = time.monotonic() - self._start
+        text = f"{_clock(elapsed)} elapsed"
+        runs_done = self.done + self._fraction
+        todo = self.total - self.skipped
+        if runs_done > 0 and todo > runs_done:
+            text += f", about {_clock(elapsed / runs_done * (todo - runs_done))} left"
+        return text
+
+
+class _LiveBars:
+    """rich's live display: a bar for the study (runs to do, with elapsed time and time left)
+    and one for the current run (its steps)."""
+
+    def __init__(self, stream: TextIO, todo: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[message]}"),
+            console=Console(file=stream), refresh_per_second=4)
+        self.console = self.progress.console
+        self.study = self.progress.add_task("study", total=todo, message="")
+        self.run = self.progress.add_task("", total=1.0, message="")
+        self.progress.start()
+
+    def update(self, label: str, message: str, fraction: float, runs_done: float) -> None:
+        self.progress.update(self.run, description=label, completed=fraction, message=message)
+        self.progress.update(self.study, completed=runs_done)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _bar(fraction: float, width: int = 20) -> str:
-    filled = round(width * min(max(fraction, 0.0), 1.0))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def _result_detail(result: RunResult) -> str:
