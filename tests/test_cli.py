@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
+import subprocess
 
 import pandas as pd
 import pytest
+import torch
 
 import fake_study
 from normlab.cli import main, parse_overrides
@@ -269,3 +273,170 @@ def test_device_option_sets_the_auto_device_without_changing_run_ids(tmp_path, m
     assert os.environ["NORMLAB_DEVICE"] == "cpu"
     planned = sorted(s.run_id for s in plan_study("fake"))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == planned
+
+
+# -- the whole plan is checked before the first run ------------------------------------------------
+
+DIGITS = "1" * 5000
+PLAN_PROBLEMS = {
+    "the docs' options example on a train study": (
+        ["run", "lr-sweep", "--set", 'options={"sleep": 1}'],
+        ["The 'options' setting of the 'train' task may only hold", "got 'sleep'"]),
+    "groups that do not divide the channels": (
+        ["run", "lr-sweep", "--set", "norm=group", "--set", 'norm_options={"groups": 3}'],
+        ["norm=group, norm_options={'groups': 3}", "must divide the 8 channels"]),
+    "a seed beyond int64": (["run", "fake", "--set", "seed=99999999999999999999999"],
+                            ["The 'seed' setting must be an int in [0, 2147483647]"]),
+    "an absurd depth": (["run", "fake", "--set", "depth=60002"],
+                        ["The 'depth' setting must be an int in [1, 1202]; got 60002."]),
+    "an lr of 5000 digits": (["run", "fake", "--set", f"lr={DIGITS}"],
+                             ["The 'lr' setting could not be read", "5000 characters"]),
+    "options nested beyond the recursion limit": (
+        ["run", "fake", "--set", "options=" + "[" * 100_000],
+        ["The 'options' setting nests lists or mappings too deeply"]),
+    "options nested 40 levels": (
+        ["run", "fake", "--set", 'options={"a": ' + "[" * 40 + "]" * 40 + "}"],
+        ["The 'options' setting may nest lists and mappings at most 16 levels deep; got 41."]),
+    "an option the fake task does not take": (
+        ["run", "fake", "--set", 'options={"slep": 1}'], ["got 'slep'"]),
+    "four problems at once": (
+        ["run", "lr-sweep", "--scale", "huge", "--set", "lr=-1", "--set", "learning_rate=0.1",
+         "--workers", "0"],
+        ["'scale' setting", "'--workers' setting", "Unknown setting 'learning_rate'",
+         "The 'lr' setting must be a float in (0, inf); got -1."]),
+}
+
+
+@pytest.mark.parametrize("argv, expected", PLAN_PROBLEMS.values(), ids=PLAN_PROBLEMS.keys())
+def test_a_bad_plan_exits_2_before_any_run(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err) < 3000
+    assert all(line.startswith("normlab: error: ") for line in err.splitlines())
+    for text in expected:
+        assert text in err
+    if "--workers" in argv:
+        assert len(err.splitlines()) == 4  # one line a problem
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("argv, env, expected", [
+    (["--device", "cuda"], None, "--device cuda: CUDA is not available on this machine"),
+    (["--set", "device=cuda:1"], None, "'device' setting 'cuda:1': CUDA is not available"),
+    ([], "tpu", "NORMLAB_DEVICE=tpu: the device must be one of 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    ([], "cuda", "NORMLAB_DEVICE=cuda: CUDA is not available"),
+], ids=["--device cuda", "device=cuda:1", "NORMLAB_DEVICE=tpu", "NORMLAB_DEVICE=cuda"])
+def test_a_device_this_machine_lacks_exits_2(argv, env, expected, tmp_path, capsys,
+                                             monkeypatch):
+    if env is not None:
+        monkeypatch.setenv("NORMLAB_DEVICE", env)
+    assert main(["run", "fake", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_folder_is_checked_before_any_run(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    runs_file = tmp_path / "runs-is-a-file"
+    runs_file.mkdir()
+    (runs_file / "runs").write_text("")
+    cases = {a_file: "is a file, not a folder", a_file / "below": f"{a_file} is not a folder",
+             runs_file: "runs is a file, but the output folder keeps its runs in a folder"}
+    for out, expected in cases.items():
+        assert main(["run", "fake", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into folders without write bits")
+def test_an_unwritable_output_folder_exits_2(tmp_path, capsys):
+    tmp_path.chmod(0o500)
+    try:
+        assert main(["run", "fake", "--out", str(tmp_path / "out")]) == 2
+    finally:
+        tmp_path.chmod(0o700)
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_an_immutable_output_folder_exits_2(tmp_path, capsys):
+    if subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert main(["run", "fake", "--out", str(tmp_path)]) == 2
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+    assert "cannot be written" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (a real small disk), unmounted afterwards; skipped where mount is refused."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_disk_without_room_exits_2_before_any_run(small_disk, capsys):
+    assert main(["run", "fake", "--out", str(small_disk / "out")]) == 2
+    assert "MiB free; normlab asks for at least 100 MiB" in capsys.readouterr().err
+
+
+def test_a_disk_that_fills_up_ends_in_a_message(small_disk, capsys, monkeypatch):
+    monkeypatch.setattr("normlab.preflight.MIN_FREE_BYTES", 0)
+    with open(small_disk / "filler", "wb", buffering=0) as handle:  # fill it to the last byte
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+    assert main(["run", "fake", "--out", str(small_disk / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+
+
+def test_report_on_a_read_only_folder_ends_in_a_message(small_disk, capsys, monkeypatch):
+    monkeypatch.setattr("normlab.preflight.MIN_FREE_BYTES", 0)
+    assert main(["run", "fake", "--out", str(small_disk)]) == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert main(["report", str(small_disk)]) == 1
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "Traceback" not in err
+
+
+def test_overrides_that_collapse_the_grid_are_reported_and_run_once(tmp_path, capsys):
+    collapse = ["--set", "lr=0.1"]
+    assert main(["run", "fake", "--out", str(tmp_path), "--dry-run", *collapse]) == 0
+    out = capsys.readouterr().out
+    assert "3 specs, 1 distinct run: the overrides make 2 of them duplicates" in out
+    assert "1 runs planned: 0 already done, 1 to run." in out
+    assert main(["run", "fake", "--out", str(tmp_path), *collapse]) == 0
+    assert "fake: 1 runs, 0 already done (skipped), 1 to run" in capsys.readouterr().err
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_run_exits_1_after_the_summary_when_a_run_failed(tmp_path, capsys):
+    assert main(["run", "fake", "--out", str(tmp_path), "--set", 'options={"crash": "x"}']) == 1
+    captured = capsys.readouterr()
+    assert "3 runs: 3 failed" in captured.out
+    assert "3 run(s) failed" in captured.err
+
+
+def test_bench_names_its_benchmarks_and_says_when_there_are_none(capsys, monkeypatch):
+    assert main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'hessian', 'per_example', 'train_throughput'; got 'nope'" in err
+    monkeypatch.setattr("normlab.bench.benchmarks_dir", lambda: None)
+    assert main(["bench"]) == 2
+    assert "runs the scripts in benchmarks/ of a source checkout" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_a_benchmark_script(capfd):
+    assert main(["bench", "hessian", "--quick"]) == 0
+    out = capfd.readouterr().out
+    assert "$ python benchmarks/hessian.py --quick" in out and "ratio" in out.lower()

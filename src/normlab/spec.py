@@ -279,9 +279,11 @@ class RunSpec:
 
 
 def _nesting(value: Any) -> int:
-    """Levels of tuples (frozen lists and mappings) in `value`: 0 for a scalar."""
+    """Levels of lists and mappings (frozen as tuples) in `value`: 0 for a scalar."""
     if not isinstance(value, tuple):
         return 0
+    if _is_frozen_mapping(value):
+        return 1 + max((_nesting(v) for _, v in value), default=0)
     return 1 + max((_nesting(v) for v in value), default=0)
 
 
