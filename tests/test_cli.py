@@ -390,10 +390,10 @@ def test_a_disk_without_room_exits_2_before_any_run(small_disk, capsys):
 
 def test_a_disk_that_fills_up_ends_in_a_message(small_disk, capsys, monkeypatch):
     monkeypatch.setattr("normlab.preflight.MIN_FREE_BYTES", 0)
-    with open(small_disk / "filler", "wb", buffering=0) as handle:  # fill it to the last byte
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 4096)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:  # fill the disk to the last byte
+            handle.write(b"\0" * 4096)
     assert main(["run", "fake", "--out", str(small_disk / "out")]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err

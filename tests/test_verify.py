@@ -1,0 +1,152 @@
+"""`normlab verify` and the same checks in `run`, `show` and `report`: every kind of damage to a
+study folder is named, `run` sets damaged runs aside and redoes them, and files get the umask."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import fake_study  # noqa: F401  (registers the fake study and task)
+from normlab.cli import main
+from normlab.runner import run_study
+from normlab.store import CorruptRecordError, read_result
+from normlab.verify import damaged_runs, verify_store
+
+
+@pytest.fixture
+def study(tmp_path) -> tuple[Path, Path]:
+    """The fake study run once (each completion counted), and the counter file."""
+    counter = tmp_path / "count.txt"
+    out = tmp_path / "study"
+    assert main(["run", "fake", "--out", str(out), "--set",
+                 f'options={{"counter": "{counter}"}}']) == 0
+    return out, counter
+
+
+def first_run(out: Path) -> Path:
+    return sorted((out / "runs").iterdir())[0]
+
+
+def drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+def cut_mid_line(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def swap_spec(path: Path) -> None:
+    other = sorted(path.parent.parent.iterdir())[1] / "spec.json"
+    path.write_text(other.read_text())
+
+
+def edit_json(**changes: object) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+DAMAGE = {
+    "metrics.jsonl deleted": ("metrics.jsonl", Path.unlink, "missing: the run finished with 5"),
+    "metrics.jsonl cut at a line end": ("metrics.jsonl", drop_last_line,
+                                        "in 4 lines, but the run finished with"),
+    "metrics.jsonl cut mid-line": ("metrics.jsonl", cut_mid_line, "not valid JSON"),
+    "a metric row without step": ("metrics.jsonl", lambda p: p.write_text('{"loss": 1}\n'),
+                                  "a metric row must have an integer 'step'"),
+    "result.json not JSON": ("result.json", cut_mid_line, "not valid JSON"),
+    "result.json with steps of the wrong type": ("result.json", edit_json(steps="ten"),
+                                                 "the field 'steps' must be an integer"),
+    "result.json with an unknown status": ("result.json", edit_json(status="great"),
+                                           "'status' must be one of"),
+    "spec.json of another run": ("spec.json", swap_spec, "holds the spec of run"),
+    "spec.json with a bad value": ("spec.json", edit_json(lr=-1), "The 'lr' setting"),
+    "spec.json deleted": ("spec.json", Path.unlink, "missing: a finished run must keep"),
+}
+
+
+@pytest.mark.parametrize("name, damage, expected", DAMAGE.values(), ids=DAMAGE.keys())
+def test_each_kind_of_damage_is_named_by_every_command_and_redone_by_run(
+        study, name, damage, expected, capsys):
+    out, counter = study
+    run_dir = first_run(out)
+    damage(run_dir / name)
+    damages = verify_store(out)
+    assert damaged_runs(damages) == [run_dir.name]
+    assert any(d.path == run_dir / name and expected in d.problem for d in damages)
+    capsys.readouterr()
+    for command in ("verify", "show", "report"):
+        assert main([command, str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"normlab: error: damaged: {run_dir / name}: " in err and expected in err
+        assert "to redo the damaged runs: normlab run fake --scale smoke --set options=" in err
+        assert "Traceback" not in err
+    assert main(["run", "fake", "--out", str(out), "--set",
+                 f'options={{"counter": "{counter}"}}']) == 0
+    err = capsys.readouterr().err
+    assert f"damaged run {run_dir.name} moved to {out / 'damaged' / run_dir.name}" in err
+    assert (out / "damaged" / run_dir.name).is_dir()  # kept for inspection
+    assert verify_store(out) == []
+    runs = collections.Counter(counter.read_text().split())
+    assert runs[run_dir.name] == 2 and sorted(runs.values()) == [1, 1, 2]  # only it was redone
+    assert main(["verify", str(out)]) == 0
+    assert "3 run folder(s), every file sound." in capsys.readouterr().out
+
+
+def test_a_sound_folder_verifies_and_an_unfinished_run_is_no_damage(study, capsys):
+    out, _ = study
+    (first_run(out) / "result.json").unlink()  # killed before its result was written
+    assert verify_store(out) == []
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_study_file_with_fields_of_the_wrong_type_is_named(study, capsys):
+    out, _ = study
+    edit_json(run_ids="all", scale=3)(out / "study.json")
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "study.json: the field 'scale' must be a string; got 3." in err
+    assert "study.json: the field 'run_ids' must be a list; got \"all\"." in err
+    assert "Traceback" not in err
+
+
+def test_read_result_names_each_field_of_the_wrong_type(study):
+    out, _ = study
+    path = first_run(out) / "result.json"
+    edit_json(final=[1], wall_time_s="slow")(path)
+    with pytest.raises(CorruptRecordError) as info:
+        read_result(path)
+    assert str(path) in str(info.value)
+    assert "'final' must be an object" in str(info.value)
+    assert "'wall_time_s' must be an integer or a number" in str(info.value)
+
+
+def test_results_written_before_sizes_were_recorded_are_checked_for_parsing(study):
+    out, _ = study
+    path = first_run(out) / "result.json"
+    data = json.loads(path.read_text())
+    del data["files"]
+    path.write_text(json.dumps(data))
+    assert verify_store(out) == []
+    (path.parent / "metrics.jsonl").write_text("{broken\n")
+    assert damaged_runs(verify_store(out)) == [path.parent.name]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_are_created_with_the_users_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        run_study("fake", tmp_path)
+    finally:
+        os.umask(old)
+    run_dir = first_run(tmp_path)
+    for path in (tmp_path / "report.html", tmp_path / "study.json", run_dir / "spec.json",
+                 run_dir / "result.json", run_dir / "metrics.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
