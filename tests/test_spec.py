@@ -159,3 +159,45 @@ def test_task_options_lays_options_over_defaults_and_names_unknown_keys():
     assert options == {"a": 5, "b": 2, "zz": 1}
     assert problems == ["The 'options' setting of the 'train' task may only hold 'a', 'b'; "
                         "got 'zz'."]
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("seed", 2**31, "The 'seed' setting must be an int in [0, 2147483647]; got 2147483648."),
+    ("depth", 1208, "The 'depth' setting must be an int in [1, 1202]; got 1208."),
+    ("width", 4097, "The 'width' setting must be an int in [1, 4096]; got 4097."),
+])
+def test_settings_that_no_run_could_use_are_bounded(setting, value, expected):
+    with pytest.raises(ConfigError) as info:
+        RunSpec(model="mlp", **{setting: value})
+    assert info.value.problems == [expected]
+    RunSpec(model="mlp", **{setting: value - 1 if setting != "depth" else 1202})
+
+
+def test_a_huge_value_is_shown_cut_in_the_message():
+    with pytest.raises(ConfigError) as info:
+        RunSpec(norm="x" * 5000)
+    (problem,) = info.value.problems
+    assert len(problem) < 300 and problem.endswith("... (5002 characters).")
+
+
+def test_overrides_python_cannot_hold_are_named_with_the_other_problems():
+    with pytest.raises(ConfigError) as info:
+        RunSpec().with_overrides({"lr": "9" * 5000, "options": "[" * 100_000, "momentum": "2"})
+    problems = info.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith("The 'lr' setting could not be read (Exceeds the limit")
+    assert problems[1].startswith("The 'options' setting nests lists or mappings too deeply")
+    assert problems[2].startswith("The 'momentum' setting must be a float in [0, 1)")
+
+
+@pytest.mark.parametrize("levels, ok", [(16, True), (17, False)])
+def test_mapping_settings_nest_at_most_16_levels(levels, ok):
+    value: object = 1
+    for level in range(levels - 1):
+        value = [value] if level % 2 else {"k": value}
+    options = {"a": value}
+    if ok:
+        assert RunSpec(options=options).mapping("options") == options
+    else:
+        with pytest.raises(ConfigError, match="at most 16 levels deep; got 17"):
+            RunSpec(options=options)

@@ -310,7 +310,8 @@ def parse_setting(current: Any, text: Any, name: str = "value") -> Any:
     except json.JSONDecodeError:
         return text
     except ValueError as err:  # int too long to convert (Python's digit limit)
-        raise ConfigError(f"The {name!r} setting could not be read: {err}; got a value of "
+        reason = str(err).split(";")[0]
+        raise ConfigError(f"The {name!r} setting could not be read ({reason}); got a value of "
                           f"{len(text)} characters.") from err
     except RecursionError as err:
         raise ConfigError(f"The {name!r} setting nests lists or mappings too deeply to read "
