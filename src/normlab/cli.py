@@ -52,13 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorruptRecordError as err:
         print(f"normlab: error: corrupt run file: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as err:  # a full disk, a read-only folder, ...: the file and the reason
         where = f"{err.filename}: " if err.filename else ""
         print(f"normlab: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except KeyboardInterrupt:
         print("\nnormlab: interrupted; run the same command again to resume (finished runs "
               "are kept).", file=sys.stderr)
