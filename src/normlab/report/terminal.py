@@ -132,7 +132,7 @@ class TerminalProgress(ProgressReporter):
         self._line(f"{study}: {self.total} runs, {self.skipped} already done (skipped), "
                    f"{len(todo)} to run")
         if self.tty and todo:
-            self._live = _LiveBars(self.stream, len(todo))
+            self._live = _LiveBars(self.stream, study, len(todo))
 
     def run_progress(self, run_id: str, fraction: float, message: str) -> None:
         self._fraction = min(max(fraction, 0.0), 1.0)
@@ -175,7 +175,7 @@ class _LiveBars:
     """rich's live display: a bar for the study (runs to do, with elapsed time and time left)
     and one for the current run (its steps)."""
 
-    def __init__(self, stream: TextIO, todo: int) -> None:
+    def __init__(self, stream: TextIO, study: str, todo: int) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -191,11 +191,15 @@ class _LiveBars:
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[message]}"),
             console=Console(file=stream), refresh_per_second=4)
         self.console = self.progress.console
-        self.study = self.progress.add_task("study", total=todo, message="")
+        self.study = self.progress.add_task(study, total=todo, message="")
         self.run = self.progress.add_task("", total=1.0, message="")
+        self.label = ""
         self.progress.start()
 
     def update(self, label: str, message: str, fraction: float, runs_done: float) -> None:
+        if label != self.label:  # a new run: its own clock
+            self.label = label
+            self.progress.reset(self.run)
         self.progress.update(self.run, description=label, completed=fraction, message=message)
         self.progress.update(self.study, completed=runs_done)
 
