@@ -138,3 +138,30 @@ def test_results_keep_the_step_budget_beside_the_steps_done(tmp_path):
     store.finish(spec, RunResult(status="diverged", steps=3, diverged_step=3, diverged_loss=None))
     row = load_results(tmp_path).iloc[0]
     assert row["steps"] == 7 and row["steps_done"] == 3
+
+
+def test_finish_records_the_size_and_lines_of_the_run_files(tmp_path):
+    store = RunStore(tmp_path)
+    run_dir = store.begin(spec())
+    append_jsonl(run_dir / "metrics.jsonl", [{"step": 1}, {"step": 2}])
+    store.finish(spec(), RunResult("completed"))
+    stored = json.loads((run_dir / "result.json").read_text())
+    size = (run_dir / "metrics.jsonl").stat().st_size
+    assert stored["files"] == {"metrics.jsonl": {"bytes": size, "rows": 2}}
+    assert read_result(run_dir / "result.json") == RunResult("completed")
+
+
+def test_set_aside_moves_a_run_and_never_overwrites_an_earlier_one(tmp_path):
+    store = RunStore(tmp_path)
+    for expected in ("damaged/" + spec().run_id, f"damaged/{spec().run_id}-2"):
+        (store.begin(spec()) / "marker").write_text(expected)
+        assert store.set_aside(spec().run_id) == tmp_path / expected
+        assert (tmp_path / expected / "marker").read_text() == expected
+    assert not store.run_dir(spec()).exists()
+
+
+def test_a_line_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    with pytest.raises(CorruptRecordError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        read_jsonl(path)
