@@ -85,7 +85,8 @@ def test_each_kind_of_damage_is_named_by_every_command_and_redone_by_run(
         assert main([command, str(out)]) == 1
         err = capsys.readouterr().err
         assert f"normlab: error: damaged: {run_dir / name}: " in err and expected in err
-        assert "to redo the damaged runs: normlab run fake --scale smoke --set options=" in err
+        assert ("to redo the damaged runs: normlab run fake --scale smoke --set "
+                f"""'options={{"counter": "{counter}"}}' --out {out}""") in err
         assert "Traceback" not in err
     assert main(["run", "fake", "--out", str(out), "--set",
                  f'options={{"counter": "{counter}"}}']) == 0

@@ -17,6 +17,7 @@ with code 1 and names the file. None prints a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -229,15 +230,19 @@ def _check_study_folder(folder: Path) -> None:
 
 def _redo_advice(folder: Path) -> str:
     """The command that moves the damaged runs aside and redoes them."""
+    import shlex
+
     from normlab.store import read_json
 
     try:
         plan = read_json(folder / "study.json")
-        command = [f"normlab run {plan['study']} --scale {plan['scale']}"]
-        command += [f"--data {plan['data']}"] if plan.get("data") else []
-        command += [f"--set {k}={v}" for k, v in plan.get("overrides", {}).items()]
-        command.append(f"--out {folder}")
-        return f"to redo the damaged runs: {' '.join(command)}"
+        command = ["normlab", "run", plan["study"], "--scale", plan["scale"]]
+        command += ["--data", plan["data"]] if plan.get("data") else []
+        for key, value in plan.get("overrides", {}).items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            command += ["--set", f"{key}={text}"]
+        command += ["--out", str(folder)]
+        return f"to redo the damaged runs: {shlex.join(command)}"
     except (CorruptRecordError, KeyError, TypeError, AttributeError, OSError):
         return "`normlab run STUDY --out DIR` moves damaged runs to DIR/damaged/ and redoes them."
 
