@@ -435,8 +435,16 @@ def test_bench_names_its_benchmarks_and_says_when_there_are_none(capsys, monkeyp
     assert "runs the scripts in benchmarks/ of a source checkout" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_bench_runs_a_benchmark_script(capfd):
-    assert main(["bench", "hessian", "--quick"]) == 0
+def test_bench_runs_each_script_with_the_flags_and_stops_at_a_failure(tmp_path, capfd,
+                                                                      monkeypatch):
+    (tmp_path / "_helper.py").write_text("raise SystemExit('a helper is not a benchmark')\n")
+    (tmp_path / "a.py").write_text("import sys; print('ran a', sys.argv[1:])\n")
+    (tmp_path / "b.py").write_text("import sys; print('ran b'); sys.exit(3)\n")
+    (tmp_path / "c.py").write_text("print('ran c')\n")
+    monkeypatch.setattr("normlab.bench.benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "a", "--quick", "--device", "cpu"]) == 0
+    assert "ran a ['--quick', '--device', 'cpu']" in capfd.readouterr().out
+    assert main(["bench"]) == 3
     out = capfd.readouterr().out
-    assert "$ python benchmarks/hessian.py --quick" in out and "ratio" in out.lower()
+    assert "ran a" in out and "ran b" in out and "ran c" not in out
+    assert "$ python benchmarks/b.py" in out
