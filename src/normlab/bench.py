@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from normlab.config import ConfigError
+from normlab.config import ConfigError, choice_problem
 
 
 def benchmarks_dir() -> Path | None:
@@ -38,8 +38,7 @@ def run_benchmarks(names: Sequence[str] = (), quick: bool = False,
     known = available(folder)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError([f"The benchmark setting must be one of {', '.join(map(repr, known))}; "
-                           f"got {name!r}." for name in unknown])
+        raise ConfigError([choice_problem("benchmark", name, known) for name in unknown])
     flags = (["--quick"] if quick else []) + (["--device", device] if device else [])
     for name in names or known:
         command = [sys.executable, str(folder / f"{name}.py"), *flags]
