@@ -1,17 +1,20 @@
 """Studies: a named grid of runs, the figures drawn from them, and what they found.
 
 A study subclasses `Study`, declares `name`, `description` and the experiment ids it covers
-(E1-E10, R1-R9), and implements `specs(scale, data)` and `figures(results, fig_dir)`.
+(E1-E10, R1-R9), its scales (a `ScaleConfig` dataclass per scale, by keyword), and implements
+`specs(scale, data)` (the grid), `figures(results, fig_dir)` and `findings(results)`.
 `@register_study` makes it available to `normlab run NAME`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
@@ -39,15 +42,71 @@ class FigureInfo:
     error: str | None = None
 
 
+AGREES, DIFFERS, NOT_TESTABLE = "agrees", "differs", "not testable at this scale"
+VERDICTS = (AGREES, DIFFERS, NOT_TESTABLE)
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One row of the paper-vs-normlab summary: `agree` is None where no verdict applies."""
+    """One row of the paper-vs-normlab summary.
+
+    `verdict` is "agrees", "differs" or "not testable at this scale" (the scale's budget, data or
+    grid cannot decide the claim; `reason` then says why), or None for a measurement without a
+    claim to compare with (e.g. a question only the review asked). `reason` may also qualify
+    an "agrees" or a "differs".
+    """
 
     experiment: str
     claim: str
     paper: str
     ours: str
-    agree: bool | None = None
+    verdict: str | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS} or None; got {self.verdict!r}")
+        if self.verdict == NOT_TESTABLE and not self.reason:
+            raise ValueError("a 'not testable' verdict needs its reason")
+
+
+def verdict(agrees: bool) -> str:
+    """"agrees" or "differs" for a claim the scale could test."""
+    return AGREES if agrees else DIFFERS
+
+
+S = TypeVar("S", bound="ScaleConfig")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Base of a study's per-scale settings: a frozen dataclass built by keyword.
+
+    `ScaleClass.make(**fields)` (and `config.replace(**changes)`) report unknown or missing
+    fields as one ConfigError naming the study's valid fields.
+    """
+
+    @classmethod
+    def make(cls: type[S], **fields: Any) -> S:
+        names = [f.name for f in dataclasses.fields(cls)]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if dataclasses.MISSING is f.default is f.default_factory]
+        problems = [f"Unknown field {k!r} of {cls.__name__}; its fields are "
+                    f"{', '.join(names)}." for k in fields if k not in names]
+        problems += [f"The field {k!r} of {cls.__name__} is required." for k in required
+                     if k not in fields]
+        if problems:
+            raise ConfigError(problems)
+        return cls(**fields)
+
+    def replace(self: S, **changes: Any) -> S:
+        return type(self).make(**{**dataclasses.asdict(self), **changes})
+
+
+def pick_scale(scales: Mapping[str, S], scale: str) -> S:
+    """The configuration of `scale`; a ConfigError naming the study's scales otherwise."""
+    check_choice("scale", scale, list(scales))
+    return scales[scale]
 
 
 class Study(ABC):
