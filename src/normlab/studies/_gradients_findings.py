@@ -6,8 +6,9 @@ import math
 
 import pandas as pd
 
+from normlab.studies._findings import Finding, verdict
 from normlab.studies._gradients_figures import at_step
-from normlab.studies.base import Finding, StudyResults, verdict
+from normlab.studies.base import StudyResults
 
 
 def gradient_findings(results: StudyResults) -> list[Finding]:

@@ -8,23 +8,28 @@ A study subclasses `Study`, declares `name`, `description` and the experiment id
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from normlab._plugins import import_submodules
 from normlab._registry import Registry
-from normlab.config import ConfigError, check_choice
+from normlab.config import ConfigError
 from normlab.spec import RunSpec
 from normlab.store import RunStore, read_json, read_jsonl, read_result
-
-SCALES = ("smoke", "reduced", "paper")
+from normlab.studies._findings import (  # noqa: F401 (re-exported)
+    AGREES,
+    DIFFERS,
+    NOT_TESTABLE,
+    VERDICTS,
+    Finding,
+    verdict,
+)
+from normlab.studies._scales import SCALES, check_scale, default_data  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -40,73 +45,6 @@ class FigureInfo:
     caption: str
     files: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
-
-
-AGREES, DIFFERS, NOT_TESTABLE = "agrees", "differs", "not testable at this scale"
-VERDICTS = (AGREES, DIFFERS, NOT_TESTABLE)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One row of the paper-vs-normlab summary.
-
-    `verdict` is "agrees", "differs" or "not testable at this scale" (the scale's budget, data or
-    grid cannot decide the claim; `reason` then says why), or None for a measurement without a
-    claim to compare with (e.g. a question only the review asked). `reason` may also qualify
-    an "agrees" or a "differs".
-    """
-
-    experiment: str
-    claim: str
-    paper: str
-    ours: str
-    verdict: str | None = None
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.verdict is not None and self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS} or None; got {self.verdict!r}")
-        if self.verdict == NOT_TESTABLE and not self.reason:
-            raise ValueError("a 'not testable' verdict needs its reason")
-
-
-def verdict(agrees: bool) -> str:
-    """"agrees" or "differs" for a claim the scale could test."""
-    return AGREES if agrees else DIFFERS
-
-
-S = TypeVar("S", bound="ScaleConfig")
-
-
-@dataclass(frozen=True)
-class ScaleConfig:
-    """Base of a study's per-scale settings: a frozen dataclass built by keyword.
-
-    `ScaleClass.make(**fields)` (and `config.replace(**changes)`) report unknown or missing
-    fields as one ConfigError naming the study's valid fields.
-    """
-
-    @classmethod
-    def make(cls: type[S], **fields: Any) -> S:
-        names = [f.name for f in dataclasses.fields(cls)]
-        required = [f.name for f in dataclasses.fields(cls)
-                    if dataclasses.MISSING is f.default is f.default_factory]
-        problems = [f"Unknown field {k!r} of {cls.__name__}; its fields are "
-                    f"{', '.join(names)}." for k in fields if k not in names]
-        problems += [f"The field {k!r} of {cls.__name__} is required." for k in required
-                     if k not in fields]
-        if problems:
-            raise ConfigError(problems)
-        return cls(**fields)
-
-    def replace(self: S, **changes: Any) -> S:
-        return type(self).make(**{**dataclasses.asdict(self), **changes})
-
-
-def pick_scale(scales: Mapping[str, S], scale: str) -> S:
-    """The configuration of `scale`; a ConfigError naming the study's scales otherwise."""
-    check_choice("scale", scale, list(scales))
-    return scales[scale]
 
 
 class Study(ABC):
@@ -147,16 +85,6 @@ def get_study(name: str) -> Study:
 
 def _load_builtin_studies() -> None:
     import_submodules("normlab.studies")
-
-
-def check_scale(scale: str) -> None:
-    check_choice("scale", scale, SCALES)
-
-
-def default_data(scale: str, data: str | None) -> str:
-    """The bundled digits at smoke scale, CIFAR-10 above it, unless `data` says otherwise."""
-    check_scale(scale)
-    return data or ("digits" if scale == "smoke" else "cifar10")
 
 
 # -- reading a study's folder ----------------------------------------------------------------------

@@ -31,25 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from normlab.spec import RunSpec
+from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
 from normlab.studies._lr_sweep_figures import (
     accuracy_vs_lr,
     e1_curves,
     stable_lr_bars,
     stable_lr_vs_depth,
 )
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._trains import lr_text, stable_and_trained
-from normlab.studies.base import (
-    NOT_TESTABLE,
-    FigureInfo,
-    Finding,
-    ScaleConfig,
-    Study,
-    StudyResults,
-    default_data,
-    pick_scale,
-    register_study,
-    verdict,
-)
+from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
 
 NORMS = ("none", "batch", "group", "layer", "instance", "batch_renorm")
 # E1: (norm, lr) -> the paper's reported final test accuracy (%)

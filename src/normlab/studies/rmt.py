@@ -18,18 +18,10 @@ import numpy as np
 import pandas as pd
 
 from normlab.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    ScaleConfig,
-    Study,
-    StudyResults,
-    default_data,
-    pick_scale,
-    register_study,
-    verdict,
-)
+from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 PAPER_EDGES = {1: 2.00, 3: 3.08, 5: 3.86}  # the paper's largest singular values (E9)

@@ -17,18 +17,10 @@ import numpy as np
 import pandas as pd
 
 from normlab.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    ScaleConfig,
-    Study,
-    StudyResults,
-    default_data,
-    pick_scale,
-    register_study,
-    verdict,
-)
+from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
 
 NORMS = ("batch", "group", "layer", "instance", "batch_renorm")
 
