@@ -13,12 +13,29 @@ Each marker used in a panel gets its own legend entry (`marker_legend`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+
+@dataclass(frozen=True)
+class FigureInfo:
+    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity.
+
+    `error` is set instead of `files` when the figure could not be drawn; the report shows it.
+    """
+
+    experiment: str
+    name: str
+    title: str
+    caption: str
+    files: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None
+
 
 NORM_COLORS = {  # one colour per normalization kind, the same in every figure
     "none": "#d62728",
@@ -213,3 +230,36 @@ def grouped_bars(ax: Any, table: pd.DataFrame, x: str, member: str, members: Ite
     ax.set_xticks(np.arange(len(groups)), groups)
     log_y_if_positive(ax, table[column])
     return used
+
+
+def largest_lr_figure(table: pd.DataFrame, x: str, xlabel: str, *, log_base: int = 10,
+                      extra: Any = None) -> Any:
+    """A one-panel figure of the largest lr that trains against `x`, one line per norm, with
+    ">=" and triangle marks and their legend; `extra(ax)` draws more before the legend."""
+    fig, axes = new_figure()
+    ax = axes[0][0]
+    used = largest_lr_lines(ax, table, x, "norm")
+    if extra is not None:
+        extra(ax)
+    ax.set_xscale("log", base=log_base)
+    label_axes(ax, xlabel, "largest lr that trains")
+    marker_legend(ax, used)
+    return fig
+
+
+def saved_figure(fig: Any, fig_dir: Path, data: pd.DataFrame, experiment: str, name: str,
+                 title: str, caption: str) -> FigureInfo:
+    """Save `fig` and its `data` as `name` (PNG, PDF, CSV; see report.figures.save_figure) and
+    describe it for the report."""
+    return FigureInfo(experiment, name, title, caption, save_figure(fig, fig_dir, name, data))
+
+
+def draw_figures(results: Any, fig_dir: Path,
+                 *drawers: Callable[[Any, Path], Any]) -> list[FigureInfo]:
+    """Each drawer's figures: a drawer returns a FigureInfo, a list of them, or None when its
+    runs are not in the results."""
+    out: list[FigureInfo] = []
+    for draw in drawers:
+        drawn = draw(results, Path(fig_dir))
+        out += drawn if isinstance(drawn, list) else [] if drawn is None else [drawn]
+    return out

@@ -7,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-from normlab.studies.base import FigureInfo, StudyResults
+from normlab.report.figures import (
+    NORM_COLORS,
+    FigureInfo,
+    new_figure,
+    save_figure,
+)
+from normlab.studies.base import StudyResults
 
 MODE = "BN mode: train (batch statistics; running statistics frozen during probes)."
 

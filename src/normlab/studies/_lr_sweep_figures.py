@@ -16,6 +16,7 @@ from normlab.report.figures import (
     DIVERGED,
     NONE_QUALIFIED,
     NORM_COLORS,
+    FigureInfo,
     diverged_strip,
     label_axes,
     largest_lr_lines,
@@ -25,10 +26,14 @@ from normlab.report.figures import (
     new_figure,
     norm_order,
     save_figure,
+    saved_figure,
 )
 from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
-from normlab.studies.base import FigureInfo, StudyResults
+from normlab.studies.base import StudyResults
 
+# E1: (norm, lr) -> the paper's reported final test accuracy (%)
+PAPER_E1 = {("batch", 0.1): 93.0, ("batch", 0.003): 90.5, ("batch", 0.0001): 81.0,
+            ("none", 0.0001): 82.0}
 _EVAL_MODE = "test accuracy with normalization in eval mode (running statistics)"
 
 
@@ -75,13 +80,13 @@ def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     marker_legend(ax, used, ncol=2, loc="center left")
     columns = [c for c in ("norm", "lr", "seed", "depth", "status", "test_acc", "train_acc",
                            "diverged_step", "diverged_loss") if c in sweep]
-    files = save_figure(fig, fig_dir, "accuracy_vs_lr", sweep[columns])
-    return FigureInfo("R1", "accuracy_vs_lr", "Final test accuracy vs learning rate per norm",
-                      f"Final {_EVAL_MODE} after the full schedule, vs the peak learning rate; "
-                      f"mean over seeds, band min-max. x in the strip at the top: the run "
-                      f"diverged (a mini-batch loss non-finite or above diverge_loss), one row "
-                      f"per norm ('xN': N seeds). Dotted: the 'trains' threshold. "
-                      f"{_setup(sweep)}.", files)
+    return saved_figure(fig, fig_dir, sweep[columns], "R1", "accuracy_vs_lr",
+                        "Final test accuracy vs learning rate per norm",
+                        f"Final {_EVAL_MODE} after the full schedule, vs the peak learning rate; "
+                        f"mean over seeds, band min-max. x in the strip at the top: the run "
+                        f"diverged (a mini-batch loss non-finite or above diverge_loss), one row "
+                        f"per norm ('xN': N seeds). Dotted: the 'trains' threshold. "
+                        f"{_setup(sweep)}.")
 
 
 def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
@@ -120,14 +125,14 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     label_axes(ax, "", "largest stable learning rate",
                "Largest stable learning rate per normalization")
     marker_legend(ax, used)
-    files = save_figure(fig, fig_dir, "largest_stable_lr", table)
-    return FigureInfo("R1", "largest_stable_lr", "Largest stable learning rate per norm",
-                      "The largest learning rate of the grid at which every seed was stable. "
-                      "Hatched: no divergence (every mini-batch loss finite and <= "
-                      f"diverge_loss, the paper's criterion); solid: the run also trains "
-                      f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried, so the "
-                      f"limit lies at or above the grid's end; a triangle: no lr of the grid "
-                      f"qualified. {_setup(sweep)}.", files)
+    return saved_figure(fig, fig_dir, table, "R1", "largest_stable_lr",
+                        "Largest stable learning rate per norm",
+                        "The largest learning rate of the grid at which every seed was stable. "
+                        "Hatched: no divergence (every mini-batch loss finite and <= "
+                        f"diverge_loss, the paper's criterion); solid: the run also trains "
+                        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried, so the "
+                        f"limit lies at or above the grid's end; a triangle: no lr of the grid "
+                        f"qualified. {_setup(sweep)}.")
 
 
 def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
@@ -146,14 +151,14 @@ def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | Non
     label_axes(ax, "depth (weight layers)", "largest stable learning rate",
                "Depth limits the learning rate (E10)")
     marker_legend(ax, used)
-    files = save_figure(fig, fig_dir, "stable_lr_vs_depth", table)
-    return FigureInfo("E10", "stable_lr_vs_depth", "Largest stable learning rate vs depth",
-                      "The largest learning rate of the grid at which every seed was stable, "
-                      "for ResNets of several depths without normalization and with BN. Dashed: "
-                      "no divergence (the paper's criterion); solid: also trains "
-                      f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
-                      "lies at or above the grid's end); a triangle on the bottom edge: no lr "
-                      "of the grid was stable (open) or trained (filled).", files)
+    return saved_figure(fig, fig_dir, table, "E10", "stable_lr_vs_depth",
+                        "Largest stable learning rate vs depth",
+                        "The largest learning rate of the grid at which every seed was stable, "
+                        "for ResNets of several depths without normalization and with BN. Dashed: "
+                        "no divergence (the paper's criterion); solid: also trains "
+                        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
+                        "lies at or above the grid's end); a triangle on the bottom edge: no lr "
+                        "of the grid was stable (open) or trained (filled).")
 
 
 def _e1_curves_table(results: StudyResults) -> pd.DataFrame:
@@ -169,8 +174,7 @@ def _e1_curves_table(results: StudyResults) -> pd.DataFrame:
     return evals.assign(percent=100 * evals["step"] / total)
 
 
-def e1_curves(results: StudyResults, fig_dir: Path, paper: dict[tuple[str, float], float]
-              ) -> FigureInfo | None:
+def e1_curves(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """E1: train and test accuracy vs % of training, and final test accuracy vs the paper's."""
     curves = _e1_curves_table(results)
     if curves.empty:
@@ -190,7 +194,7 @@ def e1_curves(results: StudyResults, fig_dir: Path, paper: dict[tuple[str, float
                     markevery=max(1, len(mean) // 8), color=NORM_COLORS.get(norm), label=label)
         last = part[part["percent"] == 100]["test_acc"].mean()
         finals.append({"run": label, "norm": norm, "lr": lr, "measured": 100 * last,
-                       "paper": paper.get((norm, lr), np.nan)})
+                       "paper": PAPER_E1.get((norm, lr), np.nan)})
     for ax, what in zip(axes[0, :2], ("train accuracy (train mode)",
                                       "test accuracy (eval mode)"), strict=True):
         ax.set_xlabel("% of training")

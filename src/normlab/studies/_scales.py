@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from normlab.config import ConfigError, check_choice
+from normlab.spec import RunSpec
 
 SCALES = ("smoke", "reduced", "paper")
+# What the studies' grids share: a CIFAR ResNet with Xavier-normal init (what the paper appears
+# to use), SGD with momentum 0.9 and weight decay 5e-4 at a constant learning rate.
+RESNET_SETUP = {"model": "resnet", "init": "xavier_normal", "schedule": "constant",
+                "momentum": 0.9, "weight_decay": 5e-4}
 
 S = TypeVar("S", bound="ScaleConfig")
 
@@ -38,6 +43,11 @@ class ScaleConfig:
 
     def replace(self: S, **changes: Any) -> S:
         return type(self).make(**{**dataclasses.asdict(self), **changes})
+
+
+def resnet_spec(data: str, **settings: Any) -> RunSpec:
+    """A RunSpec of the shared set-up (RESNET_SETUP) on `data`; `settings` add to or replace it."""
+    return RunSpec(**{**RESNET_SETUP, "data": data, **settings})
 
 
 def pick_scale(scales: Mapping[str, S], scale: str) -> S:

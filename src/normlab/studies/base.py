@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +19,7 @@ import pandas as pd
 from normlab._plugins import import_submodules
 from normlab._registry import Registry
 from normlab.config import ConfigError
+from normlab.report.figures import FigureInfo
 from normlab.spec import RunSpec
 from normlab.store import RunStore, read_json, read_jsonl, read_result
 from normlab.studies._findings import (  # noqa: F401 (re-exported)
@@ -30,21 +31,6 @@ from normlab.studies._findings import (  # noqa: F401 (re-exported)
     verdict,
 )
 from normlab.studies._scales import SCALES, check_scale, default_data  # noqa: F401 (re-exported)
-
-
-@dataclass(frozen=True)
-class FigureInfo:
-    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity.
-
-    `error` is set instead of `files` when the figure could not be drawn; the report shows it.
-    """
-
-    experiment: str
-    name: str
-    title: str
-    caption: str
-    files: dict[str, Path] = field(default_factory=dict)
-    error: str | None = None
 
 
 class Study(ABC):

@@ -17,13 +17,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    DIVERGED,
+    NORM_COLORS,
+    FigureInfo,
+    diverged_strip,
+    draw_figures,
+    label_axes,
+    marker_legend,
+    new_figure,
+    saved_figure,
+)
 from normlab.result import RunResult, provenance
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._options import Option, declare_options, read_options
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained, trains
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 from normlab.train.callbacks import TrainState
 
@@ -147,9 +158,7 @@ class CurvatureStudy(Study):
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       batch_size=s.batch_size, init="xavier_normal", schedule="constant",
-                       momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width, batch_size=s.batch_size)
         specs = [base.replace(task=SHARPNESS_TASK, group="R9", norm=norm, lr=lr, steps=s.steps,
                               probes=[{"name": "sharpness", "every": s.every, "batch": "first"}],
                               options={"hessian_batches": s.hessian_batches})
@@ -161,12 +170,8 @@ class CurvatureStudy(Study):
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = []
-        for draw in (_final_sharpness, _sharpness_over_training, _range_figure):
-            info = draw(results, fig_dir)
-            if info is not None:
-                out.append(info)
-        return out
+        return draw_figures(results, fig_dir, _final_sharpness, _sharpness_over_training,
+                            _range_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -213,16 +218,6 @@ def _stable_table(results: StudyResults) -> pd.DataFrame:
 # -- figures --------------------------------------------------------------------------------------
 
 def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import (
-        DIVERGED,
-        NORM_COLORS,
-        diverged_strip,
-        label_axes,
-        marker_legend,
-        new_figure,
-        save_figure,
-    )
-
     runs = results.in_group("R9")
     if runs.empty or "lambda_max" not in runs:
         return None
@@ -244,19 +239,16 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     label_axes(ax, "learning rate (constant)", "lambda_max at end of training", xlog=True,
                ylog=True)
     marker_legend(ax, used)
-    files = save_figure(fig, fig_dir, "sharpness_vs_lr", table)
-    return FigureInfo("R9", "sharpness_vs_lr", "Sharpness of what each learning rate finds",
-                      "Top Hessian eigenvalue of the mean training loss on fixed batches "
-                      "(train-mode BN: batch statistics are part of the function; Lanczos, "
-                      "1e-3 relative) at the end of constant-lr training, against the "
-                      "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip at the "
-                      "top: diverged runs (no lambda_max).",
-                      files)
+    return saved_figure(fig, fig_dir, table, "R9", "sharpness_vs_lr",
+                        "Sharpness of what each learning rate finds",
+                        "Top Hessian eigenvalue of the mean training loss on fixed batches "
+                        "(train-mode BN: batch statistics are part of the function; Lanczos, "
+                        "1e-3 relative) at the end of constant-lr training, against the "
+                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip at the "
+                        "top: diverged runs (no lambda_max).")
 
 
 def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     records = results.records("sharpness")
     if records.empty:
         return None
@@ -277,16 +269,14 @@ def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo
         ax.set_title(f"lr {lr:g}")
     axes[0][0].set_ylabel("lambda_max (first batch)")
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "sharpness_over_training", table)
-    return FigureInfo("R9", "sharpness_over_training", "Sharpness over training vs 2/lr",
-                      "lambda_max of the loss on the run's first mini-batch (train-mode BN, "
-                      "running statistics frozen) during training; dotted 2/lr, dashed "
-                      "2(1+momentum)/lr (the heavy-ball stability edge).", files)
+    return saved_figure(fig, fig_dir, table, "R9", "sharpness_over_training",
+                        "Sharpness over training vs 2/lr",
+                        "lambda_max of the loss on the run's first mini-batch (train-mode BN, "
+                        "running statistics frozen) during training; dotted 2/lr, dashed "
+                        "2(1+momentum)/lr (the heavy-ball stability edge).")
 
 
 def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     records = results.records("lr_range")
     if records.empty:
         return None
@@ -306,8 +296,8 @@ def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     ax.legend()
     data = curve.merge(stable[["norm", "largest_stable_lr", "largest_trained_lr"]], on="norm",
                        how="left")
-    files = save_figure(fig, fig_dir, "lr_range_test", data)
-    return FigureInfo("R8", "lr_range_test", "LR range test beside the largest stable lr",
-                      "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
-                      "ramps exponentially from initialization; dashed: the largest lr of the "
-                      f"R9 sweep whose constant-lr run trains ({TRAINS_DEFINITION}).", files)
+    return saved_figure(fig, fig_dir, data, "R8", "lr_range_test",
+                        "LR range test beside the largest stable lr",
+                        "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
+                        "ramps exponentially from initialization; dashed: the largest lr of the "
+                        f"R9 sweep whose constant-lr run trains ({TRAINS_DEFINITION}).")

@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from normlab.report.figures import FigureInfo
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.studies import _gradients_figures as figures_module
 from normlab.studies._findings import Finding
 from normlab.studies._options import Option, declare_options, read_options
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 
 PAPER_DEPTHS = (8, 44, 80)  # of 110: the paper's anatomy layers, scaled to other depths

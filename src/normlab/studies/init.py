@@ -22,12 +22,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    INIT_COLORS,
+    FigureInfo,
+    draw_figures,
+    grouped_bars,
+    label_axes,
+    marker_legend,
+    new_figure,
+    plot_series,
+    saved_figure,
+)
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._theory_tasks import JACOBIAN_TASK
 from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 
@@ -71,8 +82,7 @@ class InitStudy(Study):
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        base = RunSpec(data=data, model="resnet", width=s.width, batch_size=s.batch_size,
-                       schedule="constant", momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, width=s.width, batch_size=s.batch_size)
         specs = []
         for depth in s.depths:
             for norm in s.norms:
@@ -87,9 +97,8 @@ class InitStudy(Study):
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_profile_figure(results, fig_dir), _jacobian_figure(results, fig_dir),
-               _stable_lr_figure(results, fig_dir), _accuracy_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _profile_figure, _jacobian_figure,
+                            _stable_lr_figure, _accuracy_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -169,8 +178,6 @@ def _variance_growth(results: StudyResults) -> pd.DataFrame:
 # -- figures --------------------------------------------------------------------------------------
 
 def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import label_axes, new_figure, plot_series, save_figure
-
     table = _profile_table(results)
     if table.empty:
         return None
@@ -187,16 +194,14 @@ def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                        f"median channel {'variance' if row == 0 else '|mean|'}",
                        f"ResNet-{int(depth)}, norm {norm}", ylog=True)
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "init_signal_propagation", table)
-    return FigureInfo("R7", "init_signal_propagation", "Signal propagation at initialization",
-                      "Median over channels of the per-channel variance and |mean| of each "
-                      "conv/linear output (before its norm) at initialization, one batch of "
-                      "training images; BN mode: train (batch statistics).", files)
+    return saved_figure(fig, fig_dir, table, "R7", "init_signal_propagation",
+                        "Signal propagation at initialization",
+                        "Median over channels of the per-channel variance and |mean| of each "
+                        "conv/linear output (before its norm) at initialization, one batch of "
+                        "training images; BN mode: train (batch statistics).")
 
 
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import INIT_COLORS, label_axes, new_figure, save_figure
-
     runs = results.in_group("R7-profile")
     if runs.empty or "jac_max" not in runs:
         return None
@@ -216,22 +221,14 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         label_axes(ax, "network depth", label)
     axes[0][0].set_yscale("log")
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "init_jacobian", table)
-    return FigureInfo("R7", "init_jacobian", "Jacobian conditioning at initialization",
-                      "Spread of the singular values of the Jacobian from the input batch to "
-                      "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
-                      "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).", files)
+    return saved_figure(fig, fig_dir, table, "R7", "init_jacobian",
+                        "Jacobian conditioning at initialization",
+                        "Spread of the singular values of the Jacobian from the input batch to "
+                        "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
+                        "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import (
-        grouped_bars,
-        label_axes,
-        marker_legend,
-        new_figure,
-        save_figure,
-    )
-
     table = _stable_table(results)
     if table.empty:
         return None
@@ -243,17 +240,15 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
         used |= grouped_bars(ax, table[table["depth"] == depth], "norm", "init", inits)
         label_axes(ax, "", "largest lr that trains (constant schedule)", f"ResNet-{int(depth)}")
     marker_legend(axes[0][0], used)
-    files = save_figure(fig, fig_dir, "init_stable_lr", table)
-    return FigureInfo("R7", "init_stable_lr", "Largest lr that trains, by init and norm",
-                      f"Largest learning rate of the grid whose short constant-lr SGD run "
-                      f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
-                      "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
-                      "grid.", files)
+    return saved_figure(fig, fig_dir, table, "R7", "init_stable_lr",
+                        "Largest lr that trains, by init and norm",
+                        f"Largest learning rate of the grid whose short constant-lr SGD run "
+                        f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
+                        "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
+                        "grid.")
 
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import label_axes, new_figure, plot_series, save_figure
-
     runs = results.in_group("R7-train")
     if runs.empty or "test_acc" not in runs:
         return None
@@ -267,8 +262,8 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         label_axes(ax, "learning rate", "test accuracy after the budget",
                    f"ResNet-{int(depth)}, norm {norm}", xlog=True)
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "init_accuracy", table)
-    return FigureInfo("R7", "init_accuracy", "Test accuracy after a fixed budget",
-                      "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
-                      "train for the steps, eval (running statistics) for the test set; "
-                      "missing points diverged.", files)
+    return saved_figure(fig, fig_dir, table, "R7", "init_accuracy",
+                        "Test accuracy after a fixed budget",
+                        "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
+                        "train for the steps, eval (running statistics) for the test set; "
+                        "missing points diverged.")

@@ -30,22 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
+from normlab.report.figures import FigureInfo, draw_figures
 from normlab.spec import RunSpec
 from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
 from normlab.studies._lr_sweep_figures import (
+    PAPER_E1,
     accuracy_vs_lr,
     e1_curves,
     stable_lr_bars,
     stable_lr_vs_depth,
 )
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import lr_text, stable_and_trained
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 
 NORMS = ("none", "batch", "group", "layer", "instance", "batch_renorm")
-# E1: (norm, lr) -> the paper's reported final test accuracy (%)
-PAPER_E1 = {("batch", 0.1): 93.0, ("batch", 0.003): 90.5, ("batch", 0.0001): 81.0,
-            ("none", 0.0001): 82.0}
 E1_MATCHED_MARGIN = 0.05  # "no advantage": BN at 1e-4 within 5 points of no norm at 1e-4
 E1_FITS_TRAINING = 0.95  # the paper's E1 runs all reach ~100 % train accuracy
 
@@ -120,10 +119,9 @@ class LrSweepStudy(Study):
 
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         grid = pick_scale(self.grids, scale)
-        base = RunSpec(data=default_data(scale, data), model="resnet", width=grid.width,
-                       batch_size=grid.batch_size, init="xavier_normal", momentum=0.9,
-                       weight_decay=5e-4, schedule="step", milestones=(0.5, 0.75),
-                       lr_decay=0.1, epochs=float(grid.epochs), log_every=grid.log_every)
+        base = resnet_spec(default_data(scale, data), width=grid.width,
+                           batch_size=grid.batch_size, schedule="step", milestones=(0.5, 0.75),
+                           lr_decay=0.1, epochs=float(grid.epochs), log_every=grid.log_every)
 
         def run(group: str, norm: str, depth: int, lr: float, seed: int, **more) -> RunSpec:
             return base.replace(group=group, norm=norm, depth=depth, lr=lr, seed=seed,
@@ -139,9 +137,8 @@ class LrSweepStudy(Study):
         return specs
 
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        drawn = [accuracy_vs_lr(results, fig_dir), stable_lr_bars(results, fig_dir),
-                 stable_lr_vs_depth(results, fig_dir), e1_curves(results, fig_dir, PAPER_E1)]
-        return [figure for figure in drawn if figure is not None]
+        return draw_figures(results, fig_dir, accuracy_vs_lr, stable_lr_bars, stable_lr_vs_depth,
+                            e1_curves)
 
     def findings(self, results: StudyResults) -> list[Finding]:
         runs = results.runs

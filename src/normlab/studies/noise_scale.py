@@ -19,12 +19,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    NORM_COLORS,
+    FigureInfo,
+    draw_figures,
+    label_axes,
+    largest_lr_figure,
+    new_figure,
+    plot_series,
+    saved_figure,
+)
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._theory_tasks import NOISE_TASK
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 
 
 @dataclass(frozen=True)
@@ -75,9 +85,7 @@ class NoiseScaleStudy(Study):
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       init="xavier_normal", schedule="constant", momentum=0.9,
-                       weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width)
         specs = [base.replace(task=NOISE_TASK, group="E2", norm=norm,
                               options={"examples": s.noise_examples,
                                        "batch_sizes": list(s.noise_batches),
@@ -90,9 +98,8 @@ class NoiseScaleStudy(Study):
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_noise_figure(results, fig_dir), _accuracy_figure(results, fig_dir),
-               _stable_lr_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _noise_figure, _accuracy_figure,
+                            _stable_lr_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -170,8 +177,6 @@ def _grid(results: StudyResults) -> pd.DataFrame:
 # -- figures --------------------------------------------------------------------------------------
 
 def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, label_axes, new_figure, save_figure
-
     table = _noise_table(results)
     if table.empty:
         return None
@@ -188,18 +193,16 @@ def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                 label=f"{norm}: bound C_hat / b")
     label_axes(ax, "batch size b", "E ||g_B - g||^2", xlog=True, ylog=True)
     ax.legend()
-    files = save_figure(fig, fig_dir, "sgd_noise_vs_batch", table)
-    return FigureInfo("E2", "sgd_noise_vs_batch", "SGD noise versus batch size",
-                      "Squared distance between the mini-batch gradient and the full gradient "
-                      "over N training examples at initialization, averaged over batches drawn "
-                      "without replacement, against eq. 2; per-example loss gradients "
-                      "(per_example_loss_grads), models without batch coupling, so BN mode "
-                      "does not apply.", files)
+    return saved_figure(fig, fig_dir, table, "E2", "sgd_noise_vs_batch",
+                        "SGD noise versus batch size",
+                        "Squared distance between the mini-batch gradient and the full gradient "
+                        "over N training examples at initialization, averaged over batches drawn "
+                        "without replacement, against eq. 2; per-example loss gradients "
+                        "(per_example_loss_grads), models without batch coupling, so BN mode "
+                        "does not apply.")
 
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import label_axes, new_figure, plot_series, save_figure
-
     grid = _grid(results)
     if grid.empty:
         return None
@@ -216,44 +219,32 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     axes[0][0].legend()
     data = grid[["norm", "batch_size", "lr", "momentum", "examples", "noise_scale", "status",
                  "test_acc"]]
-    files = save_figure(fig, fig_dir, "accuracy_vs_noise_scale", data)
-    return FigureInfo("R5", "accuracy_vs_noise_scale", "Accuracy against lr and noise scale",
-                      "Test accuracy (BN mode: eval, running statistics) after a fixed "
-                      "number of epochs of constant-lr SGD, against the learning rate (left) "
-                      "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
-                      "at 0. Curves that collapse on the right obey the linear scaling rule.",
-                      files)
+    return saved_figure(fig, fig_dir, data, "R5", "accuracy_vs_noise_scale",
+                        "Accuracy against lr and noise scale",
+                        "Test accuracy (BN mode: eval, running statistics) after a fixed "
+                        "number of epochs of constant-lr SGD, against the learning rate (left) "
+                        "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
+                        "at 0. Curves that collapse on the right obey the linear scaling rule.")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import (
-        NORM_COLORS,
-        label_axes,
-        largest_lr_lines,
-        marker_legend,
-        new_figure,
-        save_figure,
-    )
-
     grid = _grid(results)
     if grid.empty:
         return None
     table = stable_and_trained(grid, ["norm", "batch_size"])
-    fig, axes = new_figure()
-    ax = axes[0][0]
-    used = largest_lr_lines(ax, table, "batch_size", "norm")
-    for norm, part in table.groupby("norm"):
-        first = part.sort_values("batch_size").dropna(subset=["largest_trained_lr"]).head(1)
-        if not first.empty:
-            b0 = float(first["batch_size"].iloc[0])
-            lr0 = float(first["largest_trained_lr"].iloc[0])
-            ax.plot(part["batch_size"], lr0 * part["batch_size"] / b0, ":",
-                    color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
-    ax.set_xscale("log")
-    label_axes(ax, "batch size B", "largest lr that trains")
-    marker_legend(ax, used)
-    files = save_figure(fig, fig_dir, "stable_lr_vs_batch", table)
-    return FigureInfo("R5", "stable_lr_vs_batch", "Largest lr that trains versus batch size",
-                      f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}), per "
-                      "batch size (BN mode: train during the steps), against the linear scaling "
-                      "line. '>=': the largest lr tried; a triangle: none of the grid.", files)
+
+    def scaling_lines(ax) -> None:  # lr proportional to B from the smallest batch that trains
+        for norm, part in table.groupby("norm"):
+            first = part.sort_values("batch_size").dropna(subset=["largest_trained_lr"]).head(1)
+            if not first.empty:
+                b0 = float(first["batch_size"].iloc[0])
+                lr0 = float(first["largest_trained_lr"].iloc[0])
+                ax.plot(part["batch_size"], lr0 * part["batch_size"] / b0, ":",
+                        color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
+
+    fig = largest_lr_figure(table, "batch_size", "batch size B", extra=scaling_lines)
+    return saved_figure(fig, fig_dir, table, "R5", "stable_lr_vs_batch",
+                        "Largest lr that trains versus batch size",
+                        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}), per "
+                        "batch size (BN mode: train during the steps), against the linear scaling "
+                        "line. '>=': the largest lr tried; a triangle: none of the grid.")

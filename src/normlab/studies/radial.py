@@ -20,13 +20,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    NORM_COLORS,
+    FigureInfo,
+    draw_figures,
+    grouped_bars,
+    label_axes,
+    marker_legend,
+    new_figure,
+    saved_figure,
+)
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._options import Option, declare_options, read_options
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 from normlab.train.callbacks import TrainState
 
@@ -160,9 +170,7 @@ class RadialStudy(Study):
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       batch_size=s.batch_size, init="xavier_normal", schedule="constant",
-                       momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width, batch_size=s.batch_size)
         specs = [base.replace(task=TASK, group="R2", norm=norm, lr=lr, steps=s.steps,
                               probes=[{"name": "radial", "every": s.every}],
                               options={"mean_batches": s.mean_batches,
@@ -177,13 +185,9 @@ class RadialStudy(Study):
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = []
-        for draw in (_radial_over_training, _mean_gradient_share, _mean_gradient_top_cosine,
-                     _landscape_1d, _landscape_2d, _stable_lr_figure):
-            info = draw(results, fig_dir)
-            if info is not None:
-                out.append(info)
-        return out
+        return draw_figures(results, fig_dir, _radial_over_training, _mean_gradient_share,
+                            _mean_gradient_top_cosine, _landscape_1d, _landscape_2d,
+                            _stable_lr_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -270,8 +274,6 @@ def _style(lr: float, lrs: list[float]) -> str:
 
 
 def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     records = results.records("radial")
     if records.empty:
         return None
@@ -288,12 +290,11 @@ def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | 
         ax.set_ylabel(f"median over layers of ||g_{quantity.split('_')[0][:3]}||")
         ax.set_title(quantity.replace("_", " "))
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "radial_over_training", table)
-    return FigureInfo("R2", "radial_over_training", "Radial and tangential gradient norms",
-                      "Median over conv/linear layers of the norm of the radial and tangential "
-                      "parts of the mini-batch loss gradient (per layer, train-mode BN, "
-                      "recomputed at the current weights), over training at constant lr.",
-                      files)
+    return saved_figure(fig, fig_dir, table, "R2", "radial_over_training",
+                        "Radial and tangential gradient norms",
+                        "Median over conv/linear layers of the norm of the radial and tangential "
+                        "parts of the mini-batch loss gradient (per layer, train-mode BN, "
+                        "recomputed at the current weights), over training at constant lr.")
 
 
 _MEAN_FIGURES = {
@@ -315,8 +316,6 @@ _MEAN_FIGURES = {
 
 def _mean_gradient_figure(results: StudyResults, fig_dir: Path, quantity: str
                           ) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     name, title, ylabel, log, caption = _MEAN_FIGURES[quantity]
     table = _mean_share_table(results, quantity)
     if table.empty:
@@ -337,8 +336,7 @@ def _mean_gradient_figure(results: StudyResults, fig_dir: Path, quantity: str
         ax.set_ylabel(ylabel)
         ax.set_title(f"at {when}")
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, name, table)
-    return FigureInfo("R2", name, title, caption, files)
+    return saved_figure(fig, fig_dir, table, "R2", name, title, caption)
 
 
 def _mean_gradient_share(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
@@ -358,8 +356,6 @@ def _landscape_table(results: StudyResults, two_d: bool) -> pd.DataFrame:
 
 
 def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     table = _landscape_table(results, two_d=False)
     if table.empty:
         return None
@@ -376,17 +372,15 @@ def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_ylabel("loss")
         ax.set_title(f"lr {lr:g}, at {when}")
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "landscape_1d", table)
-    return FigureInfo("R3", "landscape_1d", "Loss along the mean gradient vs a random direction",
-                      "Mean training loss on fixed batches (train-mode BN, running statistics "
-                      "frozen) at theta + alpha d, d the descent direction of the mean gradient "
-                      "(solid) or a random filter-normalized direction orthogonal to it "
-                      "(dashed), both as long as theta.", files)
+    return saved_figure(fig, fig_dir, table, "R3", "landscape_1d",
+                        "Loss along the mean gradient vs a random direction",
+                        "Mean training loss on fixed batches (train-mode BN, running statistics "
+                        "frozen) at theta + alpha d, d the descent direction of the mean gradient "
+                        "(solid) or a random filter-normalized direction orthogonal to it "
+                        "(dashed), both as long as theta.")
 
 
 def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
     table = _landscape_table(results, two_d=True)
     if table.empty:
         return None
@@ -403,22 +397,14 @@ def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_xlabel("alpha: mean-gradient descent")
         ax.set_ylabel("beta: random orthogonal")
         ax.set_title(f"{norm}, lr {lr:g}")
-    files = save_figure(fig, fig_dir, "landscape_2d", table)
-    return FigureInfo("R3", "landscape_2d", "2-D loss slice: mean gradient x random direction",
-                      "log10 of the mean training loss on fixed batches (train-mode BN) over "
-                      "the plane spanned by the mean-gradient descent direction and a random "
-                      "orthogonal filter-normalized direction, at the end of training.", files)
+    return saved_figure(fig, fig_dir, table, "R3", "landscape_2d",
+                        "2-D loss slice: mean gradient x random direction",
+                        "log10 of the mean training loss on fixed batches (train-mode BN) over "
+                        "the plane spanned by the mean-gradient descent direction and a random "
+                        "orthogonal filter-normalized direction, at the end of training.")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import (
-        grouped_bars,
-        label_axes,
-        marker_legend,
-        new_figure,
-        save_figure,
-    )
-
     table = _stable_table(results)
     if table.empty:
         return None
@@ -438,10 +424,10 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
            label="largest lr without divergence (outline)")
     label_axes(ax, "", "largest lr that trained (constant)")
     marker_legend(ax, used | stable)
-    files = save_figure(fig, fig_dir, "stable_lr_by_projection", table)
-    return FigureInfo("R4", "stable_lr_by_projection", "Largest stable lr by update projection",
-                      f"Filled bars: largest learning rate of the grid whose short constant-lr "
-                      f"run trains ({TRAINS_DEFINITION}); dashed outlines: the largest that did "
-                      "not diverge (it may have died). Full updates, or only their tangential or "
-                      "radial part per filter (conv/linear weights; train-mode BN). '>=': the "
-                      "largest lr tried; a triangle: none of the grid.", files)
+    return saved_figure(fig, fig_dir, table, "R4", "stable_lr_by_projection",
+                        "Largest stable lr by update projection",
+                        f"Filled bars: largest learning rate of the grid whose short constant-lr "
+                        f"run trains ({TRAINS_DEFINITION}); dashed outlines: the largest that did "
+                        "not diverge (it may have died). Full updates, or only their tangential or "
+                        "radial part per filter (conv/linear weights; train-mode BN). '>=': the "
+                        "largest lr tried; a triangle: none of the grid.")

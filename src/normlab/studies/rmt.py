@@ -17,11 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    INIT_COLORS,
+    FigureInfo,
+    draw_figures,
+    new_figure,
+    saved_figure,
+)
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 PAPER_EDGES = {1: 2.00, 3: 3.08, 5: 3.86}  # the paper's largest singular values (E9)
@@ -84,9 +91,8 @@ class RmtStudy(Study):
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_products_figure(results, fig_dir), _conditioning_figure(results, fig_dir),
-               _jacobian_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _products_figure, _conditioning_figure,
+                            _jacobian_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -156,8 +162,6 @@ def _jacobian_runs(results: StudyResults) -> pd.DataFrame:
 
 def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
-    from normlab.report.figures import new_figure, save_figure
-
     records = results.records("rmt_product")
     if records.empty:
         return None
@@ -180,16 +184,14 @@ def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     axes[0][0].legend()
     data = values[["options.M", "options.N", "rank", "value"]].rename(
         columns={"options.M": "M", "options.N": "N", "value": "singular_value"})
-    files = save_figure(fig, fig_dir, "rmt_products", data)
-    return FigureInfo("E9", "rmt_products", "Singular values of products of Gaussian matrices",
-                      "Histogram of the singular values of W_M...W_1, W_i with i.i.d. "
-                      "N(0, 1/N) entries (no network, BN mode not applicable), against the "
-                      "closed-form Fuss-Catalan density 2 s f(s^2) (not fitted).", files)
+    return saved_figure(fig, fig_dir, data, "E9", "rmt_products",
+                        "Singular values of products of Gaussian matrices",
+                        "Histogram of the singular values of W_M...W_1, W_i with i.i.d. "
+                        "N(0, 1/N) entries (no network, BN mode not applicable), against the "
+                        "closed-form Fuss-Catalan density 2 s f(s^2) (not fitted).")
 
 
 def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
     runs = _product_runs(results)
     if runs.empty:
         return None
@@ -207,16 +209,14 @@ def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | N
     axes[0][2].set_ylabel("share of s < 0.1 rms")
     for a in axes[0]:
         a.set_xlabel("number of matrices M")
-    files = save_figure(fig, fig_dir, "rmt_conditioning", table)
-    return FigureInfo("E9", "rmt_conditioning", "Conditioning of the product versus M",
-                      "Largest singular value (with the Fuss-Catalan edge), condition number "
-                      "and share of singular values below 0.1 x rms of W_M...W_1 (Gaussian "
-                      "N(0, 1/N) entries; BN mode not applicable).", files)
+    return saved_figure(fig, fig_dir, table, "E9", "rmt_conditioning",
+                        "Conditioning of the product versus M",
+                        "Largest singular value (with the Fuss-Catalan edge), condition number "
+                        "and share of singular values below 0.1 x rms of W_M...W_1 (Gaussian "
+                        "N(0, 1/N) entries; BN mode not applicable).")
 
 
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import INIT_COLORS, new_figure, save_figure
-
     records = results.records("jacobian_spectrum")
     if records.empty:
         return None
@@ -239,9 +239,9 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_title(f"{kind}, depth {int(part['depth'].iloc[0])}")
     axes[0][0].legend()
     data = values[["model", "depth", "width", "norm", "init", "rank", "value", "relative"]]
-    files = save_figure(fig, fig_dir, "jacobian_spectra", data)
-    return FigureInfo("E9", "jacobian_spectra", "Input-output Jacobian spectra at initialization",
-                      "Sorted singular values (divided by their rms) of the Jacobian of the "
-                      "batch output with respect to the batch input at initialization, by "
-                      "Golub-Kahan-Lanczos on JVPs/VJPs; BN mode: train (batch statistics, "
-                      "dashed lines). A flat line at 1 is an isometry.", files)
+    return saved_figure(fig, fig_dir, data, "E9", "jacobian_spectra",
+                        "Input-output Jacobian spectra at initialization",
+                        "Sorted singular values (divided by their rms) of the Jacobian of the "
+                        "batch output with respect to the batch input at initialization, by "
+                        "Golub-Kahan-Lanczos on JVPs/VJPs; BN mode: train (batch statistics, "
+                        "dashed lines). A flat line at 1 is an isometry.")

@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normlab.report.figures import (
+    FigureInfo,
+    draw_figures,
+    label_axes,
+    largest_lr_figure,
+    new_figure,
+    plot_series,
+    saved_figure,
+)
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
-from normlab.studies.base import FigureInfo, Study, StudyResults, register_study
+from normlab.studies.base import Study, StudyResults, register_study
 
 NORMS = ("batch", "group", "layer", "instance", "batch_renorm")
 
@@ -60,17 +69,15 @@ class SmallBatchStudy(Study):
     # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         s = pick_scale(SCALES, scale)
-        base = RunSpec(data=default_data(scale, data), model="resnet", depth=s.depth,
-                       width=s.width, init="xavier_normal", schedule="constant", momentum=0.9,
-                       weight_decay=5e-4, epochs=s.epochs, group="R1", log_every=50)
+        base = resnet_spec(default_data(scale, data), depth=s.depth, width=s.width,
+                           epochs=s.epochs, group="R1", log_every=50)
         return [base.replace(norm=norm, batch_size=b, lr=lr,
                              norm_options={"groups": s.groups} if norm == "group" else {})
                 for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_accuracy_figure(results, fig_dir), _stable_lr_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _accuracy_figure, _stable_lr_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -125,8 +132,6 @@ def _best_accuracy(results: StudyResults) -> pd.DataFrame:
 # -- figures -------------------------------------------------------------------------------------
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import label_axes, new_figure, plot_series, save_figure
-
     table = _best_accuracy(results)
     if table.empty:
         return None
@@ -137,35 +142,21 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     ax.set_ylim(0, 1)
     label_axes(ax, "batch size", "best test accuracy over the lr grid")
     ax.legend()
-    files = save_figure(fig, fig_dir, "small_batch_accuracy", table)
-    return FigureInfo("R1", "small_batch_accuracy", "Accuracy versus batch size per norm",
-                      "Best test accuracy over the learning-rate grid after a fixed number of "
-                      "epochs of constant-lr SGD; BN mode: eval for the test set (BN and "
-                      "BatchRenorm use running statistics; the others have none), train for "
-                      "the steps.",
-                      files)
+    return saved_figure(fig, fig_dir, table, "R1", "small_batch_accuracy",
+                        "Accuracy versus batch size per norm",
+                        "Best test accuracy over the learning-rate grid after a fixed number of "
+                        "epochs of constant-lr SGD; BN mode: eval for the test set (BN and "
+                        "BatchRenorm use running statistics; the others have none), train for "
+                        "the steps.")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import (
-        label_axes,
-        largest_lr_lines,
-        marker_legend,
-        new_figure,
-        save_figure,
-    )
-
     table = _stable_table(results)
     if table.empty:
         return None
-    fig, axes = new_figure()
-    ax = axes[0][0]
-    used = largest_lr_lines(ax, table, "batch_size", "norm")
-    ax.set_xscale("log", base=2)
-    label_axes(ax, "batch size", "largest lr that trains")
-    marker_legend(ax, used)
-    files = save_figure(fig, fig_dir, "small_batch_stable_lr", table)
-    return FigureInfo("R1", "small_batch_stable_lr", "Largest lr that trains versus batch size",
-                      f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN "
-                      "mode: train during the steps, eval for the test accuracy. '>=': the "
-                      "largest lr tried; a triangle: none of the grid.", files)
+    fig = largest_lr_figure(table, "batch_size", "batch size", log_base=2)
+    return saved_figure(fig, fig_dir, table, "R1", "small_batch_stable_lr",
+                        "Largest lr that trains versus batch size",
+                        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN "
+                        "mode: train during the steps, eval for the test accuracy. '>=': the "
+                        "largest lr tried; a triangle: none of the grid.")
