@@ -247,6 +247,17 @@ def largest_lr_figure(table: pd.DataFrame, x: str, xlabel: str, *, log_base: int
     return fig
 
 
+class NothingToDraw(Exception):
+    """Raised by a drawer whose runs are not in the results; `draw_figures` skips it."""
+
+
+def require(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame`, or NothingToDraw when it is empty (a drawer's first line)."""
+    if frame.empty:
+        raise NothingToDraw
+    return frame
+
+
 def saved_figure(fig: Any, fig_dir: Path, data: pd.DataFrame, experiment: str, name: str,
                  title: str, caption: str) -> FigureInfo:
     """Save `fig` and its `data` as `name` (PNG, PDF, CSV; see report.figures.save_figure) and
@@ -256,10 +267,13 @@ def saved_figure(fig: Any, fig_dir: Path, data: pd.DataFrame, experiment: str, n
 
 def draw_figures(results: Any, fig_dir: Path,
                  *drawers: Callable[[Any, Path], Any]) -> list[FigureInfo]:
-    """Each drawer's figures: a drawer returns a FigureInfo, a list of them, or None when its
-    runs are not in the results."""
+    """Each drawer's figures: a drawer returns a FigureInfo or a list of them, and returns None
+    or raises NothingToDraw (see `require`) when its runs are not in the results."""
     out: list[FigureInfo] = []
     for draw in drawers:
-        drawn = draw(results, Path(fig_dir))
+        try:
+            drawn = draw(results, Path(fig_dir))
+        except NothingToDraw:
+            continue
         out += drawn if isinstance(drawn, list) else [] if drawn is None else [drawn]
     return out

@@ -10,7 +10,9 @@ import pandas as pd
 from normlab.report.figures import (
     NORM_COLORS,
     FigureInfo,
+    draw_figures,
     new_figure,
+    require,
     save_figure,
 )
 from normlab.studies.base import StudyResults
@@ -19,12 +21,8 @@ MODE = "BN mode: train (batch statistics; running statistics frozen during probe
 
 
 def draw_all(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    drawers = (histograms, step_loss_grid, anatomy, channel_stats, output_heatmaps,
-               coherence_bars, spectra)
-    figures = []
-    for draw in drawers:
-        figures += draw(results, fig_dir)
-    return figures
+    return draw_figures(results, fig_dir, histograms, step_loss_grid, anatomy, channel_stats,
+                        output_heatmaps, coherence_bars, spectra)
 
 
 def norms_in(frame: pd.DataFrame) -> list[str]:
@@ -51,9 +49,7 @@ def info(experiment: str, name: str, title: str, caption: str, files) -> list[Fi
 
 
 def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_histogram")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_histogram"))
     rec = at_step(rec[rec["quantity"] == "count"])
     norms = norms_in(rec)
     fig, axes = new_figure(1, len(norms), compact=True)
@@ -74,9 +70,7 @@ def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("step_loss")
-    if rec.empty:
-        return []
+    rec = require(results.records("step_loss"))
     norms, batches = norms_in(rec), sorted(rec["minibatch"].unique())
     fig, axes = new_figure(len(norms), len(batches), compact=True, sharex=True)
     for i, norm in enumerate(norms):
@@ -109,9 +103,7 @@ def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("step_anatomy")
-    if rec.empty:
-        return []
+    rec = require(results.records("step_anatomy"))
     rec = at_step(rec)
     out = []
     for quantity in ("mean", "variance"):
@@ -142,9 +134,7 @@ def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("activation_stats")
-    if rec.empty:
-        return []
+    rec = require(results.records("activation_stats"))
     fig, axes = new_figure(1, 2)
     rows = []
     for norm in norms_in(rec):
@@ -178,9 +168,7 @@ def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("output_gradients")
-    if rec.empty:
-        return []
+    rec = require(results.records("output_gradients"))
     rec = at_step(rec)
     norms = norms_in(rec)
     fig, axes = new_figure(1, len(norms), compact=True)
@@ -201,9 +189,7 @@ def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_coherence")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_coherence"))
     rec = at_step(rec[rec["quantity"] == "coherence_median"])
     norms, depths = norms_in(rec), sorted(rec["depth"].unique())
     fig, axes = new_figure()
@@ -226,9 +212,7 @@ def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def spectra(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_spectrum")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_spectrum"))
     rec = at_step(rec)
     fig, axes = new_figure(1, 2)
     left, right = axes[0]

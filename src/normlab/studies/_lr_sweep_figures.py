@@ -25,6 +25,7 @@ from normlab.report.figures import (
     marker_legend,
     new_figure,
     norm_order,
+    require,
     save_figure,
     saved_figure,
 )
@@ -52,9 +53,7 @@ def _setup(runs: pd.DataFrame) -> str:
 
 def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """R1: final test accuracy vs peak lr, one line per norm; diverged runs in a top strip."""
-    sweep = _group(results, "sweep")
-    if sweep.empty:
-        return None
+    sweep = require(_group(results, "sweep"))
     sweep = sweep.assign(test_acc=pd.to_numeric(sweep.get("test_acc"), errors="coerce"))
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -91,9 +90,7 @@ def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """R1: the largest stable lr per norm, by the divergence and the "trains" criteria."""
-    sweep = _group(results, "sweep")
-    if sweep.empty:
-        return None
+    sweep = require(_group(results, "sweep"))
     table = stable_and_trained(sweep, ["norm"])
     norms = norm_order(sweep["norm"])
     floor = float(sweep["lr"].min()) / 3
@@ -176,9 +173,7 @@ def _e1_curves_table(results: StudyResults) -> pd.DataFrame:
 
 def e1_curves(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """E1: train and test accuracy vs % of training, and final test accuracy vs the paper's."""
-    curves = _e1_curves_table(results)
-    if curves.empty:
-        return None
+    curves = require(_e1_curves_table(results))
     fig, axes = new_figure(1, 3)
     runs = sorted({(n, float(lr)) for n, lr in zip(curves["norm"], curves["lr"], strict=True)},
                   key=lambda k: (k[0] != "batch", -k[1]))

@@ -26,6 +26,7 @@ from normlab.report.figures import (
     label_axes,
     marker_legend,
     new_figure,
+    require,
     saved_figure,
 )
 from normlab.result import RunResult, provenance
@@ -249,9 +250,7 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    records = results.records("sharpness")
-    if records.empty:
-        return None
+    records = require(results.records("sharpness"))
     table = records[["norm", "lr", "step", "quantity", "value"]]
     lrs = sorted(table["lr"].unique())
     fig, axes = new_figure(1, len(lrs), sharey=True)
@@ -277,9 +276,7 @@ def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo
 
 
 def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    records = results.records("lr_range")
-    if records.empty:
-        return None
+    records = require(results.records("lr_range"))
     curve = records[records["quantity"] == "loss"][["norm", "lr", "value", "smoothed"]]
     stable = _stable_table(results)
     fig, axes = new_figure(1, 1)

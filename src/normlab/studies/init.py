@@ -31,6 +31,7 @@ from normlab.report.figures import (
     marker_legend,
     new_figure,
     plot_series,
+    require,
     saved_figure,
 )
 from normlab.spec import RunSpec
@@ -178,9 +179,7 @@ def _variance_growth(results: StudyResults) -> pd.DataFrame:
 # -- figures --------------------------------------------------------------------------------------
 
 def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _profile_table(results)
-    if table.empty:
-        return None
+    table = require(_profile_table(results))
     keys = sorted(table.groupby(["network_depth", "norm"]).groups)
     fig, axes = new_figure(2, len(keys))
     for col, (depth, norm) in enumerate(keys):
@@ -229,9 +228,7 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _stable_table(results)
-    if table.empty:
-        return None
+    table = require(_stable_table(results))
     depths = sorted(table["depth"].unique())
     inits = [i for i in INITS if i in set(table["init"])]
     fig, axes = new_figure(1, len(depths))

@@ -27,6 +27,7 @@ from normlab.report.figures import (
     largest_lr_figure,
     new_figure,
     plot_series,
+    require,
     saved_figure,
 )
 from normlab.spec import RunSpec
@@ -177,9 +178,7 @@ def _grid(results: StudyResults) -> pd.DataFrame:
 # -- figures --------------------------------------------------------------------------------------
 
 def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _noise_table(results)
-    if table.empty:
-        return None
+    table = require(_noise_table(results))
     fig, axes = new_figure()
     ax = axes[0][0]
     for norm, part in table.groupby("norm"):
@@ -203,9 +202,7 @@ def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    grid = _grid(results)
-    if grid.empty:
-        return None
+    grid = require(_grid(results))
     norms = sorted(grid["norm"].unique())
     fig, axes = new_figure(len(norms), 2)
     for row, norm in enumerate(norms):
@@ -228,9 +225,7 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    grid = _grid(results)
-    if grid.empty:
-        return None
+    grid = require(_grid(results))
     table = stable_and_trained(grid, ["norm", "batch_size"])
 
     def scaling_lines(ax) -> None:  # lr proportional to B from the smallest batch that trains

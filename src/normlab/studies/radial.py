@@ -28,6 +28,7 @@ from normlab.report.figures import (
     label_axes,
     marker_legend,
     new_figure,
+    require,
     saved_figure,
 )
 from normlab.result import RunResult
@@ -274,9 +275,7 @@ def _style(lr: float, lrs: list[float]) -> str:
 
 
 def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    records = results.records("radial")
-    if records.empty:
-        return None
+    records = require(results.records("radial"))
     table = (records[records["quantity"].isin(["radial_norm", "tangential_norm"])]
              .groupby(["norm", "lr", "step", "quantity"], as_index=False)["value"].median())
     fig, axes = new_figure(1, 2)
@@ -317,9 +316,7 @@ _MEAN_FIGURES = {
 def _mean_gradient_figure(results: StudyResults, fig_dir: Path, quantity: str
                           ) -> FigureInfo | None:
     name, title, ylabel, log, caption = _MEAN_FIGURES[quantity]
-    table = _mean_share_table(results, quantity)
-    if table.empty:
-        return None
+    table = require(_mean_share_table(results, quantity))
     table = table[["norm", "lr", "when", "layer", "depth", "value"]]
     whens = [w for w in ("init", "end") if w in set(table["when"])]
     fig, axes = new_figure(1, len(whens))
@@ -356,9 +353,7 @@ def _landscape_table(results: StudyResults, two_d: bool) -> pd.DataFrame:
 
 
 def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _landscape_table(results, two_d=False)
-    if table.empty:
-        return None
+    table = require(_landscape_table(results, two_d=False))
     table = table[["norm", "lr", "when", "direction", "alpha", "value"]]
     keys = sorted(table.groupby(["when", "lr"]).groups, key=lambda k: (k[0] != "init", k[1]))
     fig, axes = new_figure(1, len(keys))
@@ -381,9 +376,7 @@ def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _landscape_table(results, two_d=True)
-    if table.empty:
-        return None
+    table = require(_landscape_table(results, two_d=True))
     table = table[table["when"] == table["when"].iloc[-1]]
     table = table[["norm", "lr", "when", "alpha", "beta", "value"]]
     keys = sorted(table.groupby(["norm", "lr"]).groups)
@@ -405,9 +398,7 @@ def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _stable_table(results)
-    if table.empty:
-        return None
+    table = require(_stable_table(results))
     shades = {"none": "#444444", "tangential": "#1f77b4", "radial": "#d62728"}
     labels = {"none": "full update", "tangential": "tangential only", "radial": "radial only"}
     fig, axes = new_figure()

@@ -22,6 +22,7 @@ from normlab.report.figures import (
     FigureInfo,
     draw_figures,
     new_figure,
+    require,
     saved_figure,
 )
 from normlab.spec import RunSpec
@@ -162,9 +163,7 @@ def _jacobian_runs(results: StudyResults) -> pd.DataFrame:
 
 def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
-    records = results.records("rmt_product")
-    if records.empty:
-        return None
+    records = require(results.records("rmt_product"))
     values = records[records["quantity"] == "singular_value"]
     factors = sorted(int(m) for m in values["options.M"].unique())
     fig, axes = new_figure(1, len(factors))
@@ -192,9 +191,7 @@ def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    runs = _product_runs(results)
-    if runs.empty:
-        return None
+    runs = require(_product_runs(results))
     table = runs[["options.M", "sv_max", "sv_edge_theory", "sv_condition", "sv_tiny_share",
                   "sv_rms"]].rename(columns={"options.M": "M"}).sort_values("M")
     fig, axes = new_figure(1, 3)
@@ -217,9 +214,7 @@ def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | N
 
 
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    records = results.records("jacobian_spectrum")
-    if records.empty:
-        return None
+    records = require(results.records("jacobian_spectrum"))
     values = records[records["quantity"] == "singular_value"].copy()
     values["rms"] = values.groupby("run_id")["value"].transform(lambda v: np.sqrt((v ** 2).mean()))
     values["relative"] = values["value"] / values["rms"]

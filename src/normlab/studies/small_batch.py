@@ -23,6 +23,7 @@ from normlab.report.figures import (
     largest_lr_figure,
     new_figure,
     plot_series,
+    require,
     saved_figure,
 )
 from normlab.spec import RunSpec
@@ -132,9 +133,7 @@ def _best_accuracy(results: StudyResults) -> pd.DataFrame:
 # -- figures -------------------------------------------------------------------------------------
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _best_accuracy(results)
-    if table.empty:
-        return None
+    table = require(_best_accuracy(results))
     fig, axes = new_figure()
     ax = axes[0][0]
     plot_series(ax, table, "batch_size", "test_acc", "norm")
@@ -151,9 +150,7 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = _stable_table(results)
-    if table.empty:
-        return None
+    table = require(_stable_table(results))
     fig = largest_lr_figure(table, "batch_size", "batch size", log_base=2)
     return saved_figure(fig, fig_dir, table, "R1", "small_batch_stable_lr",
                         "Largest lr that trains versus batch size",
