@@ -3,8 +3,9 @@ PDF and CSV.
 
 Style: panels of PANEL inches (COMPACT for grids of small multiples), the fonts of STYLE, one
 colour per norm / init / batch size, and three markers with one meaning everywhere:
-- "x" in a strip along the top of a panel: a run that diverged (one row per series, so markers
-  of different series never sit on one another; "xN" when N runs diverged at that x);
+- "x" in a thin strip above a panel: a run that diverged (one row per series, so markers of
+  different series never sit on one another; a number beside it when several runs diverged at
+  that x);
 - ">=" beside a point: a censored limit (stable at the largest lr tried, so the true limit lies
   at or above it);
 - an open triangle on the bottom edge: no lr of the grid qualified.
@@ -119,7 +120,7 @@ def label_axes(ax: Any, xlabel: str, ylabel: str, title: str = "", *, xlog: bool
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, pad=getattr(ax, "_title_pad", None))
     if xlog:
         ax.set_xscale("log")
     if ylog:
@@ -135,20 +136,38 @@ def log_y_if_positive(ax: Any, values: pd.Series) -> None:
 
 def diverged_strip(ax: Any, xs: Iterable[float], color: str | None, row: int,
                    rows: int) -> bool:
-    """Mark diverged runs at `xs` with "x" in a strip along the top of `ax`, on its own `row` of
-    `rows` (one row per series, so series never overlap); "xN" where N runs share an x.
-    Returns whether anything was marked."""
+    """Mark diverged runs at `xs` with "x" in a strip just above `ax` (its own thin axes,
+    sharing x), on row `row` of `rows` (one row per series, so series never overlap); "xN"
+    where N runs share an x. Returns whether anything was marked."""
     counts = pd.Series(list(xs), dtype=float).value_counts()
     if counts.empty:
         return False
-    transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    y = 0.97 - 0.05 * row * (0.9 if rows > 4 else 1.0)
-    ax.scatter(counts.index, np.full(len(counts), y), marker="x", s=28, color=color,
-               transform=transform, clip_on=False, zorder=4)
+    strip = _strip_axes(ax, rows)
+    strip.scatter(counts.index, np.full(len(counts), row), marker="x", s=24, color=color,
+                  clip_on=False)
     for x, n in counts.items():
         if n > 1:
-            ax.text(x, y, f" {n}", transform=transform, fontsize=6, va="center", color=color)
+            strip.annotate(f"{n}", (x, row), xytext=(4, 0), textcoords="offset points",
+                           fontsize=6, va="center", color=color)
     return True
+
+
+def _strip_axes(ax: Any, rows: int) -> Any:
+    """The thin axes above `ax` that holds its diverged markers (made on first use)."""
+    strip = getattr(ax, "_diverged_strip", None)
+    if strip is None:
+        height = 0.028 * max(rows, 2) + 0.02
+        strip = ax.inset_axes([0.0, 1.015, 1.0, height], sharex=ax)
+        strip.set_ylim(rows + 0.2, -0.8)
+        strip.set_yticks([])
+        strip.tick_params(axis="x", labelbottom=False, length=0)
+        strip.set_ylabel("diverged", rotation=0, ha="right", va="center", fontsize=7)
+        for side in strip.spines.values():
+            side.set_color("#bbbbbb")
+        ax._title_pad = 6 + height * 170  # points (a panel is ~170 points high): clear the strip
+        ax.set_title(ax.get_title(), pad=ax._title_pad)
+        ax._diverged_strip = strip
+    return strip
 
 
 def mark_censored(ax: Any, x: Any, y: float, color: str | None = "black") -> None:
@@ -157,21 +176,30 @@ def mark_censored(ax: Any, x: Any, y: float, color: str | None = "black") -> Non
                 fontweight="bold", color=color)
 
 
-def mark_none(ax: Any, x: Any, color: str | None, filled: bool = True) -> None:
-    """An open (or filled) triangle on the bottom edge at `x`: no lr of the grid qualified."""
-    ax.scatter([x], [0.02], marker="v", s=40, transform=ax.get_xaxis_transform(),
+def mark_none(ax: Any, x: Any, color: str | None, filled: bool = True, slot: int = 0,
+              slots: int = 1) -> None:
+    """An open (or filled) triangle on the bottom edge at `x`: no lr of the grid qualified.
+    Series `slot` of `slots` is nudged sideways so that triangles at one x do not overlap."""
+    from matplotlib.transforms import ScaledTranslation
+
+    nudge = ScaledTranslation((slot - (slots - 1) / 2) * 7 / 72, 0, ax.figure.dpi_scale_trans)
+    ax.scatter([x], [0.02], marker="v", s=40, transform=ax.get_xaxis_transform() + nudge,
                edgecolors=color, facecolors=color if filled else "none", clip_on=False, zorder=4)
 
 
-def marker_legend(ax: Any, used: Iterable[str], **kwargs: Any) -> None:
-    """The legend of `ax`: its labelled artists plus one grey entry per shared marker used
-    ("diverged", "censored", "none")."""
+def marker_legend(ax: Any, used: Iterable[str], extra: Iterable[tuple[Any, str]] = (),
+                  **kwargs: Any) -> None:
+    """The legend of `ax`: its labelled artists, the `extra` (handle, label) pairs, and one grey
+    entry per shared marker used ("diverged", "censored", "none")."""
     from matplotlib.lines import Line2D
 
-    texts = {DIVERGED: ("x", "diverged (strip at top)"),
+    texts = {DIVERGED: ("x", "diverged (strip above)"),
              CENSORED: ("$\\geq$", ">= : limit at or above the largest lr tried"),
              NONE_QUALIFIED: ("v", "no lr of the grid qualified")}
     handles, labels = ax.get_legend_handles_labels()
+    for handle, label in extra:
+        handles.append(handle)
+        labels.append(label)
     for key in dict.fromkeys(used):
         marker, text = texts[key]
         handles.append(Line2D([], [], ls="", marker=marker, color="grey", markersize=6,
@@ -194,12 +222,13 @@ def largest_lr_lines(ax: Any, table: pd.DataFrame, x: str, by: str, *,
         color = color_of(key) or SERIES_COLORS[i % len(SERIES_COLORS)]
         for _, row in part.iterrows():
             if np.isnan(row[column]):
-                mark_none(ax, row[x], color, filled)
+                mark_none(ax, row[x], color, filled, i, len(keys))
                 used.add(NONE_QUALIFIED)
             elif bool(row[censored]):
                 mark_censored(ax, row[x], row[column], color)
                 used.add(CENSORED)
     log_y_if_positive(ax, table[column])
+    ax.margins(x=0.08, y=0.12)  # room for the ">=" marks
     return used
 
 

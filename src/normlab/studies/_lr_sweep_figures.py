@@ -96,10 +96,10 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     floor = float(sweep["lr"].min()) / 3
     fig, axes = new_figure()
     ax = axes[0, 0]
-    used, labelled = set(), set()
+    used: set[str] = set()
     criteria = (("largest_stable_lr", "stable_censored", "no divergence", "//", 0.45),
                 ("largest_trained_lr", "trained_censored", "trains", None, 0.9))
-    for offset, (column, censored, label, hatch, alpha) in zip((-0.2, 0.2), criteria,
+    for offset, (column, censored, _, hatch, alpha) in zip((-0.2, 0.2), criteria,
                                                                 strict=True):
         part = table.set_index("norm")
         for i, norm in enumerate(norms):
@@ -110,9 +110,7 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                 used.add(NONE_QUALIFIED)
                 continue
             ax.bar(i + offset, value - floor, bottom=floor, width=0.38, color=color,
-                   alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.5,
-                   label=None if label in labelled else label)
-            labelled.add(label)
+                   alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.5)
             if part[censored].get(norm, False):
                 mark_censored(ax, i + offset - 0.15, value)
                 used.add(CENSORED)
@@ -121,7 +119,11 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     ax.set_xticks(np.arange(len(norms)), norms, rotation=20)
     label_axes(ax, "", "largest stable learning rate",
                "Largest stable learning rate per normalization")
-    marker_legend(ax, used)
+    from matplotlib.patches import Patch
+
+    marker_legend(ax, used, [(Patch(facecolor="grey", alpha=alpha, hatch=hatch,
+                                    edgecolor="black", linewidth=0.5), label)
+                             for _, _, label, hatch, alpha in criteria])
     return saved_figure(fig, fig_dir, table, "R1", "largest_stable_lr",
                         "Largest stable learning rate per norm",
                         "The largest learning rate of the grid at which every seed was stable. "
