@@ -16,16 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
-    FigureInfo,
-    draw_figures,
-    label_axes,
-    largest_lr_figure,
-    new_figure,
-    plot_series,
-    require,
-    saved_figure,
-)
+from normlab.report import figures as plot
 from normlab.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
@@ -77,8 +68,8 @@ class SmallBatchStudy(Study):
                 for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
 
     # -- figures ----------------------------------------------------------------------------------
-    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        return draw_figures(results, fig_dir, _accuracy_figure, _stable_lr_figure)
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[plot.FigureInfo]:
+        return plot.draw_figures(results, fig_dir, _accuracy_figure, _stable_lr_figure)
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
@@ -132,28 +123,28 @@ def _best_accuracy(results: StudyResults) -> pd.DataFrame:
 
 # -- figures -------------------------------------------------------------------------------------
 
-def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = require(_best_accuracy(results))
-    fig, axes = new_figure()
+def _accuracy_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+    table = plot.require(_best_accuracy(results))
+    fig, axes = plot.new_figure()
     ax = axes[0][0]
-    plot_series(ax, table, "batch_size", "test_acc", "norm")
+    plot.plot_series(ax, table, "batch_size", "test_acc", "norm")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
-    label_axes(ax, "batch size", "best test accuracy over the lr grid")
+    plot.label_axes(ax, "batch size", "best test accuracy over the lr grid")
     ax.legend()
-    return saved_figure(fig, fig_dir, table, "R1", "small_batch_accuracy",
-                        "Accuracy versus batch size per norm",
-                        "Best test accuracy over the learning-rate grid after a fixed number of "
-                        "epochs of constant-lr SGD; BN mode: eval for the test set (BN and "
-                        "BatchRenorm use running statistics; the others have none), train for "
-                        "the steps.")
+    return plot.saved_figure(
+        fig, fig_dir, table, "R1", "small_batch_accuracy", "Accuracy versus batch size per norm",
+        "Best test accuracy over the learning-rate grid after a fixed number of epochs of "
+        "constant-lr SGD; BN mode: eval for the test set (BN and BatchRenorm use running "
+        "statistics; the others have none), train for the steps.")
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    table = require(_stable_table(results))
-    fig = largest_lr_figure(table, "batch_size", "batch size", log_base=2)
-    return saved_figure(fig, fig_dir, table, "R1", "small_batch_stable_lr",
-                        "Largest lr that trains versus batch size",
-                        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN "
-                        "mode: train during the steps, eval for the test accuracy. '>=': the "
-                        "largest lr tried; a triangle: none of the grid.")
+def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+    table = plot.require(_stable_table(results))
+    fig = plot.largest_lr_figure(table, "batch_size", "batch size", log_base=2)
+    return plot.saved_figure(
+        fig, fig_dir, table, "R1", "small_batch_stable_lr",
+        "Largest lr that trains versus batch size",
+        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN mode: train "
+        "during the steps, eval for the test accuracy. '>=': the largest lr tried; a triangle: "
+        "none of the grid.")
