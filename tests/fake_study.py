@@ -24,7 +24,7 @@ from normlab.config import ConfigError
 from normlab.report.figures import NORM_COLORS, new_figure, save_figure
 from normlab.result import RunResult, provenance
 from normlab.spec import RunSpec
-from normlab.studies.base import FigureInfo, Finding, Study, StudyResults, register_study
+from normlab.studies.base import AGREES, FigureInfo, Finding, Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task, register_task_check
 
 LRS = (0.01, 0.1, 1.0)
@@ -89,7 +89,7 @@ class FakeStudy(Study):
                            files)]
 
     def findings(self, results: StudyResults) -> list[Finding]:
-        return [Finding("E1", "A fake claim", "paper: 1", f"ours: {len(results.runs)}", True)]
+        return [Finding("E1", "A fake claim", "paper: 1", f"ours: {len(results.runs)}", AGREES)]
 
 
 def runs_table(out_dir: Path) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import pytest
 from normlab.config import ConfigError
 from normlab.spec import RunSpec
 from normlab.studies import get_study
-from normlab.studies.gradients import task_options
+from normlab.studies._options import read_options
 
 TINY = {"depth": "8", "steps": "2", "batch_size": "16",
         "options": json.dumps({"measure_at": [0, 2], "step_loss_at": [0, 1],
@@ -33,13 +33,25 @@ def test_specs_cover_every_norm_with_recorded_init():
     assert paper[0].mapping("options")["histogram_layer"] == 55
 
 
+@pytest.mark.parametrize("scale", ["smoke", "reduced", "paper"])
+def test_the_at_initialization_experiments_run_at_the_papers_depth_at_every_scale(scale):
+    from normlab.runner import plan_study
+
+    specs = plan_study("gradients", scale)
+    assert {s.depth for s in specs} == {110}
+    options = specs[0].mapping("options")
+    assert options["layers"] == [8, 44, 80] and options["histogram_layer"] == 55
+    assert 0 in options["measure_at"] and options["step_loss_at"] == [0, 3, 6]
+    assert max(options["step_loss_at"]) <= specs[0].steps  # E4's mini-batches 1, 4, 7
+
+
 @pytest.mark.parametrize("options,setting", [({"bogus": 1}, "bogus"),
                                              ({"measure_at": []}, "measure_at"),
                                              ({"probe_batch": 1}, "probe_batch")])
 def test_bad_task_options_are_refused(options, setting):
     spec = RunSpec(task="gradients", steps=2, options=options)
     with pytest.raises(ConfigError, match=setting):
-        task_options(spec)
+        read_options(spec)
 
 
 @pytest.mark.slow

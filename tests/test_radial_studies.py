@@ -9,7 +9,8 @@ import pytest
 import normlab.studies  # noqa: F401  (registers the studies and their tasks)
 from normlab.config import ConfigError
 from normlab.spec import RunSpec
-from normlab.studies._stable_lr import largest_stable_lr, stable_and_trained
+from normlab.studies._options import read_options
+from normlab.studies._trains import stable_and_trained
 from normlab.studies.base import SCALES, StudyResults, get_study
 from normlab.tasks import execute_run
 
@@ -36,18 +37,14 @@ def test_radial_study_covers_the_three_projections():
 
 def test_task_options_are_checked():
     from normlab.studies.curvature import SHARPNESS_TASK
-    from normlab.studies.radial import TASK, _options
+    from normlab.studies.radial import TASK
 
     with pytest.raises(ConfigError, match="points_3d"):
-        _options(RunSpec(task=TASK, options={"points_3d": 3}))
+        read_options(RunSpec(task=TASK, options={"points_3d": 3}))
     with pytest.raises(ConfigError, match=r"options\.span"):
-        _options(RunSpec(task=TASK, options={"span": -1.0}))
-    from normlab.studies.curvature import SHARPNESS_DEFAULTS
-    from normlab.studies.curvature import _options as curvature_options
-
+        read_options(RunSpec(task=TASK, options={"span": -1.0}))
     with pytest.raises(ConfigError, match="tol"):
-        curvature_options(RunSpec(task=SHARPNESS_TASK, options={"tol": -1.0}),
-                          SHARPNESS_DEFAULTS)
+        read_options(RunSpec(task=SHARPNESS_TASK, options={"tol": -1.0}))
 
 
 def test_largest_stable_lr_reads_statuses():
@@ -56,13 +53,12 @@ def test_largest_stable_lr_reads_statuses():
                          "status": ["completed", "completed", "diverged", "failed",
                                     "diverged", "diverged"],
                          "test_acc": [0.9, 0.1, math.nan, math.nan, math.nan, math.nan]})
-    table = largest_stable_lr(runs, ["norm"]).set_index("norm")
+    table = stable_and_trained(runs, ["norm"]).set_index("norm")
     assert table.loc["a", "largest_stable_lr"] == 1.0
     assert table.loc["a", "smallest_diverged_lr"] == 10.0
     assert table.loc["a", "lrs_tried"] == 3  # the failed run says nothing
     assert math.isnan(table.loc["b", "largest_stable_lr"])
-    both = stable_and_trained(runs, ["norm"], 0.5).set_index("norm")
-    assert both.loc["a", "largest_trained_lr"] == 0.1
+    assert table.loc["a", "largest_trained_lr"] == 0.1  # at 1.0 it completed at 10 %: dead
 
 
 @pytest.mark.slow
@@ -105,3 +101,18 @@ def test_tiny_studies_run_end_to_end(tmp_path):
         for figure in figures:
             assert all(path.exists() for path in figure.files.values())
         assert study.findings(results)
+
+
+def test_every_declared_task_option_refuses_a_bad_value():
+    from normlab.studies._options import _SCHEMAS, option_problems
+
+    assert {"gradients", "radial-probes", "curvature-probes", "lr-range", "rmt-product",
+            "jacobian-spectrum", "sgd-noise"} <= set(_SCHEMAS)
+    for task, schema in _SCHEMAS.items():
+        assert option_problems(RunSpec(task=task, steps=2, norm="none")) == []
+        for key, option in schema.options.items():
+            bad = 3 if option.kind == "str" else "bad"
+            problems = option_problems(RunSpec(task=task, steps=2, norm="none",
+                                               options={key: bad}))
+            assert any(f"'options.{key}' setting must be" in p and repr(bad) in p
+                       for p in problems), (task, key, problems)

@@ -10,8 +10,9 @@ from normlab.config import ConfigError
 from normlab.spec import RunSpec
 from normlab.studies import Finding, get_study, noise_scale, rmt, small_batch
 from normlab.studies import init as init_study
-from normlab.studies._theory_tasks import JACOBIAN_TASK, NOISE_TASK, RMT_TASK, task_options
-from normlab.studies._trainable_lr import largest_trainable_lr
+from normlab.studies._options import read_options
+from normlab.studies._theory_tasks import JACOBIAN_TASK, NOISE_TASK, RMT_TASK
+from normlab.studies._trains import stable_and_trained
 from normlab.tasks import RunContext, get_task
 
 
@@ -40,11 +41,15 @@ def test_smoke_grids_cover_what_the_issue_asks():
 
 def test_task_options_are_checked():
     with pytest.raises(ConfigError, match="'bogus'"):
-        task_options(RunSpec(task=RMT_TASK, options={"bogus": 1}))
+        read_options(RunSpec(task=RMT_TASK, options={"bogus": 1}))
     with pytest.raises(ConfigError, match=r"options\.N"):
-        task_options(RunSpec(task=RMT_TASK, options={"N": 0}))
+        read_options(RunSpec(task=RMT_TASK, options={"N": 0}))
     with pytest.raises(ConfigError, match=r"options\.examples"):
-        task_options(RunSpec(task=JACOBIAN_TASK, norm="batch", options={"examples": 1}))
+        read_options(RunSpec(task=JACOBIAN_TASK, norm="batch", options={"examples": 1}))
+    with pytest.raises(ConfigError, match=r"options\.method") as err:
+        read_options(RunSpec(task=JACOBIAN_TASK, norm="none",
+                                     options={"method": "svd", "examples": 0}))
+    assert len(err.value.problems) == 2  # every problem at once
 
 
 def test_noise_task_refuses_batch_coupled_models():
@@ -62,23 +67,27 @@ def test_rmt_task_records_the_product_spectrum():
     assert len(values) == 50 and result.final["sv_edge_theory"] == pytest.approx(27 ** 0.5 / 2)
 
 
-def test_largest_trainable_lr_counts_chance_level_runs_as_unstable():
+def test_a_chance_level_run_is_stable_but_does_not_train():
     runs = pd.DataFrame({"norm": ["a"] * 4, "lr": [0.01, 0.1, 1.0, 10.0],
                          "status": ["completed", "completed", "completed", "diverged"],
                          "test_acc": [0.5, 0.9, 0.1, None]})
-    row = largest_trainable_lr(runs, ["norm"], 0.2).iloc[0]
-    assert row["largest_stable_lr"] == 0.1 and row["smallest_diverged_lr"] == 1.0
+    row = stable_and_trained(runs, ["norm"]).iloc[0]
+    assert row["largest_trained_lr"] == 0.1 and row["largest_stable_lr"] == 1.0
+    assert row["smallest_diverged_lr"] == 10.0
 
 
 TINY = {
-    "rmt": (rmt, rmt._Scale((1, 3), 60, 3, 8, 8, 4, 2, ("none", "batch")),
-            {"INITS": ("xavier_normal", "orthogonal")}),
-    "init": (init_study, init_study._Scale((8,), 4, ("none", "batch"), (0.1,), 3, 16, 2),
-             {"INITS": ("xavier_normal", "kaiming_normal", "delta_orthogonal")}),
-    "noise-scale": (noise_scale, noise_scale._Scale(8, 4, ("none",), 16, (1, 4, 8), 50,
-                                                    ("batch",), (8, 32), (0.05, 0.5), 0.1), {}),
-    "small-batch": (small_batch, small_batch._Scale(8, 4, 2, (2, 16), (0.1,), 0.01),
-                    {"NORMS": ("batch", "group")}),
+    "rmt": (rmt, rmt.SCALES["smoke"].replace(
+        factors=(1, 3), matrix_size=60, mlp_depth=3, mlp_width=8, resnet_width=4, examples=2,
+        inits=("xavier_normal", "orthogonal"))),
+    "init": (init_study, init_study.SCALES["smoke"].replace(
+        depths=(8,), width=4, lrs=(0.1,), steps=3, batch_size=16, examples=2,
+        inits=("xavier_normal", "kaiming_normal", "delta_orthogonal"))),
+    "noise-scale": (noise_scale, noise_scale.SCALES["smoke"].replace(
+        width=4, noise_examples=16, noise_batches=(1, 4, 8), noise_samples=50,
+        batch_sizes=(8, 32), lrs=(0.05, 0.5), epochs=0.1)),
+    "small-batch": (small_batch, small_batch.SCALES["smoke"].replace(
+        width=4, batch_sizes=(2, 16), lrs=(0.1,), epochs=0.01, norms=("batch", "group"))),
 }
 EXPECTED = {"rmt": ({"rmt_products", "rmt_conditioning", "jacobian_spectra"}, {"E9"}),
             "init": ({"init_signal_propagation", "init_jacobian", "init_stable_lr",
@@ -93,10 +102,8 @@ EXPECTED = {"rmt": ({"rmt_products", "rmt_conditioning", "jacobian_spectra"}, {"
 def test_tiny_study_runs_and_writes_its_figures_and_findings(name, tmp_path, monkeypatch):
     from normlab.runner import run_study
 
-    module, scale, patches = TINY[name]
+    module, scale = TINY[name]
     monkeypatch.setitem(module.SCALES, "smoke", scale)
-    for attr, value in patches.items():
-        monkeypatch.setattr(module, attr, value)
     results = run_study(name, tmp_path, "smoke", report=False)
     assert set(results.runs["status"]) <= {"completed", "diverged"}, results.runs["error"]
     study = get_study(name)

@@ -20,6 +20,7 @@ from normlab.studies.base import _spec_columns
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 MAPPING_PREFIXES = ("data_options.", "norm_options.", "options.")
 RESULT_COLUMNS = ("status", "steps_done", "diverged_step", "diverged_loss", "wall_time_s", "error")
+KEY_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss")  # shown first among metrics
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:

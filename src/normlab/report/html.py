@@ -17,15 +17,23 @@ from typing import Any
 
 import pandas as pd
 
-from normlab.report.columns import common_settings, metric_columns, varying_settings
+from normlab.report.columns import KEY_METRICS, common_settings, metric_columns, varying_settings
 from normlab.report.terminal import format_value, status_counts
-from normlab.studies.base import FigureInfo, Finding
+from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, FigureInfo, Finding
+
+_VERDICT_CSS = {AGREES: "agree-yes", DIFFERS: "agree-no", NOT_TESTABLE: "not-testable"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .88em; }
+.table-wrap { max-width: 100%; overflow-x: auto; margin: .6em 0; }
+.table-wrap table { margin: 0; }
+table.runs td, table.runs th { white-space: nowrap; }
+table.runs tr > :first-child { position: sticky; left: 0; background: #fff; }
+table.runs tr > th:first-child { background: #f3f3f3; }
+.verdict-reason { display: block; font-size: .85em; color: #555; }
 th, td { border: 1px solid #ddd; padding: .25em .55em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -35,7 +43,7 @@ figcaption { font-size: .92em; color: #333; }
 .error pre { white-space: pre-wrap; font-size: .8em; }
 .status-completed { color: #2e7d32; } .status-diverged { color: #e65100; }
 .status-failed, .status-unfinished { color: #c62828; }
-.agree-yes { color: #2e7d32; } .agree-no { color: #c62828; }
+.agree-yes { color: #2e7d32; } .agree-no { color: #c62828; } .not-testable { color: #8d6e00; }
 nav a { margin-right: 1em; }
 """
 
@@ -102,31 +110,37 @@ def error_block(title: str, error: BaseException | str) -> str:
 
 
 def findings_table(findings: Sequence[Finding]) -> str:
-    """The paper-vs-normlab table: experiment, claim, what the paper reports, what we measured."""
+    """The paper-vs-normlab table: experiment, claim, what the paper reports, what we measured,
+    and the verdict ("agrees", "differs", "not testable at this scale") with its reason."""
     if not findings:
         return ""
-    verdicts = {True: ("agree-yes", "agrees"), False: ("agree-no", "differs"), None: ("", "")}
     rows = []
     for f in findings:
-        css, word = verdicts[f.agree]
+        css = _VERDICT_CSS.get(f.verdict or "", "")
+        reason = f"<span class=\"verdict-reason\">{_esc(f.reason)}</span>" if f.reason else ""
         rows.append(f"<tr><td>{_esc(f.experiment)}</td><td>{_esc(f.claim)}</td>"
                     f"<td>{_esc(f.paper)}</td><td>{_esc(f.ours)}</td>"
-                    f"<td class=\"{css}\">{word}</td></tr>")
-    return ("<table class=\"findings\">\n<tr><th>experiment</th><th>claim</th><th>paper</th>"
-            "<th>normlab</th><th>verdict</th></tr>\n" + "\n".join(rows) + "\n</table>")
+                    f"<td class=\"{css}\">{_esc(f.verdict or '')}{reason}</td></tr>")
+    return ("<div class=\"table-wrap\"><table class=\"findings\">\n<tr><th>experiment</th>"
+            "<th>claim</th><th>paper</th><th>normlab</th><th>verdict</th></tr>\n"
+            + "\n".join(rows) + "\n</table></div>")
 
 
 def run_table(runs: pd.DataFrame) -> str:
-    """Every run: its id, the settings that vary, status, steps, divergence and final metrics.
+    """Every run: its id, the settings that vary, status, the key metrics, steps, divergence,
+    wall time and the other final metrics, in that order (key columns first).
 
-    Settings shared by all runs are listed once above the table (collapsed). A failed run's
-    error is shown on hovering its status.
+    The table scrolls sideways inside its own box (its first column stays in view), so the page
+    keeps its width. Settings shared by all runs are listed once above the table (collapsed).
+    A failed run's error is shown on hovering its status.
     """
     if runs.empty:
         return "<p>No runs.</p>"
     varying = varying_settings(runs)
-    columns = ["run_id", *varying, "status", "steps_done", "diverged_step", "diverged_loss",
-               "wall_time_s", *metric_columns(runs)]
+    metrics = metric_columns(runs)
+    key = [c for c in KEY_METRICS if c in metrics]
+    columns = ["run_id", *varying, "status", *key, "steps_done", "diverged_step",
+               "diverged_loss", "wall_time_s", *(c for c in metrics if c not in key)]
     columns = [c for c in columns if c in runs.columns]
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
     body = []
@@ -148,7 +162,8 @@ def run_table(runs: pd.DataFrame) -> str:
     shared_html = (f"<details><summary>Settings shared by every run ({len(common)})</summary>"
                    f"{shared}</details>\n") if common else ""
     return (f"<p>{_esc(status_counts(runs['status']))}.</p>\n{shared_html}"
-            f"<table class=\"runs\">\n<tr>{head}</tr>\n" + "\n".join(body) + "\n</table>")
+            f"<div class=\"table-wrap\"><table class=\"runs\">\n<tr>{head}</tr>\n"
+            + "\n".join(body) + "\n</table></div>")
 
 
 def settings_table(settings: Mapping[str, Any]) -> str:

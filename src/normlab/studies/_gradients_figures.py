@@ -7,19 +7,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-from normlab.studies.base import FigureInfo, StudyResults
+from normlab.report.figures import (
+    NORM_COLORS,
+    FigureInfo,
+    draw_figures,
+    new_figure,
+    require,
+    save_figure,
+)
+from normlab.studies.base import StudyResults
 
 MODE = "BN mode: train (batch statistics; running statistics frozen during probes)."
 
 
 def draw_all(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    drawers = (histograms, step_loss_grid, anatomy, channel_stats, output_heatmaps,
-               coherence_bars, spectra)
-    figures = []
-    for draw in drawers:
-        figures += draw(results, fig_dir)
-    return figures
+    return draw_figures(results, fig_dir, histograms, step_loss_grid, anatomy, channel_stats,
+                        output_heatmaps, coherence_bars, spectra)
 
 
 def norms_in(frame: pd.DataFrame) -> list[str]:
@@ -46,19 +49,16 @@ def info(experiment: str, name: str, title: str, caption: str, files) -> list[Fi
 
 
 def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_histogram")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_histogram"))
     rec = at_step(rec[rec["quantity"] == "count"])
     norms = norms_in(rec)
-    fig, axes = new_figure(1, len(norms), width=3.0)
+    fig, axes = new_figure(1, len(norms), compact=True)
     for ax, norm in zip(axes[0], norms, strict=True):
         part = rec[rec["norm"] == norm]
         centres = (part["bin_low"] + part["bin_high"]) / 2
         ax.bar(centres, part["value"], width=(part["bin_high"] - part["bin_low"]),
                color=color(norm))
-        ax.set_title(f"{norm}: range {part['bin_low'].min():.2g}..{part['bin_high'].max():.2g}",
-                     fontsize=8)
+        ax.set_title(f"{norm}: range {part['bin_low'].min():.2g}..{part['bin_high'].max():.2g}")
         ax.set_xlabel("gradient entry")
     axes[0][0].set_ylabel("count")
     layer = rec["layer"].iloc[0]
@@ -70,11 +70,9 @@ def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("step_loss")
-    if rec.empty:
-        return []
+    rec = require(results.records("step_loss"))
     norms, batches = norms_in(rec), sorted(rec["minibatch"].unique())
-    fig, axes = new_figure(len(norms), len(batches), width=3.0, height=2.4, sharex=True)
+    fig, axes = new_figure(len(norms), len(batches), compact=True, sharex=True)
     for i, norm in enumerate(norms):
         for j, mb in enumerate(batches):
             ax = axes[i][j]
@@ -91,12 +89,12 @@ def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
                            lw=0.8, ls=":", label="loss = 1e3")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_title(f"{norm}, mini-batch {mb}", fontsize=8)
+            ax.set_title(f"{norm}, mini-batch {mb}")
             if i == len(norms) - 1:
                 ax.set_xlabel("step size s")
             if j == 0:
                 ax.set_ylabel("L(θ - s g) / L(θ)")
-    axes[0][0].legend(fontsize=6)
+    axes[0][0].legend()
     files = save_figure(fig, fig_dir, "step_loss_grid", rec)
     return info("E4", "step_loss_grid", "Relative loss along the mini-batch gradient",
                 "Relative loss L(θ - s g)/L(θ) on the measured batch (solid) and a held-out "
@@ -105,15 +103,13 @@ def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("step_anatomy")
-    if rec.empty:
-        return []
+    rec = require(results.records("step_anatomy"))
     rec = at_step(rec)
     out = []
     for quantity in ("mean", "variance"):
         part = rec[rec["quantity"] == quantity].dropna(subset=["layer"])
         norms, depths = norms_in(part), sorted(part["depth"].dropna().unique())
-        fig, axes = new_figure(len(norms), len(depths), width=2.8, height=2.2)
+        fig, axes = new_figure(len(norms), len(depths), compact=True)
         for i, norm in enumerate(norms):
             for j, depth in enumerate(depths):
                 ax = axes[i][j]
@@ -124,7 +120,7 @@ def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
                                   extent=(0, 100, 0, max(1, shown.shape[0])))
                 fig.colorbar(image, ax=ax, label=f"log10 |{quantity}|")
                 step = cell["step_size"].iloc[0] if not cell.empty else float("nan")
-                ax.set_title(f"{norm}, layer {int(depth)}, s={step:.2g}", fontsize=7)
+                ax.set_title(f"{norm}, layer {int(depth)}, s={step:.2g}")
                 ax.set_xlabel("% of step")
                 ax.set_ylabel("channel")
         name = f"step_anatomy_{quantity}"
@@ -138,10 +134,8 @@ def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("activation_stats")
-    if rec.empty:
-        return []
-    fig, axes = new_figure(1, 2, width=4.2)
+    rec = require(results.records("activation_stats"))
+    fig, axes = new_figure(1, 2)
     rows = []
     for norm in norms_in(rec):
         for which, style in (("first", "-"), ("last", "--")):
@@ -164,7 +158,7 @@ def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
                 rows += [{"norm": norm, "when": which, "quantity": label, "depth": d,
                           "q10": r[0.1], "median": r[0.5], "q90": r[0.9]}
                          for d, r in q.iterrows()]
-    axes[0][0].legend(fontsize=6)
+    axes[0][0].legend()
     files = save_figure(fig, fig_dir, "channel_stats_vs_depth", pd.DataFrame(rows))
     return info("E6", "channel_stats_vs_depth", "Channel mean and std vs depth",
                 "Median over channels (band: 10-90 %) of |mean| and std over the measurement "
@@ -174,18 +168,16 @@ def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("output_gradients")
-    if rec.empty:
-        return []
+    rec = require(results.records("output_gradients"))
     rec = at_step(rec)
     norms = norms_in(rec)
-    fig, axes = new_figure(1, len(norms), width=2.4, height=3.2)
+    fig, axes = new_figure(1, len(norms), compact=True)
     for ax, norm in zip(axes[0], norms, strict=True):
         grid = rec[rec["norm"] == norm].pivot_table(index="example", columns="class_index",
                                                     values="value")
         image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="RdBu_r",
                           vmin=-1, vmax=1)
-        ax.set_title(norm, fontsize=8)
+        ax.set_title(norm)
         ax.set_xlabel("class")
     axes[0][0].set_ylabel("example")
     fig.colorbar(image, ax=axes[0][-1], label="d ℓ_i / d logit")
@@ -197,12 +189,10 @@ def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_coherence")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_coherence"))
     rec = at_step(rec[rec["quantity"] == "coherence_median"])
     norms, depths = norms_in(rec), sorted(rec["depth"].unique())
-    fig, axes = new_figure(1, 1, width=5.5)
+    fig, axes = new_figure()
     ax = axes[0][0]
     width = 0.8 / max(1, len(norms))
     for k, norm in enumerate(norms):
@@ -213,7 +203,7 @@ def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
     ax.set_xticklabels([f"layer {int(d)}" for d in depths])
     ax.set_yscale("log")
     ax.set_ylabel("median |Σ terms| / Σ |terms|")
-    ax.legend(fontsize=7)
+    ax.legend()
     files = save_figure(fig, fig_dir, "gradient_coherence", rec)
     return info("R6", "gradient_coherence", "Table 1 as a bar plot: do gradient terms cancel?",
                 "Median over kernel entries of |Σ terms| / Σ |terms| for the terms "
@@ -222,11 +212,9 @@ def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
 
 
 def spectra(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    rec = results.records("gradient_spectrum")
-    if rec.empty:
-        return []
+    rec = require(results.records("gradient_spectrum"))
     rec = at_step(rec)
-    fig, axes = new_figure(1, 2, width=4.2)
+    fig, axes = new_figure(1, 2)
     left, right = axes[0]
     exact = rec[rec["gradient"] == "per_example_loss_grads"]
     middle = exact["depth"].dropna().median()
@@ -248,7 +236,7 @@ def spectra(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
     left.set_yscale("log")
     left.set_xlabel("index k")
     left.set_ylabel("σ_k / σ_1")
-    left.legend(fontsize=6)
+    left.legend()
     right.set_xlabel("depth (weight layer)")
     right.set_ylabel("σ_1² / Σ σ_k²")
     files = save_figure(fig, fig_dir, "gradient_spectra", rec)

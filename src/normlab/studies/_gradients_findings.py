@@ -6,8 +6,9 @@ import math
 
 import pandas as pd
 
+from normlab.studies._findings import Finding, verdict
 from normlab.studies._gradients_figures import at_step
-from normlab.studies.base import Finding, StudyResults
+from normlab.studies.base import StudyResults
 
 
 def gradient_findings(results: StudyResults) -> list[Finding]:
@@ -40,7 +41,7 @@ def _e3_range(results: StudyResults) -> Finding | None:
                    "range ~±0.04 with BN, ~100x wider without (ResNet-110, layer 55)",
                    f"range {ranges.get('batch', math.nan):.3g} with BN, "
                    f"{ranges.get('none', math.nan):.3g} without: ratio {ratio:.3g}",
-                   None if math.isnan(ratio) else ratio > 10)
+                   None if math.isnan(ratio) else verdict(ratio > 10))
 
 
 def _e4_explosion(results: StudyResults) -> Finding | None:
@@ -61,7 +62,7 @@ def _e4_explosion(results: StudyResults) -> Finding | None:
                    f"no BN: first s with L(s)/L(0) > 1e6: {first_text}; BN: max ratio "
                    f"{bn_max:.3g} on s in [1e-5, 0.1]",
                    None if math.isnan(first) and math.isnan(bn_max)
-                   else bool(first <= 0.1 and bn_max < 10))
+                   else verdict(bool(first <= 0.1 and bn_max < 10)))
 
 
 def _e6_growth(results: StudyResults) -> Finding | None:
@@ -81,7 +82,7 @@ def _e6_growth(results: StudyResults) -> Finding | None:
                    "no BN: ~1e-1.5 to ~1e3.5 over 110 layers; BN: within ~1e-1...1e1",
                    f"median channel std, last / first measured layer: no BN {none:.3g}, "
                    f"BN {bn:.3g}",
-                   None if math.isnan(none) or math.isnan(bn) else none > 10 * bn)
+                   None if math.isnan(none) or math.isnan(bn) else verdict(none > 10 * bn))
 
 
 def _e8_cancellation(results: StudyResults) -> Finding | None:
@@ -96,4 +97,4 @@ def _e8_cancellation(results: StudyResults) -> Finding | None:
                    f"median coherence averaged over layers: no BN "
                    f"{means.get('none', math.nan):.3g}, BN {means.get('batch', math.nan):.3g} "
                    f"(ratio {ratio:.3g})",
-                   None if math.isnan(ratio) else ratio > 10)
+                   None if math.isnan(ratio) else verdict(ratio > 10))

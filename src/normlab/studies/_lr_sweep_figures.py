@@ -11,10 +11,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-from normlab.studies._stable_lr import largest_stable_lr
-from normlab.studies.base import FigureInfo, StudyResults
+from normlab.report.figures import (
+    CENSORED,
+    DIVERGED,
+    NONE_QUALIFIED,
+    NORM_COLORS,
+    FigureInfo,
+    diverged_strip,
+    label_axes,
+    largest_lr_lines,
+    mark_censored,
+    mark_none,
+    marker_legend,
+    new_figure,
+    norm_order,
+    require,
+    save_figure,
+    saved_figure,
+)
+from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
+from normlab.studies.base import StudyResults
 
+# E1: (norm, lr) -> the paper's reported final test accuracy (%)
+PAPER_E1 = {("batch", 0.1): 93.0, ("batch", 0.003): 90.5, ("batch", 0.0001): 81.0,
+            ("none", 0.0001): 82.0}
 _EVAL_MODE = "test accuracy with normalization in eval mode (running statistics)"
 
 
@@ -25,11 +45,6 @@ def _group(results: StudyResults, *groups: str) -> pd.DataFrame:
     return runs[runs["group"].isin(groups) & runs["status"].isin(["completed", "diverged"])]
 
 
-def _norm_order(norms) -> list[str]:
-    known = [n for n in NORM_COLORS if n in set(norms)]
-    return known + sorted(set(norms) - set(known))
-
-
 def _setup(runs: pd.DataFrame) -> str:
     first = runs.iloc[0]
     return (f"{first['data']}, ResNet-{int(first['depth'])} of width {int(first['width'])}, "
@@ -37,146 +52,112 @@ def _setup(runs: pd.DataFrame) -> str:
 
 
 def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    """R1: final test accuracy vs peak lr, one line per norm; diverged runs marked x at 0."""
-    sweep = _group(results, "sweep")
-    if sweep.empty:
-        return None
+    """R1: final test accuracy vs peak lr, one line per norm; diverged runs in a top strip."""
+    sweep = require(_group(results, "sweep"))
     sweep = sweep.assign(test_acc=pd.to_numeric(sweep.get("test_acc"), errors="coerce"))
-    fig, axes = new_figure(width=5.5, height=3.8)
+    fig, axes = new_figure()
     ax = axes[0, 0]
-    norms = _norm_order(sweep["norm"])
-    for i, norm in enumerate(norms):
+    norms = norm_order(sweep["norm"])
+    used = []
+    for row, norm in enumerate(norms):
         part = sweep[sweep["norm"] == norm]
         color = NORM_COLORS.get(norm)
         done = part[part["status"] == "completed"].groupby("lr")["test_acc"]
         if len(done):
             mean, low, high = done.mean(), done.min(), done.max()
-            ax.plot(mean.index, mean.to_numpy(), "o-", color=color, label=norm, ms=4)
+            ax.plot(mean.index, mean.to_numpy(), "o-", color=color, label=norm)
             ax.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=color, alpha=0.2)
-        diverged = part.loc[part["status"] == "diverged", "lr"].unique()
-        nudge = 10 ** (0.04 * (i - (len(norms) - 1) / 2))  # side by side, not on top
-        ax.scatter(diverged * nudge, np.zeros(len(diverged)), marker="x", s=40, color=color,
-                   label=None if len(done) else norm)
-    ax.set_xscale("log")
-    ax.set_ylim(-0.04, 1.02)
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("Final test accuracy vs learning rate")
-    ax.legend(fontsize=7, ncol=2)
+        else:
+            ax.plot([], [], "o-", color=color, label=norm)
+        diverged = part.loc[part["status"] == "diverged", "lr"]
+        used += [DIVERGED] if diverged_strip(ax, diverged, color, row, len(norms)) else []
+    ax.axhline(TRAINS_MIN_TEST_ACC, color="grey", ls=":", lw=0.8,
+               label=f"trains: test acc >= {TRAINS_MIN_TEST_ACC:.0%}")
+    ax.set_ylim(0, 1.0)
+    label_axes(ax, "peak learning rate", "final test accuracy",
+               "Final test accuracy vs learning rate", xlog=True)
+    marker_legend(ax, used, ncol=2, loc="center left")
     columns = [c for c in ("norm", "lr", "seed", "depth", "status", "test_acc", "train_acc",
                            "diverged_step", "diverged_loss") if c in sweep]
-    files = save_figure(fig, fig_dir, "accuracy_vs_lr", sweep[columns])
-    return FigureInfo("R1", "accuracy_vs_lr", "Final test accuracy vs learning rate per norm",
-                      f"Final {_EVAL_MODE} after the full schedule, vs the peak learning rate; "
-                      f"mean over seeds, band min-max. x at 0: the run diverged (a mini-batch "
-                      f"loss non-finite or above diverge_loss), nudged sideways per norm. "
-                      f"{_setup(sweep)}.", files)
+    return saved_figure(fig, fig_dir, sweep[columns], "R1", "accuracy_vs_lr",
+                        "Final test accuracy vs learning rate per norm",
+                        f"Final {_EVAL_MODE} after the full schedule, vs the peak learning rate; "
+                        f"mean over seeds, band min-max. x in the strip at the top: the run "
+                        f"diverged (a mini-batch loss non-finite or above diverge_loss), one row "
+                        f"per norm ('xN': N seeds). Dotted: the 'trains' threshold. "
+                        f"{_setup(sweep)}.")
 
 
-def worst_seed(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """One row per setting of `by` and lr: "diverged" if any seed diverged, else "completed",
-    with the lowest test accuracy over seeds. An lr is then stable only if every seed was."""
-    done = runs[runs["status"].isin(["completed", "diverged"])]
-    if done.empty:
-        return done
-    acc = pd.to_numeric(done["test_acc"], errors="coerce") if "test_acc" in done else np.nan
-    grouped = done.assign(test_acc=acc, diverged=done["status"].eq("diverged")).groupby(
-        [*by, "lr"], dropna=False)
-    table = grouped.agg(diverged=("diverged", "any"), test_acc=("test_acc", "min"))
-    table["status"] = np.where(table["diverged"], "diverged", "completed")
-    return table.drop(columns="diverged").reset_index()
-
-
-def _both_criteria(runs: pd.DataFrame, by: list[str], trains_acc: float) -> pd.DataFrame:
-    """largest_stable_lr (every seed stable) by both criteria, stacked, with `censored`:
-    stable at the grid's top."""
-    worst = worst_seed(runs, by)
-    no_div = largest_stable_lr(worst, by).assign(criterion="no divergence")
-    trains = largest_stable_lr(worst, by, min_test_acc=trains_acc).assign(
-        criterion=f"trains (test acc >= {trains_acc:.0%})")
-    table = pd.concat([no_div, trains], ignore_index=True)
-    top = runs.groupby(by)["lr"].max().rename("largest_lr_tried").reset_index()
-    table = table.merge(top, on=by, how="left")
-    return table.assign(censored=table["largest_stable_lr"] == table["largest_lr_tried"])
-
-
-def stable_lr_bars(results: StudyResults, fig_dir: Path, trains_acc: float
-                   ) -> FigureInfo | None:
+def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """R1: the largest stable lr per norm, by the divergence and the "trains" criteria."""
-    sweep = _group(results, "sweep")
-    if sweep.empty:
-        return None
-    table = _both_criteria(sweep, ["norm"], trains_acc)
-    norms = _norm_order(sweep["norm"])
+    sweep = require(_group(results, "sweep"))
+    table = stable_and_trained(sweep, ["norm"])
+    norms = norm_order(sweep["norm"])
     floor = float(sweep["lr"].min()) / 3
-    fig, axes = new_figure(width=5.5, height=3.6)
+    fig, axes = new_figure()
     ax = axes[0, 0]
-    x = np.arange(len(norms))
-    labelled: set[str] = set()
-    for offset, (criterion, part) in zip((-0.2, 0.2), table.groupby("criterion", sort=False),
-                                         strict=False):
-        part = part.set_index("norm")
-        hatch = "//" if criterion == "no divergence" else None
+    used: set[str] = set()
+    criteria = (("largest_stable_lr", "stable_censored", "no divergence", "//", 0.45),
+                ("largest_trained_lr", "trained_censored", "trains", None, 0.9))
+    for offset, (column, censored, _, hatch, alpha) in zip((-0.2, 0.2), criteria,
+                                                                strict=True):
+        part = table.set_index("norm")
         for i, norm in enumerate(norms):
-            value = part["largest_stable_lr"].get(norm, np.nan)
+            value = part[column].get(norm, np.nan)
             color = NORM_COLORS.get(norm, "grey")
             if np.isnan(value):
-                ax.text(i + offset, floor * 1.2, "none", ha="center", fontsize=6, rotation=90)
+                mark_none(ax, i + offset, color, filled=hatch is None)
+                used.add(NONE_QUALIFIED)
                 continue
             ax.bar(i + offset, value - floor, bottom=floor, width=0.38, color=color,
-                   alpha=0.45 if hatch else 0.9, hatch=hatch, edgecolor="black", linewidth=0.5,
-                   label=None if criterion in labelled else criterion)
-            labelled.add(criterion)
-            if part["censored"].get(norm, False):
-                ax.text(i + offset, value * 1.15, ">=", ha="center", fontsize=7)
+                   alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.5)
+            if part[censored].get(norm, False):
+                mark_censored(ax, i + offset - 0.15, value)
+                used.add(CENSORED)
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
-    ax.set_xticks(x, norms, rotation=20)
-    ax.set_ylabel("largest stable learning rate")
-    ax.set_title("Largest stable learning rate per normalization")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "largest_stable_lr", table)
-    return FigureInfo("R1", "largest_stable_lr", "Largest stable learning rate per norm",
-                      "The largest learning rate of the grid at which every seed was stable. "
-                      "Hatched: no divergence (every mini-batch loss finite and <= "
-                      f"diverge_loss, the paper's criterion); solid: the run also trains (final "
-                      f"{_EVAL_MODE} >= {trains_acc:.0%}). '>=': stable at the largest lr "
-                      f"tried, so the limit lies above the grid. {_setup(sweep)}.", files)
+    ax.set_xticks(np.arange(len(norms)), norms, rotation=20)
+    label_axes(ax, "", "largest stable learning rate",
+               "Largest stable learning rate per normalization")
+    from matplotlib.patches import Patch
+
+    marker_legend(ax, used, [(Patch(facecolor="grey", alpha=alpha, hatch=hatch,
+                                    edgecolor="black", linewidth=0.5), label)
+                             for _, _, label, hatch, alpha in criteria])
+    return saved_figure(fig, fig_dir, table, "R1", "largest_stable_lr",
+                        "Largest stable learning rate per norm",
+                        "The largest learning rate of the grid at which every seed was stable. "
+                        "Hatched: no divergence (every mini-batch loss finite and <= "
+                        f"diverge_loss, the paper's criterion); solid: the run also trains "
+                        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried, so the "
+                        f"limit lies at or above the grid's end; a triangle: no lr of the grid "
+                        f"qualified. {_setup(sweep)}.")
 
 
-def stable_lr_vs_depth(results: StudyResults, fig_dir: Path, trains_acc: float
-                       ) -> FigureInfo | None:
+def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """E10: the largest stable lr vs depth, without normalization and with BN."""
     runs = _group(results, "sweep", "E10")
     runs = runs[runs["norm"].isin(["none", "batch"])] if not runs.empty else runs
     if runs.empty or runs["depth"].nunique() < 2:
         return None
-    table = _both_criteria(runs, ["norm", "depth"], trains_acc)
-    fig, axes = new_figure(width=4.8, height=3.6)
+    table = stable_and_trained(runs, ["norm", "depth"])
+    fig, axes = new_figure()
     ax = axes[0, 0]
-    floor = float(runs["lr"].min()) / 2
-    for (norm, criterion), part in table.groupby(["norm", "criterion"], sort=False):
-        part = part.sort_values("depth")
-        no_div = criterion == "no divergence"
-        depth = part["depth"] + (0.3 if norm == "none" else -0.3)  # side by side
-        color = NORM_COLORS.get(norm)
-        ax.plot(depth, part["largest_stable_lr"], "--" if no_div else "-",
-                marker="s" if no_div else "o", color=color, label=f"{norm}: {criterion}")
-        missing = part["largest_stable_lr"].isna().to_numpy()
-        ax.scatter(depth[missing], np.full(missing.sum(), floor), marker="v", s=45,
-                   color=color, facecolors="none" if no_div else color)
-    ax.set_yscale("log")
-    ax.set_xlabel("depth (weight layers)")
-    ax.set_ylabel("largest stable learning rate")
-    ax.set_title("Depth limits the learning rate (E10)")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "stable_lr_vs_depth", table)
-    return FigureInfo("E10", "stable_lr_vs_depth", "Largest stable learning rate vs depth",
-                      "The largest learning rate of the grid at which every seed was stable, "
-                      "for ResNets of several depths without normalization and with BN. Dashed: "
-                      "no divergence (the paper's criterion); solid: also trains (final "
-                      f"{_EVAL_MODE} >= {trains_acc:.0%}). A triangle at the bottom: no lr of the "
-                      "grid was stable.", files)
+    used = largest_lr_lines(ax, table, "depth", "norm", column="largest_stable_lr",
+                            censored="stable_censored", fmt="s--",
+                            label="{}: no divergence", filled=False)
+    used |= largest_lr_lines(ax, table, "depth", "norm", label="{}: trains")
+    label_axes(ax, "depth (weight layers)", "largest stable learning rate",
+               "Depth limits the learning rate (E10)")
+    marker_legend(ax, used)
+    return saved_figure(fig, fig_dir, table, "E10", "stable_lr_vs_depth",
+                        "Largest stable learning rate vs depth",
+                        "The largest learning rate of the grid at which every seed was stable, "
+                        "for ResNets of several depths without normalization and with BN. Dashed: "
+                        "no divergence (the paper's criterion); solid: also trains "
+                        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
+                        "lies at or above the grid's end); a triangle on the bottom edge: no lr "
+                        "of the grid was stable (open) or trained (filled).")
 
 
 def _e1_curves_table(results: StudyResults) -> pd.DataFrame:
@@ -192,13 +173,10 @@ def _e1_curves_table(results: StudyResults) -> pd.DataFrame:
     return evals.assign(percent=100 * evals["step"] / total)
 
 
-def e1_curves(results: StudyResults, fig_dir: Path, paper: dict[tuple[str, float], float]
-              ) -> FigureInfo | None:
+def e1_curves(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """E1: train and test accuracy vs % of training, and final test accuracy vs the paper's."""
-    curves = _e1_curves_table(results)
-    if curves.empty:
-        return None
-    fig, axes = new_figure(1, 3, width=4.0, height=3.4)
+    curves = require(_e1_curves_table(results))
+    fig, axes = new_figure(1, 3)
     runs = sorted({(n, float(lr)) for n, lr in zip(curves["norm"], curves["lr"], strict=True)},
                   key=lambda k: (k[0] != "batch", -k[1]))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "d")]
@@ -209,17 +187,17 @@ def e1_curves(results: StudyResults, fig_dir: Path, paper: dict[tuple[str, float
         label = f"{'BN' if norm == 'batch' else 'no norm'}, lr {lr:g}"
         for ax, column in zip(axes[0, :2], ("train_acc", "test_acc"), strict=True):
             line, marker = styles[i % len(styles)]
-            ax.plot(mean.index, mean[column], line, marker=marker, ms=3,
+            ax.plot(mean.index, mean[column], line, marker=marker,
                     markevery=max(1, len(mean) // 8), color=NORM_COLORS.get(norm), label=label)
         last = part[part["percent"] == 100]["test_acc"].mean()
         finals.append({"run": label, "norm": norm, "lr": lr, "measured": 100 * last,
-                       "paper": paper.get((norm, lr), np.nan)})
+                       "paper": PAPER_E1.get((norm, lr), np.nan)})
     for ax, what in zip(axes[0, :2], ("train accuracy (train mode)",
                                       "test accuracy (eval mode)"), strict=True):
         ax.set_xlabel("% of training")
         ax.set_ylabel(what)
         ax.set_ylim(0, 1.02)
-    axes[0, 0].legend(fontsize=7, handlelength=3.5)
+    axes[0, 0].legend(handlelength=3.5)
     axes[0, 0].set_title("E1: train accuracy")
     axes[0, 1].set_title("E1: test accuracy")
     final = pd.DataFrame(finals)
@@ -234,11 +212,11 @@ def e1_curves(results: StudyResults, fig_dir: Path, paper: dict[tuple[str, float
         ax.text(m + 1, yi + 0.2, f"{m:.1f}", va="center", fontsize=6)
         if not np.isnan(p):
             ax.text(p + 1, yi - 0.2, f"{p:g}", va="center", fontsize=6)
-    ax.set_yticks(y, final["run"], fontsize=7)
+    ax.set_yticks(y, final["run"])
     ax.set_xlim(0, 110)
     ax.set_xlabel("final test accuracy (%)")
     ax.set_title("E1: final accuracy, paper vs measured")
-    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     data = curves.merge(final[["norm", "lr", "measured", "paper"]], on=["norm", "lr"])
     files = save_figure(fig, fig_dir, "e1_accuracy", data.rename(columns={
         "measured": "final_test_acc_measured_pct", "paper": "final_test_acc_paper_pct"}))

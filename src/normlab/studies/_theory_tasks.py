@@ -18,38 +18,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, interval_problem
+from normlab.config import ConfigError
+from normlab.probes.rmt import JACOBIAN_METHODS
 from normlab.result import RunResult, provenance
 from normlab.spec import RunSpec
+from normlab.studies._options import Option, declare_options, read_options
 from normlab.tasks import RunContext, register_task
 
 RMT_TASK = "rmt-product"
 JACOBIAN_TASK = "jacobian-spectrum"
 NOISE_TASK = "sgd-noise"
 
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    RMT_TASK: {"M": 1, "N": 400},
-    JACOBIAN_TASK: {"activation": "relu", "examples": 8, "k": None, "method": "lanczos",
-                    "layer": None},
-    NOISE_TASK: {"examples": 256, "batch_sizes": [1, 4, 16, 64], "samples": 200},
-}
-_POSITIVE_INTS = {"M", "N", "examples", "samples", "k"}
+def _examples_form_a_batch(spec: RunSpec, options: dict[str, Any]) -> list[str]:
+    examples = options["examples"]
+    if spec.norm != "none" and isinstance(examples, int) and examples < 2:
+        return ["The 'options.examples' setting must be >= 2 with a normalization (batch "
+                f"statistics need a batch); got {examples!r}."]
+    return []
 
 
-def task_options(spec: RunSpec) -> dict[str, Any]:
-    """The task's options with defaults; one ConfigError listing every unknown or bad option."""
-    options, problems = spec.task_options(_DEFAULTS[spec.task])
-    for key in _POSITIVE_INTS & set(options):
-        if options[key] is not None:
-            problem = interval_problem(f"options.{key}", options[key], 1, kind=int,
-                                       low_open=False)
-            problems += [problem] if problem else []
-    if spec.task == JACOBIAN_TASK and options["examples"] < 2 and spec.norm != "none":
-        problems.append("The 'options.examples' setting must be >= 2 with a normalization "
-                        f"(batch statistics need a batch); got {options['examples']!r}.")
-    if problems:
-        raise ConfigError(problems)
-    return options
+declare_options(RMT_TASK, M=Option(1, low=1), N=Option(400, low=1))
+declare_options(JACOBIAN_TASK, _examples_form_a_batch,
+                activation=Option("relu", kind="str"),
+                examples=Option(8, low=1), k=Option(None, low=1, optional=True),
+                method=Option("lanczos", kind="str", choices=JACOBIAN_METHODS),
+                layer=Option(None, kind="str", optional=True))
+declare_options(NOISE_TASK, examples=Option(256, low=1),
+                batch_sizes=Option([1, 4, 16, 64], kind="int_list", low=1),
+                samples=Option(200, low=1))
 
 
 def _result(spec: RunSpec, final: dict[str, Any]) -> RunResult:
@@ -62,7 +58,7 @@ def rmt_product_task(spec: RunSpec, context: RunContext) -> RunResult:
     """Singular values of a product of M Gaussian matrices, and their summaries."""
     from normlab.probes.rmt import fuss_catalan_support, product_singular_values, spectrum_summary
 
-    options = task_options(spec)
+    options = read_options(spec)
     values = product_singular_values(options["M"], options["N"], seed=spec.seed)
     rows = [{"quantity": "singular_value", "rank": i, "value": v}
             for i, v in enumerate(values.tolist())]
@@ -103,7 +99,7 @@ def jacobian_spectrum_task(spec: RunSpec, context: RunContext) -> RunResult:
     from normlab.probes.activations import activation_stats
     from normlab.probes.rmt import jacobian_singular_values, spectrum_summary
 
-    options = task_options(spec)
+    options = read_options(spec)
     train_set, _ = load(spec.data, **spec.mapping("data_options"))
     model = build_init_model(spec, train_set.image_shape, train_set.num_classes,
                              options["activation"])
@@ -125,7 +121,7 @@ def sgd_noise_task(spec: RunSpec, context: RunContext) -> RunResult:
     from normlab.probes.noise import gradient_variance, sgd_noise
     from normlab.probes.per_example import per_example_loss_grads
 
-    options = task_options(spec)
+    options = read_options(spec)
     train_set, _ = load(spec.data, **spec.mapping("data_options"))
     model = build_init_model(spec, train_set.image_shape, train_set.num_classes, "relu")
     if is_batch_coupled(model):

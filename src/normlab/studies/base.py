@@ -1,7 +1,8 @@
 """Studies: a named grid of runs, the figures drawn from them, and what they found.
 
 A study subclasses `Study`, declares `name`, `description` and the experiment ids it covers
-(E1-E10, R1-R9), and implements `specs(scale, data)` and `figures(results, fig_dir)`.
+(E1-E10, R1-R9), its scales (a `ScaleConfig` dataclass per scale, by keyword), and implements
+`specs(scale, data)` (the grid), `figures(results, fig_dir)` and `findings(results)`.
 `@register_study` makes it available to `normlab run NAME`.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,37 +18,19 @@ import pandas as pd
 
 from normlab._plugins import import_submodules
 from normlab._registry import Registry
-from normlab.config import ConfigError, check_choice
+from normlab.config import ConfigError
+from normlab.report.figures import FigureInfo
 from normlab.spec import RunSpec
 from normlab.store import RunStore, read_json, read_jsonl, read_result
-
-SCALES = ("smoke", "reduced", "paper")
-
-
-@dataclass(frozen=True)
-class FigureInfo:
-    """A figure in the report: the experiment it answers, a caption stating BN mode and quantity.
-
-    `error` is set instead of `files` when the figure could not be drawn; the report shows it.
-    """
-
-    experiment: str
-    name: str
-    title: str
-    caption: str
-    files: dict[str, Path] = field(default_factory=dict)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One row of the paper-vs-normlab summary: `agree` is None where no verdict applies."""
-
-    experiment: str
-    claim: str
-    paper: str
-    ours: str
-    agree: bool | None = None
+from normlab.studies._findings import (  # noqa: F401 (re-exported)
+    AGREES,
+    DIFFERS,
+    NOT_TESTABLE,
+    VERDICTS,
+    Finding,
+    verdict,
+)
+from normlab.studies._scales import SCALES, check_scale, default_data  # noqa: F401 (re-exported)
 
 
 class Study(ABC):
@@ -88,16 +71,6 @@ def get_study(name: str) -> Study:
 
 def _load_builtin_studies() -> None:
     import_submodules("normlab.studies")
-
-
-def check_scale(scale: str) -> None:
-    check_choice("scale", scale, SCALES)
-
-
-def default_data(scale: str, data: str | None) -> str:
-    """The bundled digits at smoke scale, CIFAR-10 above it, unless `data` says otherwise."""
-    check_scale(scale)
-    return data or ("digits" if scale == "smoke" else "cifar10")
 
 
 # -- reading a study's folder ----------------------------------------------------------------------

@@ -17,28 +17,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normlab.config import ConfigError, interval_problem
+from normlab.report.figures import (
+    DIVERGED,
+    NORM_COLORS,
+    FigureInfo,
+    diverged_strip,
+    draw_figures,
+    label_axes,
+    marker_legend,
+    new_figure,
+    require,
+    saved_figure,
+)
 from normlab.result import RunResult, provenance
 from normlab.spec import RunSpec
-from normlab.studies._stable_lr import stable_and_trained
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
-)
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._options import Option, declare_options, read_options
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained, trains
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 from normlab.train.callbacks import TrainState
 
 SHARPNESS_TASK = "curvature-probes"
 RANGE_TASK = "lr-range"
-TRAINS_ACC = 0.2  # final test accuracy of a run that "trains": twice chance for 10 classes
 
 
 @dataclass(frozen=True)
-class _Scale:
+class CurvatureScale(ScaleConfig):
+    """R9: `norms` x `lrs` runs of `steps` (sharpness every `every` steps, lambda_max at the end on
+    `hessian_batches` batches). R8: one range test of `range_steps` per norm."""
+
     depth: int
     width: int
     batch_size: int
@@ -52,30 +61,28 @@ class _Scale:
 
 SCALES = {
     # digits, ResNet-8 of width 8: a few minutes on 2 CPU cores
-    "smoke": _Scale(8, 8, 64, 60, ("none", "batch"), (0.003, 0.03, 0.3, 3.0), 20, 2, 100),
+    "smoke": CurvatureScale(depth=8, width=8, batch_size=64, steps=60, norms=("none", "batch"),
+                            lrs=(0.003, 0.03, 0.3, 3.0), every=20, hessian_batches=2,
+                            range_steps=100),
     # CIFAR-10, ResNet-20: one GPU, hours
-    "reduced": _Scale(20, 16, 128, 6000, ("none", "batch", "group", "layer"),
-                      tuple(float(v) for v in np.geomspace(1e-4, 3, 10)), 200, 4, 300),
+    "reduced": CurvatureScale(depth=20, width=16, batch_size=128, steps=6000,
+                              norms=("none", "batch", "group", "layer"),
+                              lrs=tuple(float(v) for v in np.geomspace(1e-4, 3, 10)), every=200,
+                              hessian_batches=4, range_steps=300),
     # the paper's ResNet-110
-    "paper": _Scale(110, 16, 128, 40000, ("none", "batch", "group", "layer", "batch_renorm"),
-                    tuple(float(v) for v in np.geomspace(1e-5, 3, 12)), 500, 8, 500),
+    "paper": CurvatureScale(depth=110, width=16, batch_size=128, steps=40000,
+                            norms=("none", "batch", "group", "layer", "batch_renorm"),
+                            lrs=tuple(float(v) for v in np.geomspace(1e-5, 3, 12)), every=500,
+                            hessian_batches=8, range_steps=500),
 }
 
-SHARPNESS_DEFAULTS = {"hessian_batches": 2, "tol": 1e-3, "max_iter": 50}
-RANGE_DEFAULTS = {"start": 1e-5, "end": 10.0, "range_steps": 100, "smoothing": 0.98,
-                  "diverge_factor": 4.0}
-
-
-def _options(spec: RunSpec, defaults: dict[str, Any]) -> dict[str, Any]:
-    options, problems = spec.task_options(defaults)
-    for key, value in options.items():
-        if key in defaults:
-            kind = int if isinstance(defaults[key], int) else float
-            problem = interval_problem(f"options.{key}", value, 0.0, kind=kind)
-            problems += [problem] if problem else []
-    if problems:
-        raise ConfigError(problems)
-    return options
+_POSITIVE_FLOAT = {"kind": "float", "low": 0.0, "low_open": True}
+declare_options(SHARPNESS_TASK, hessian_batches=Option(2, low=1),
+                tol=Option(1e-3, **_POSITIVE_FLOAT), max_iter=Option(50, low=1))
+declare_options(RANGE_TASK, start=Option(1e-5, **_POSITIVE_FLOAT),
+                end=Option(10.0, **_POSITIVE_FLOAT), range_steps=Option(100, low=1),
+                smoothing=Option(0.98, **_POSITIVE_FLOAT),
+                diverge_factor=Option(4.0, **_POSITIVE_FLOAT))
 
 
 class _FinalSharpness:
@@ -106,7 +113,7 @@ def curvature_probes_task(spec: RunSpec, context: RunContext) -> RunResult:
     (options: hessian_batches, tol, max_iter)."""
     from normlab.train import train
 
-    measure = _FinalSharpness(spec, _options(spec, SHARPNESS_DEFAULTS))
+    measure = _FinalSharpness(spec, read_options(spec))
     result = train(spec.replace(task="train", options={}), callbacks=[measure], context=context)
     result.final.update(measure.summary)
     return result
@@ -122,7 +129,7 @@ def lr_range_task(spec: RunSpec, context: RunContext) -> RunResult:
     from normlab.probes import lr_range_test
     from normlab.train.build import build_data, build_model, resolve_device
 
-    options = _options(spec, RANGE_DEFAULTS)
+    options = read_options(spec)
     device = resolve_device(spec.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -148,12 +155,11 @@ class CurvatureStudy(Study):
                    "beside the largest stable lr.")
     experiments = ("R8", "R9")
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        s = SCALES[scale]
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       batch_size=s.batch_size, init="xavier_normal", schedule="constant",
-                       momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width, batch_size=s.batch_size)
         specs = [base.replace(task=SHARPNESS_TASK, group="R9", norm=norm, lr=lr, steps=s.steps,
                               probes=[{"name": "sharpness", "every": s.every, "batch": "first"}],
                               options={"hessian_batches": s.hessian_batches})
@@ -163,20 +169,17 @@ class CurvatureStudy(Study):
                   for norm in s.norms]
         return specs
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = []
-        for draw in (_final_sharpness, _sharpness_over_training, _range_figure):
-            info = draw(results, fig_dir)
-            if info is not None:
-                out.append(info)
-        return out
+        return draw_figures(results, fig_dir, _final_sharpness, _sharpness_over_training,
+                            _range_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         runs = results.in_group("R9")
         if not runs.empty and "lambda_max" in runs:
-            done = runs[(runs["status"] == "completed") & runs["lambda_max"].notna()
-                        & (runs["test_acc"] >= TRAINS_ACC)]  # dead networks are trivially flat
+            done = runs[trains(runs) & runs["lambda_max"].notna()]  # dead nets are trivially flat
             for norm, part in done.groupby("norm"):
                 if part["lr"].nunique() < 2:
                     continue
@@ -188,7 +191,7 @@ class CurvatureStudy(Study):
                     "review's request (not in the paper)",
                     f"lambda_max {low['lambda_max']:.3g} at lr {low['lr']:g} vs "
                     f"{high['lambda_max']:.3g} at lr {high['lr']:g}",
-                    bool(high["lambda_max"] < low["lambda_max"])))
+                    verdict(bool(high["lambda_max"] < low["lambda_max"]))))
         ranges = results.in_group("R8")
         stable = _stable_table(results).set_index("norm") if not runs.empty else None
         if not ranges.empty and stable is not None and "lr_at_min" in ranges:
@@ -199,27 +202,29 @@ class CurvatureStudy(Study):
                     "Smith: the lr where the loss stops improving bounds the usable range",
                     f"range test lr at min loss {run['lr_at_min']:.3g}; largest lr of the "
                     f"sweep that trained without diverging {edge:.3g}",
-                    None if math.isnan(edge) else bool(edge / 10 <= run["lr_at_min"]
-                                                       <= edge * 10)))
+                    None if math.isnan(edge) else verdict(bool(edge / 10 <= run["lr_at_min"]
+                                                               <= edge * 10))))
         return rows
 
+
+# -- measurements, as tables ---------------------------------------------------------------------
 
 def _stable_table(results: StudyResults) -> pd.DataFrame:
     runs = results.in_group("R9")
     if runs.empty:
         return pd.DataFrame(columns=["norm", "largest_stable_lr", "largest_trained_lr"])
-    return stable_and_trained(runs, ["norm"], TRAINS_ACC)
+    return stable_and_trained(runs, ["norm"])
 
+
+# -- figures --------------------------------------------------------------------------------------
 
 def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     runs = results.in_group("R9")
     if runs.empty or "lambda_max" not in runs:
         return None
     table = runs[["norm", "lr", "momentum", "status", "lambda_max"]].copy()
     done = table[table["lambda_max"].notna()]
-    fig, axes = new_figure(1, 1, width=4.6)
+    fig, axes = new_figure(1, 1)
     ax = axes[0][0]
     for norm, part in done.groupby("norm"):
         part = part.sort_values("lr")
@@ -228,32 +233,27 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     momentum = float(table["momentum"].iloc[0])
     ax.plot(lrs, 2 / lrs, "k:", label="2/lr")
     ax.plot(lrs, 2 * (1 + momentum) / lrs, "k--", label=f"2(1+{momentum:g})/lr")
-    for norm, part in table[table["status"] == "diverged"].groupby("norm"):
-        ax.scatter(part["lr"], [ax.get_ylim()[1]] * len(part), marker="x",
-                   color=NORM_COLORS.get(norm))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("learning rate (constant)")
-    ax.set_ylabel("lambda_max at end of training")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "sharpness_vs_lr", table)
-    return FigureInfo("R9", "sharpness_vs_lr", "Sharpness of what each learning rate finds",
-                      "Top Hessian eigenvalue of the mean training loss on fixed batches "
-                      "(train-mode BN: batch statistics are part of the function; Lanczos, "
-                      "1e-3 relative) at the end of constant-lr training, against the "
-                      "stability thresholds 2/lr and 2(1+momentum)/lr; x: diverged runs.",
-                      files)
+    diverged = table[table["status"] == "diverged"]
+    norms = sorted(diverged["norm"].unique())
+    used = [DIVERGED for row, norm in enumerate(norms) if diverged_strip(
+        ax, diverged.loc[diverged["norm"] == norm, "lr"], NORM_COLORS.get(norm), row, len(norms))]
+    label_axes(ax, "learning rate (constant)", "lambda_max at end of training", xlog=True,
+               ylog=True)
+    marker_legend(ax, used)
+    return saved_figure(fig, fig_dir, table, "R9", "sharpness_vs_lr",
+                        "Sharpness of what each learning rate finds",
+                        "Top Hessian eigenvalue of the mean training loss on fixed batches "
+                        "(train-mode BN: batch statistics are part of the function; Lanczos, "
+                        "1e-3 relative) at the end of constant-lr training, against the "
+                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip at the "
+                        "top: diverged runs (no lambda_max).")
 
 
 def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    records = results.records("sharpness")
-    if records.empty:
-        return None
+    records = require(results.records("sharpness"))
     table = records[["norm", "lr", "step", "quantity", "value"]]
     lrs = sorted(table["lr"].unique())
-    fig, axes = new_figure(1, len(lrs), width=3.4, sharey=True)
+    fig, axes = new_figure(1, len(lrs), sharey=True)
     for ax, lr in zip(axes[0], lrs, strict=True):
         part = table[table["lr"] == lr]
         for norm, line in part[part["quantity"] == "lambda_max"].groupby("norm"):
@@ -267,23 +267,19 @@ def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo
         ax.set_xlabel("step")
         ax.set_title(f"lr {lr:g}")
     axes[0][0].set_ylabel("lambda_max (first batch)")
-    axes[0][0].legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "sharpness_over_training", table)
-    return FigureInfo("R9", "sharpness_over_training", "Sharpness over training vs 2/lr",
-                      "lambda_max of the loss on the run's first mini-batch (train-mode BN, "
-                      "running statistics frozen) during training; dotted 2/lr, dashed "
-                      "2(1+momentum)/lr (the heavy-ball stability edge).", files)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R9", "sharpness_over_training",
+                        "Sharpness over training vs 2/lr",
+                        "lambda_max of the loss on the run's first mini-batch (train-mode BN, "
+                        "running statistics frozen) during training; dotted 2/lr, dashed "
+                        "2(1+momentum)/lr (the heavy-ball stability edge).")
 
 
 def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    records = results.records("lr_range")
-    if records.empty:
-        return None
+    records = require(results.records("lr_range"))
     curve = records[records["quantity"] == "loss"][["norm", "lr", "value", "smoothed"]]
     stable = _stable_table(results)
-    fig, axes = new_figure(1, 1, width=4.6)
+    fig, axes = new_figure(1, 1)
     ax = axes[0][0]
     for norm, part in curve.groupby("norm"):
         ax.plot(part["lr"], part["smoothed"], color=NORM_COLORS.get(norm), label=norm)
@@ -294,12 +290,11 @@ def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     ax.set_yscale("log")
     ax.set_xlabel("learning rate (ramped)")
     ax.set_ylabel("smoothed training loss")
-    ax.legend(fontsize=7)
+    ax.legend()
     data = curve.merge(stable[["norm", "largest_stable_lr", "largest_trained_lr"]], on="norm",
                        how="left")
-    files = save_figure(fig, fig_dir, "lr_range_test", data)
-    return FigureInfo("R8", "lr_range_test", "LR range test beside the largest stable lr",
-                      "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
-                      "ramps exponentially from initialization; dashed: the largest lr of the "
-                      "R9 sweep whose constant-lr run did not diverge and reached a final test "
-                      "accuracy >= 0.2 (twice chance).", files)
+    return saved_figure(fig, fig_dir, data, "R8", "lr_range_test",
+                        "LR range test beside the largest stable lr",
+                        "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
+                        "ramps exponentially from initialization; dashed: the largest lr of the "
+                        f"R9 sweep whose constant-lr run trains ({TRAINS_DEFINITION}).")

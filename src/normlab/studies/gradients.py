@@ -18,24 +18,20 @@ Every probe runs with normalization in train mode (batch statistics), running st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from normlab.config import ConfigError, interval_problem
+from normlab.report.figures import FigureInfo
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.studies import _gradients_figures as figures_module
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    check_scale,
-    default_data,
-    register_study,
-)
+from normlab.studies._findings import Finding
+from normlab.studies._options import Option, declare_options, read_options
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 
 PAPER_DEPTHS = (8, 44, 80)  # of 110: the paper's anatomy layers, scaled to other depths
@@ -49,27 +45,27 @@ def default_options(depth: int, steps: int, probe_batch: int, points: int) -> di
             "stats_every": max(1, round(depth / 9)), "anatomy_points": points}
 
 
-def task_options(spec: RunSpec) -> dict[str, Any]:
-    """The "gradients" task's options, validated (all problems at once)."""
-    options, problems = spec.task_options(
-        default_options(spec.depth, spec.steps or 1, min(32, spec.batch_size), 20))
-    for key in ("measure_at", "step_loss_at", "layers"):
-        value = options[key]
-        if not (isinstance(value, list) and value and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-            problems.append(f"The 'options.{key}' setting must be a non-empty list of ints "
-                            f">= 0; got {value!r}.")
-    for key, low in (("probe_batch", 2), ("histogram_layer", 1), ("stats_every", 1),
-                     ("anatomy_points", 2)):
-        problem = interval_problem(f"options.{key}", options[key], low, kind=int,
-                                   low_open=False)
-        problems += [problem] if problem else []
-    if spec.steps is None:
-        problems.append("The 'steps' setting must be set for the 'gradients' task (the number "
-                        "of SGD steps between the measurements); got None.")
-    if problems:
-        raise ConfigError(problems)
-    return options
+def _plan(key: str):
+    """The default of option `key`: the measurement plan for the spec's depth and steps."""
+    return lambda spec: default_options(spec.depth, spec.steps or 1, min(32, spec.batch_size),
+                                        20)[key]
+
+
+def _steps_are_set(spec: RunSpec, options: dict[str, Any]) -> list[str]:
+    return [] if spec.steps is not None else [
+        "The 'steps' setting must be set for the 'gradients' task (the number of SGD steps "
+        "between the measurements); got None."]
+
+
+OPTIONS = declare_options(
+    "gradients", _steps_are_set,
+    measure_at=Option(_plan("measure_at"), kind="int_list", low=0),
+    step_loss_at=Option(_plan("step_loss_at"), kind="int_list", low=0),
+    layers=Option(_plan("layers"), kind="int_list", low=0),
+    probe_batch=Option(_plan("probe_batch"), low=2),
+    histogram_layer=Option(_plan("histogram_layer"), low=1),
+    stats_every=Option(_plan("stats_every"), low=1),
+    anatomy_points=Option(_plan("anatomy_points"), low=2))
 
 
 @register_task("gradients")
@@ -78,12 +74,39 @@ def gradients_task(spec: RunSpec, context: RunContext) -> RunResult:
     from normlab.studies._gradients_measure import Measurement
     from normlab.train import train
 
-    options = task_options(spec)
+    options = read_options(spec)
     training = spec.replace(task="train", options={}, probes=())
     measurement = Measurement(options, context)
     result = train(training, callbacks=[measurement], context=context)
     result.provenance["run_id"] = spec.run_id
     return result
+
+
+@dataclass(frozen=True)
+class GradientsScale(ScaleConfig):
+    """One run per norm: a ResNet of `depth` trained `steps` steps at `batch_size`; probes on
+    `probe_batch` examples, the anatomy at `anatomy_points` points; the full set of probes at
+    initialization, and after the last step too when `measure_trained`."""
+
+    depth: int
+    steps: int
+    batch_size: int
+    probe_batch: int
+    anatomy_points: int
+    measure_trained: bool = True
+
+
+# The experiments are at initialization (E4 at mini-batches 1, 4, 7), so every scale uses the
+# paper's ResNet-110: at depth 8-20 the effects of E3, E6 and E8 do not show.
+SCALES = {
+    # digits, CPU: measured at initialization (and E4 over 6 steps) only
+    "smoke": GradientsScale(depth=110, steps=6, batch_size=64, probe_batch=16, anatomy_points=10,
+                            measure_trained=False),
+    "reduced": GradientsScale(depth=110, steps=50, batch_size=128, probe_batch=64,
+                              anatomy_points=30),
+    "paper": GradientsScale(depth=110, steps=100, batch_size=128, probe_batch=128,
+                            anatomy_points=50),
+}
 
 
 @register_study
@@ -94,28 +117,26 @@ class GradientsStudy(Study):
                    "gradient coherence (Table 1) and per-example gradient spectra.")
     experiments = ("E3", "E4", "E5", "E6", "E7", "E8", "R6")
 
-    SCALES: ClassVar[dict[str, tuple[int, ...]]] = {  # depth, steps, batch, probe batch, points
-        "smoke": (20, 10, 64, 16, 10),
-        "reduced": (56, 50, 128, 64, 30),
-        "paper": (110, 100, 128, 128, 50),
-    }
-
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
         from normlab.nn import list_norms
 
-        check_scale(scale)
-        depth, steps, batch, probe_batch, points = self.SCALES[scale]
-        options = default_options(depth, steps, probe_batch, points)
+        s = pick_scale(SCALES, scale)
+        options = default_options(s.depth, s.steps, s.probe_batch, s.anatomy_points)
+        if not s.measure_trained:
+            options["measure_at"] = [0]
         return [RunSpec(task="gradients", group="E3-E8", data=default_data(scale, data),
-                        model="resnet", depth=depth, norm=norm, init="xavier_normal",
-                        batch_size=batch, lr=1e-4 if norm == "none" else 0.1, momentum=0.9,
-                        weight_decay=5e-4, schedule="constant", steps=steps, options=options,
-                        seed=0)
+                        model="resnet", depth=s.depth, norm=norm, init="xavier_normal",
+                        batch_size=s.batch_size, lr=1e-4 if norm == "none" else 0.1,
+                        momentum=0.9, weight_decay=5e-4, schedule="constant", steps=s.steps,
+                        options=options, seed=0)
                 for norm in list_norms()]
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
         return figures_module.draw_all(results, Path(fig_dir))
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         from normlab.studies._gradients_findings import gradient_findings
 

@@ -22,25 +22,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.spec import RunSpec
-from normlab.studies._theory_tasks import JACOBIAN_TASK
-from normlab.studies._trainable_lr import largest_trainable_lr, log_y_if_positive
-from normlab.studies.base import (
+from normlab.report.figures import (
+    INIT_COLORS,
     FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
+    draw_figures,
+    grouped_bars,
+    label_axes,
+    marker_legend,
+    new_figure,
+    plot_series,
+    require,
+    saved_figure,
 )
-from normlab.studies.rmt import INIT_COLORS
+from normlab.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._theory_tasks import JACOBIAN_TASK
+from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
-MIN_ACC = 0.2  # twice chance on 10 classes: below it a run that did not diverge learned nothing
 
 
 @dataclass(frozen=True)
-class _Scale:
+class InitScale(ScaleConfig):
+    """Per depth x norm x init: a profile run on `examples` images, and `lrs` runs of `steps`."""
+
     depths: tuple[int, ...]
     width: int
     norms: tuple[str, ...]
@@ -48,16 +55,20 @@ class _Scale:
     steps: int
     batch_size: int
     examples: int
+    inits: tuple[str, ...] = INITS
 
 
 SCALES = {
     # digits, ResNet-8/14 of width 8: a few minutes on 2 CPU cores
-    "smoke": _Scale((8, 14), 8, ("none", "batch"), (0.01, 0.1, 1.0), 60, 64, 4),
+    "smoke": InitScale(depths=(8, 14), width=8, norms=("none", "batch"), lrs=(0.01, 0.1, 1.0),
+                       steps=60, batch_size=64, examples=4),
     # CIFAR-10, one GPU
-    "reduced": _Scale((20, 56), 16, ("none", "batch", "group"),
-                      tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), 2000, 128, 2),
-    "paper": _Scale((20, 56, 110), 16, ("none", "batch", "group", "layer"),
-                    tuple(float(v) for v in np.geomspace(1e-5, 3.0, 12)), 8000, 128, 2),
+    "reduced": InitScale(depths=(20, 56), width=16, norms=("none", "batch", "group"),
+                         lrs=tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), steps=2000,
+                         batch_size=128, examples=2),
+    "paper": InitScale(depths=(20, 56, 110), width=16, norms=("none", "batch", "group", "layer"),
+                       lrs=tuple(float(v) for v in np.geomspace(1e-5, 3.0, 12)), steps=8000,
+                       batch_size=128, examples=2),
 }
 
 
@@ -68,15 +79,15 @@ class InitStudy(Study):
                    "initialization, largest stable lr and test accuracy after a fixed budget.")
     experiments = ("R7",)
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        s = SCALES[scale]
-        base = RunSpec(data=data, model="resnet", width=s.width, batch_size=s.batch_size,
-                       schedule="constant", momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, width=s.width, batch_size=s.batch_size)
         specs = []
         for depth in s.depths:
             for norm in s.norms:
-                for init in INITS:
+                for init in s.inits:
                     spec = base.replace(depth=depth, norm=norm, init=init)
                     specs.append(spec.replace(task=JACOBIAN_TASK, group="R7-profile",
                                               options={"examples": s.examples,
@@ -85,11 +96,12 @@ class InitStudy(Study):
                                            log_every=s.steps) for lr in s.lrs]
         return specs
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_profile_figure(results, fig_dir), _jacobian_figure(results, fig_dir),
-               _stable_lr_figure(results, fig_dir), _accuracy_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _profile_figure, _jacobian_figure,
+                            _stable_lr_figure, _accuracy_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         growth = _variance_growth(results)
@@ -108,15 +120,14 @@ class InitStudy(Study):
                     f"median channel variance, last conv / first conv, ResNet-"
                     f"{int(deepest['depth'].iloc[0])}: He {he:.3g}, Xavier {xavier:.3g}, "
                     f"BN+Xavier {bn:.3g}",
-                    bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1)))
-        stable = largest_trainable_lr(results.in_group("R7-train"), ["depth", "norm", "init"],
-                                      MIN_ACC)
+                    verdict(bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1))))
+        stable = _stable_table(results)
         if not stable.empty:
             deepest = stable[stable["depth"] == stable["depth"].max()]
-            table = deepest.set_index(["norm", "init"])["largest_stable_lr"]
+            table = deepest.set_index(["norm", "init"])["largest_trained_lr"]
             if ("none", "delta_orthogonal") in table.index and "batch" in deepest["norm"].values:
                 delta = float(table[("none", "delta_orthogonal")])
-                bn = float(deepest[deepest["norm"] == "batch"]["largest_stable_lr"].max())
+                bn = float(deepest[deepest["norm"] == "batch"]["largest_trained_lr"].max())
                 answer = ("yes" if delta >= bn else "no") if not (
                     math.isnan(delta) or math.isnan(bn)) else "undetermined"
                 rows.append(Finding(
@@ -124,13 +135,17 @@ class InitStudy(Study):
                     "learning rates BN allows",
                     "not in the paper (review R7)",
                     f"{answer}: largest lr that trains (no divergence, test accuracy >= "
-                    f"{MIN_ACC:g}) at depth {int(deepest['depth'].iloc[0])}: "
+                    f"{TRAINS_MIN_TEST_ACC:g}) at depth {int(deepest['depth'].iloc[0])}: "
                     f"no norm + delta-orthogonal {delta:.3g}, BN (best init) {bn:.3g}",
                     None))
         return rows
 
 
-# -- tables ----------------------------------------------------------------------------------------
+# -- measurements, as tables ---------------------------------------------------------------------
+
+def _stable_table(results: StudyResults) -> pd.DataFrame:
+    return stable_and_trained(results.in_group("R7-train"), ["depth", "norm", "init"])
+
 
 def _profile_table(results: StudyResults) -> pd.DataFrame:
     records = results.records("activation_stats")
@@ -161,39 +176,31 @@ def _variance_growth(results: StudyResults) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# -- figures ---------------------------------------------------------------------------------------
+# -- figures --------------------------------------------------------------------------------------
 
 def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    table = _profile_table(results)
-    if table.empty:
-        return None
+    table = require(_profile_table(results))
     keys = sorted(table.groupby(["network_depth", "norm"]).groups)
-    fig, axes = new_figure(2, len(keys), width=3.4)
+    fig, axes = new_figure(2, len(keys))
     for col, (depth, norm) in enumerate(keys):
         for row, quantity in enumerate(("variance", "mean")):
             ax = axes[row][col]
             part = table[(table["network_depth"] == depth) & (table["norm"] == norm)
                          & (table["quantity"] == quantity)]
-            for init, line in part.groupby("init"):
-                ax.plot(line["layer_depth"], line["value"].clip(lower=1e-30), "o-", ms=3,
-                        color=INIT_COLORS.get(init), label=init)
-            ax.set_yscale("log")
-            ax.set_xlabel("layer depth")
-            ax.set_ylabel(f"median channel {'variance' if row == 0 else '|mean|'}")
-            ax.set_title(f"ResNet-{int(depth)}, norm {norm}")
-    axes[0][0].legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "init_signal_propagation", table)
-    return FigureInfo("R7", "init_signal_propagation", "Signal propagation at initialization",
-                      "Median over channels of the per-channel variance and |mean| of each "
-                      "conv/linear output (before its norm) at initialization, one batch of "
-                      "training images; BN mode: train (batch statistics).", files)
+            plot_series(ax, part.assign(value=part["value"].clip(lower=1e-30)), "layer_depth",
+                        "value", "init")
+            label_axes(ax, "layer depth",
+                       f"median channel {'variance' if row == 0 else '|mean|'}",
+                       f"ResNet-{int(depth)}, norm {norm}", ylog=True)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R7", "init_signal_propagation",
+                        "Signal propagation at initialization",
+                        "Median over channels of the per-channel variance and |mean| of each "
+                        "conv/linear output (before its norm) at initialization, one batch of "
+                        "training images; BN mode: train (batch statistics).")
 
 
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
     runs = results.in_group("R7-profile")
     if runs.empty or "jac_max" not in runs:
         return None
@@ -202,7 +209,7 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                   "jac_tiny_share"]].copy()
     table["max_over_rms"] = table["jac_max"] / table["jac_rms"]
     norms = sorted(table["norm"].unique())
-    fig, axes = new_figure(1, 2, width=4.0)
+    fig, axes = new_figure(1, 2)
     for ax, column, label in ((axes[0][0], "max_over_rms", "largest / rms singular value"),
                               (axes[0][1], "jac_tiny_share", "share of s < 0.1 rms")):
         for init, part in table.groupby("init"):
@@ -210,69 +217,50 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                 line = part[part["norm"] == norm].sort_values("depth")
                 ax.plot(line["depth"], line[column], "o-" if norm == "none" else "s--",
                         color=INIT_COLORS.get(init), label=f"{init}, {norm}")
-        ax.set_xlabel("network depth")
-        ax.set_ylabel(label)
+        label_axes(ax, "network depth", label)
     axes[0][0].set_yscale("log")
-    axes[0][0].legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "init_jacobian", table)
-    return FigureInfo("R7", "init_jacobian", "Jacobian conditioning at initialization",
-                      "Spread of the singular values of the Jacobian from the input batch to "
-                      "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
-                      "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).", files)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R7", "init_jacobian",
+                        "Jacobian conditioning at initialization",
+                        "Spread of the singular values of the Jacobian from the input batch to "
+                        "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
+                        "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    table = largest_trainable_lr(results.in_group("R7-train"), ["depth", "norm", "init"], MIN_ACC)
-    if table.empty:
-        return None
+    table = require(_stable_table(results))
     depths = sorted(table["depth"].unique())
-    fig, axes = new_figure(1, len(depths), width=4.0)
+    inits = [i for i in INITS if i in set(table["init"])]
+    fig, axes = new_figure(1, len(depths))
+    used: set[str] = set()
     for ax, depth in zip(axes[0], depths, strict=True):
-        part = table[table["depth"] == depth]
-        norms = sorted(part["norm"].unique())
-        width = 0.8 / len(INITS)
-        for i, init in enumerate(INITS):
-            values = part[part["init"] == init].set_index("norm")["largest_stable_lr"]
-            ax.bar(np.arange(len(norms)) + (i - (len(INITS) - 1) / 2) * width,
-                   [values.get(n, np.nan) for n in norms], width, color=INIT_COLORS.get(init),
-                   label=init)
-        ax.set_xticks(np.arange(len(norms)), norms)
-        log_y_if_positive(ax, part["largest_stable_lr"])
-        ax.set_ylabel("largest lr that trains (constant schedule)")
-        ax.set_title(f"ResNet-{int(depth)}")
-    axes[0][0].legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "init_stable_lr", table)
-    return FigureInfo("R7", "init_stable_lr", "Largest lr that trains, by init and norm",
-                      "Largest learning rate of the grid whose short constant-lr SGD run did "
-                      "not diverge (mini-batch loss > diverge_loss or non-finite) and reached "
-                      f"test accuracy >= {MIN_ACC:g} (eval mode); BN mode: train during the "
-                      "steps.", files)
+        used |= grouped_bars(ax, table[table["depth"] == depth], "norm", "init", inits)
+        label_axes(ax, "", "largest lr that trains (constant schedule)", f"ResNet-{int(depth)}")
+    marker_legend(axes[0][0], used)
+    return saved_figure(fig, fig_dir, table, "R7", "init_stable_lr",
+                        "Largest lr that trains, by init and norm",
+                        f"Largest learning rate of the grid whose short constant-lr SGD run "
+                        f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
+                        "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
+                        "grid.")
 
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
     runs = results.in_group("R7-train")
     if runs.empty or "test_acc" not in runs:
         return None
     table = runs[["depth", "norm", "init", "lr", "status", "test_acc"]].copy()
     keys = sorted(table.groupby(["depth", "norm"]).groups)
-    fig, axes = new_figure(1, len(keys), width=3.4)
+    fig, axes = new_figure(1, len(keys))
     for ax, (depth, norm) in zip(axes[0], keys, strict=True):
-        part = table[(table["depth"] == depth) & (table["norm"] == norm)]
-        for init, line in part.groupby("init"):
-            line = line.sort_values("lr")
-            ax.plot(line["lr"], line["test_acc"], "o-", color=INIT_COLORS.get(init), label=init)
-        ax.set_xscale("log")
+        plot_series(ax, table[(table["depth"] == depth) & (table["norm"] == norm)], "lr",
+                    "test_acc", "init")
         ax.set_ylim(0, 1)
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("test accuracy after the budget")
-        ax.set_title(f"ResNet-{int(depth)}, norm {norm}")
-    axes[0][0].legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "init_accuracy", table)
-    return FigureInfo("R7", "init_accuracy", "Test accuracy after a fixed budget",
-                      "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
-                      "train for the steps, eval (running statistics) for the test set; "
-                      "missing points diverged.", files)
+        label_axes(ax, "learning rate", "test accuracy after the budget",
+                   f"ResNet-{int(depth)}, norm {norm}", xlog=True)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R7", "init_accuracy",
+                        "Test accuracy after a fixed budget",
+                        "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
+                        "train for the steps, eval (running statistics) for the test set; "
+                        "missing points diverged.")

@@ -19,24 +19,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.spec import RunSpec
-from normlab.studies._theory_tasks import NOISE_TASK
-from normlab.studies._trainable_lr import largest_trainable_lr, log_y_if_positive
-from normlab.studies.base import (
+from normlab.report.figures import (
+    NORM_COLORS,
     FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
+    draw_figures,
+    label_axes,
+    largest_lr_figure,
+    new_figure,
+    plot_series,
+    require,
+    saved_figure,
 )
-
-MIN_ACC = 0.2  # twice chance on 10 classes
-BATCH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+from normlab.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._theory_tasks import NOISE_TASK
+from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
 
 
 @dataclass(frozen=True)
-class _Scale:
+class NoiseScale(ScaleConfig):
+    """E2: `noise_examples` examples per `noise_norms` net, `noise_samples` batches per size in
+    `noise_batches`. R5: `norms` x `batch_sizes` x `lrs`, `epochs` each."""
+
     depth: int
     width: int
     noise_norms: tuple[str, ...]
@@ -51,15 +57,20 @@ class _Scale:
 
 SCALES = {
     # digits, ResNet-8 of width 8: about a minute on 2 CPU cores
-    "smoke": _Scale(8, 8, ("none",), 128, (1, 2, 4, 8, 16, 32, 64), 200, ("batch",),
-                    (16, 64, 256), (0.01, 0.04, 0.16, 0.64, 2.56), 3.0),
+    "smoke": NoiseScale(depth=8, width=8, noise_norms=("none",), noise_examples=128,
+                        noise_batches=(1, 2, 4, 8, 16, 32, 64), noise_samples=200,
+                        norms=("batch",), batch_sizes=(16, 64, 256),
+                        lrs=(0.01, 0.04, 0.16, 0.64, 2.56), epochs=3.0),
     # CIFAR-10, ResNet-20: one GPU
-    "reduced": _Scale(20, 16, ("none", "group"), 1024, (1, 4, 16, 64, 256, 512), 400,
-                      ("batch", "none"), (32, 128, 512, 2048),
-                      tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)), 30.0),
-    "paper": _Scale(110, 16, ("none", "group"), 2048, (1, 4, 16, 64, 256, 1024), 400,
-                    ("batch", "none"), (32, 128, 512, 2048),
-                    tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), 160.0),
+    "reduced": NoiseScale(depth=20, width=16, noise_norms=("none", "group"),
+                          noise_examples=1024, noise_batches=(1, 4, 16, 64, 256, 512),
+                          noise_samples=400, norms=("batch", "none"),
+                          batch_sizes=(32, 128, 512, 2048),
+                          lrs=tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)), epochs=30.0),
+    "paper": NoiseScale(depth=110, width=16, noise_norms=("none", "group"), noise_examples=2048,
+                        noise_batches=(1, 4, 16, 64, 256, 1024), noise_samples=400,
+                        norms=("batch", "none"), batch_sizes=(32, 128, 512, 2048),
+                        lrs=tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), epochs=160.0),
 }
 
 
@@ -71,12 +82,11 @@ class NoiseScaleStudy(Study):
                    "g = lr N / (B (1 - m)).")
     experiments = ("E2", "R5")
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        s = SCALES[scale]
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       init="xavier_normal", schedule="constant", momentum=0.9,
-                       weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width)
         specs = [base.replace(task=NOISE_TASK, group="E2", norm=norm,
                               options={"examples": s.noise_examples,
                                        "batch_sizes": list(s.noise_batches),
@@ -87,11 +97,12 @@ class NoiseScaleStudy(Study):
                   for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
         return specs
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_noise_figure(results, fig_dir), _accuracy_figure(results, fig_dir),
-               _stable_lr_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _noise_figure, _accuracy_figure,
+                            _stable_lr_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         noise = _noise_table(results)
@@ -106,7 +117,7 @@ class NoiseScaleStudy(Study):
                 f" (N = {int(noise['examples'].iloc[0])}): largest deviation "
                 f"{abs(worst['noise_estimate'] / worst['noise_exact'] - 1):.1%} at b = "
                 f"{int(worst['batch_size'])} ({abs(z).max():.1f} standard errors)",
-                bool(z.abs().max() < 4)))
+                verdict(bool(z.abs().max() < 4))))
         grid = _grid(results)
         if not grid.empty:
             for norm, part in grid.groupby("norm"):
@@ -123,11 +134,11 @@ class NoiseScaleStudy(Study):
                         f"B={int(r.batch_size)}: {r.lr:g} (g={r.noise_scale:.3g})"
                         for r in best.itertuples())
                     + f"; spread of best g {g_spread:.3g}x vs of best lr {lr_spread:.3g}x",
-                    bool(g_spread < lr_spread)))
+                    verdict(bool(g_spread < lr_spread))))
         return rows
 
 
-# -- tables ----------------------------------------------------------------------------------------
+# -- measurements, as tables ---------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
 def _train_size(data: str) -> int:
@@ -164,101 +175,71 @@ def _grid(results: StudyResults) -> pd.DataFrame:
     return runs
 
 
-# -- figures ---------------------------------------------------------------------------------------
+# -- figures --------------------------------------------------------------------------------------
 
 def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    table = _noise_table(results)
-    if table.empty:
-        return None
-    fig, axes = new_figure(1, 1, width=4.6)
+    table = require(_noise_table(results))
+    fig, axes = new_figure()
     ax = axes[0][0]
     for norm, part in table.groupby("norm"):
         part = part.sort_values("batch_size")
         color = NORM_COLORS.get(norm)
         ax.errorbar(part["batch_size"], part["noise_estimate"], yerr=2 * part["stderr"],
-                    fmt="o", color=color, ms=4, label=f"{norm}: sampled batches (+-2 se)")
+                    fmt="o", color=color, label=f"{norm}: sampled batches (+-2 se)")
         ax.plot(part["batch_size"], part["noise_exact"], "-", color=color,
                 label=f"{norm}: (N-b)/(b(N-1)) C_hat")
         ax.plot(part["batch_size"], part["noise_bound"], ":", color=color,
                 label=f"{norm}: bound C_hat / b")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size b")
-    ax.set_ylabel("E ||g_B - g||^2")
-    ax.legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "sgd_noise_vs_batch", table)
-    return FigureInfo("E2", "sgd_noise_vs_batch", "SGD noise versus batch size",
-                      "Squared distance between the mini-batch gradient and the full gradient "
-                      "over N training examples at initialization, averaged over batches drawn "
-                      "without replacement, against eq. 2; per-example loss gradients "
-                      "(per_example_loss_grads), models without batch coupling, so BN mode "
-                      "does not apply.", files)
+    label_axes(ax, "batch size b", "E ||g_B - g||^2", xlog=True, ylog=True)
+    ax.legend()
+    return saved_figure(fig, fig_dir, table, "E2", "sgd_noise_vs_batch",
+                        "SGD noise versus batch size",
+                        "Squared distance between the mini-batch gradient and the full gradient "
+                        "over N training examples at initialization, averaged over batches drawn "
+                        "without replacement, against eq. 2; per-example loss gradients "
+                        "(per_example_loss_grads), models without batch coupling, so BN mode "
+                        "does not apply.")
 
 
 def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    grid = _grid(results)
-    if grid.empty:
-        return None
+    grid = require(_grid(results))
     norms = sorted(grid["norm"].unique())
-    fig, axes = new_figure(len(norms), 2, width=4.0)
-    batches = sorted(grid["batch_size"].unique())
+    fig, axes = new_figure(len(norms), 2)
     for row, norm in enumerate(norms):
         part = grid[grid["norm"] == norm]
-        for i, b in enumerate(batches):
-            line = part[part["batch_size"] == b].sort_values("lr")
-            color = BATCH_COLORS[i % len(BATCH_COLORS)]
-            axes[row][0].plot(line["lr"], line["test_acc"], "o-", color=color, label=f"B={b}")
-            axes[row][1].plot(line["noise_scale"], line["test_acc"], "o-", color=color,
-                              label=f"B={b}")
-        for ax, label in zip(axes[row], ("learning rate", "noise scale g = lr N / (B(1-m))"),
-                             strict=True):
-            ax.set_xscale("log")
+        for ax, x, label in zip(axes[row], ("lr", "noise_scale"),
+                                ("learning rate", "noise scale g = lr N / (B(1-m))"),
+                                strict=True):
+            plot_series(ax, part, x, "test_acc", "batch_size", label="B={}")
             ax.set_ylim(0, 1)
-            ax.set_xlabel(label)
-            ax.set_ylabel("test accuracy")
-            ax.set_title(f"norm {norm}")
-    axes[0][0].legend(fontsize=7)
+            label_axes(ax, label, "test accuracy", f"norm {norm}", xlog=True)
+    axes[0][0].legend()
     data = grid[["norm", "batch_size", "lr", "momentum", "examples", "noise_scale", "status",
                  "test_acc"]]
-    files = save_figure(fig, fig_dir, "accuracy_vs_noise_scale", data)
-    return FigureInfo("R5", "accuracy_vs_noise_scale", "Accuracy against lr and noise scale",
-                      "Test accuracy (BN mode: eval, running statistics) after a fixed "
-                      "number of epochs of constant-lr SGD, against the learning rate (left) "
-                      "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
-                      "at 0. Curves that collapse on the right obey the linear scaling rule.",
-                      files)
+    return saved_figure(fig, fig_dir, data, "R5", "accuracy_vs_noise_scale",
+                        "Accuracy against lr and noise scale",
+                        "Test accuracy (BN mode: eval, running statistics) after a fixed "
+                        "number of epochs of constant-lr SGD, against the learning rate (left) "
+                        "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
+                        "at 0. Curves that collapse on the right obey the linear scaling rule.")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
+    grid = require(_grid(results))
+    table = stable_and_trained(grid, ["norm", "batch_size"])
 
-    grid = _grid(results)
-    if grid.empty:
-        return None
-    table = largest_trainable_lr(grid, ["norm", "batch_size"], MIN_ACC)
-    fig, axes = new_figure(1, 1, width=4.4)
-    ax = axes[0][0]
-    for norm, part in table.groupby("norm"):
-        part = part.sort_values("batch_size")
-        ax.plot(part["batch_size"], part["largest_stable_lr"], "o-",
-                color=NORM_COLORS.get(norm), label=f"{norm}")
-        first = part.dropna(subset=["largest_stable_lr"]).head(1)
-        if not first.empty:
-            b0, lr0 = float(first["batch_size"].iloc[0]), float(first["largest_stable_lr"].iloc[0])
-            ax.plot(part["batch_size"], lr0 * part["batch_size"] / b0, ":",
-                    color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
-    ax.set_xscale("log")
-    log_y_if_positive(ax, table["largest_stable_lr"])
-    ax.set_xlabel("batch size B")
-    ax.set_ylabel("largest lr that trains")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "stable_lr_vs_batch", table)
-    return FigureInfo("R5", "stable_lr_vs_batch", "Largest lr that trains versus batch size",
-                      "Largest learning rate of the grid whose constant-lr run neither diverged "
-                      f"nor ended below {MIN_ACC:g} test accuracy, per batch size (BN mode: "
-                      "train during the steps), against the linear scaling line.", files)
+    def scaling_lines(ax) -> None:  # lr proportional to B from the smallest batch that trains
+        for norm, part in table.groupby("norm"):
+            first = part.sort_values("batch_size").dropna(subset=["largest_trained_lr"]).head(1)
+            if not first.empty:
+                b0 = float(first["batch_size"].iloc[0])
+                lr0 = float(first["largest_trained_lr"].iloc[0])
+                ax.plot(part["batch_size"], lr0 * part["batch_size"] / b0, ":",
+                        color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
 
+    fig = largest_lr_figure(table, "batch_size", "batch size B", extra=scaling_lines)
+    return saved_figure(fig, fig_dir, table, "R5", "stable_lr_vs_batch",
+                        "Largest lr that trains versus batch size",
+                        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}), per "
+                        "batch size (BN mode: train during the steps), against the linear scaling "
+                        "line. '>=': the largest lr tried; a triangle: none of the grid.")

@@ -20,28 +20,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normlab.config import ConfigError, interval_problem
+from normlab.report.figures import (
+    NORM_COLORS,
+    FigureInfo,
+    draw_figures,
+    grouped_bars,
+    label_axes,
+    marker_legend,
+    new_figure,
+    require,
+    saved_figure,
+)
 from normlab.result import RunResult
 from normlab.spec import RunSpec
-from normlab.studies._stable_lr import stable_and_trained
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
-)
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._options import Option, declare_options, read_options
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
 from normlab.tasks import RunContext, register_task
 from normlab.train.callbacks import TrainState
 
 TASK = "radial-probes"
-TRAINS_ACC = 0.2  # final test accuracy of a run that "trains": twice chance for 10 classes
 PROJECTIONS = ("none", "tangential", "radial")
 
 
 @dataclass(frozen=True)
-class _Scale:
+class RadialScale(ScaleConfig):
+    """R2/R3: `norms` x `lrs` runs of `steps` (radial probe every `every` steps; mean gradient
+    over `mean_batches`, landscapes on `landscape_batches` with `points` / `points_2d` points over
+    +-`span`). R4: `norms` x projections x `stability_lrs` runs of `stability_steps`."""
+
     depth: int
     width: int
     batch_size: int
@@ -60,37 +69,29 @@ class _Scale:
 
 SCALES = {
     # digits, ResNet-8 of width 8: a few minutes on 2 CPU cores
-    "smoke": _Scale(8, 8, 64, 40, ("none", "batch"), (0.01, 0.1),
-                    (0.01, 0.1, 1.0, 10.0), 30, 10, 6, 2, 9, 5, 0.5),
+    "smoke": RadialScale(depth=8, width=8, batch_size=64, steps=40, norms=("none", "batch"),
+                         lrs=(0.01, 0.1), stability_lrs=(0.01, 0.1, 1.0, 10.0),
+                         stability_steps=30, every=10, mean_batches=6, landscape_batches=2,
+                         points=9, points_2d=5, span=0.5),
     # CIFAR-10, ResNet-20: one GPU, hours
-    "reduced": _Scale(20, 16, 128, 3000, ("none", "batch", "group", "layer"), (0.001, 0.01, 0.1),
-                      tuple(float(v) for v in np.geomspace(1e-4, 10, 11)), 400, 100, 64, 4,
-                      31, 21, 0.5),
+    "reduced": RadialScale(depth=20, width=16, batch_size=128, steps=3000,
+                           norms=("none", "batch", "group", "layer"), lrs=(0.001, 0.01, 0.1),
+                           stability_lrs=tuple(float(v) for v in np.geomspace(1e-4, 10, 11)),
+                           stability_steps=400, every=100, mean_batches=64, landscape_batches=4,
+                           points=31, points_2d=21, span=0.5),
     # the paper's ResNet-110
-    "paper": _Scale(110, 16, 128, 20000, ("none", "batch", "group", "layer", "batch_renorm"),
-                    (0.0001, 0.003, 0.1), tuple(float(v) for v in np.geomspace(1e-5, 10, 13)),
-                    800, 200, 128, 8, 41, 25, 0.5),
+    "paper": RadialScale(depth=110, width=16, batch_size=128, steps=20000,
+                         norms=("none", "batch", "group", "layer", "batch_renorm"),
+                         lrs=(0.0001, 0.003, 0.1),
+                         stability_lrs=tuple(float(v) for v in np.geomspace(1e-5, 10, 13)),
+                         stability_steps=800, every=200, mean_batches=128, landscape_batches=8,
+                         points=41, points_2d=25, span=0.5),
 }
 
-OPTION_DEFAULTS = {"mean_batches": 8, "landscape_batches": 2, "points": 11, "points_2d": 7,
-                   "span": 0.5, "spectrum": True}
-
-
-def _options(spec: RunSpec) -> dict[str, Any]:
-    options, problems = spec.task_options(OPTION_DEFAULTS)
-    for key, low in (("mean_batches", 2), ("landscape_batches", 1), ("points", 2),
-                     ("points_2d", 2)):
-        problem = interval_problem(f"options.{key}", options[key], low, kind=int,
-                                   low_open=False)
-        problems += [problem] if problem else []
-    problem = interval_problem("options.span", options["span"], 0.0)
-    problems += [problem] if problem else []
-    if not isinstance(options["spectrum"], bool):
-        problems.append(f"The 'options.spectrum' setting must be a bool; "
-                        f"got {options['spectrum']!r}.")
-    if problems:
-        raise ConfigError(problems)
-    return options
+OPTIONS = declare_options(
+    TASK, mean_batches=Option(8, low=2), landscape_batches=Option(2, low=1),
+    points=Option(11, low=2), points_2d=Option(7, low=2),
+    span=Option(0.5, kind="float", low=0.0, low_open=True), spectrum=Option(True, kind="bool"))
 
 
 class _Measurements:
@@ -151,7 +152,7 @@ def radial_probes_task(spec: RunSpec, context: RunContext) -> RunResult:
     singular direction of the first batch's exact per-example gradients)."""
     from normlab.train import train
 
-    options = _options(spec)
+    options = read_options(spec)
     measure = _Measurements(spec, options)
     result = train(spec.replace(task="train", options={}), callbacks=[measure], context=context)
     result.final.update(measure.summary)
@@ -166,12 +167,11 @@ class RadialStudy(Study):
                    "and the largest stable lr under full, tangential and radial updates.")
     experiments = ("R2", "R3", "R4")
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        s = SCALES[scale]
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       batch_size=s.batch_size, init="xavier_normal", schedule="constant",
-                       momentum=0.9, weight_decay=5e-4)
+        base = resnet_spec(data, depth=s.depth, width=s.width, batch_size=s.batch_size)
         specs = [base.replace(task=TASK, group="R2", norm=norm, lr=lr, steps=s.steps,
                               probes=[{"name": "radial", "every": s.every}],
                               options={"mean_batches": s.mean_batches,
@@ -184,15 +184,13 @@ class RadialStudy(Study):
                   for norm in s.norms for projection in PROJECTIONS for lr in s.stability_lrs]
         return specs
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = []
-        for draw in (_radial_over_training, _mean_gradient_share, _mean_gradient_top_cosine,
-                     _landscape_1d, _landscape_2d, _stable_lr_figure):
-            info = draw(results, fig_dir)
-            if info is not None:
-                out.append(info)
-        return out
+        return draw_figures(results, fig_dir, _radial_over_training, _mean_gradient_share,
+                            _mean_gradient_top_cosine, _landscape_1d, _landscape_2d,
+                            _stable_lr_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         shares = _mean_share_table(results)
@@ -208,7 +206,7 @@ class RadialStudy(Study):
                     "part.", "not measured (review's question)",
                     f"median radial share of the mean gradient per layer: none "
                     f"{by_norm['none']:.2g}, normalized at most {bn:.2g} (conv layers; the "
-                    f"classifier is not normalized)", bool(by_norm["none"] > 10 * bn)))
+                    f"classifier is not normalized)", verdict(bool(by_norm["none"] > 10 * bn))))
         rows += _landscape_findings(results)
         stable = _stable_table(results)
         if not stable.empty:
@@ -226,7 +224,7 @@ class RadialStudy(Study):
                     f"({stable_full:.3g}) with full updates vs {tangential:.3g} "
                     f"({stable_tangential:.3g}) tangential-only",
                     None if math.isnan(full) or math.isnan(tangential)
-                    else bool(tangential > full)))
+                    else verdict(bool(tangential > full))))
         return rows
 
 
@@ -250,17 +248,17 @@ def _landscape_findings(results: StudyResults) -> list[Finding]:
                 "reduces the loss more than moving along a random orthogonal direction.",
                 "review's question", f"best loss drop on the 1-D slice at init: "
                 f"{100 * mean:.1f} % along the mean gradient vs {100 * random:.1f} % random",
-                bool(mean > random)))
+                verdict(bool(mean > random))))
     return rows
 
 
-# -- tables ----------------------------------------------------------------------------------------
+# -- measurements, as tables ---------------------------------------------------------------------
 
 def _stable_table(results: StudyResults) -> pd.DataFrame:
     runs = results.in_group("R4")
     if runs.empty:
         return pd.DataFrame()
-    return stable_and_trained(runs, ["norm", "update_projection"], TRAINS_ACC)
+    return stable_and_trained(runs, ["norm", "update_projection"])
 
 
 def _mean_share_table(results: StudyResults, quantity: str = "radial_share") -> pd.DataFrame:
@@ -277,14 +275,10 @@ def _style(lr: float, lrs: list[float]) -> str:
 
 
 def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    records = results.records("radial")
-    if records.empty:
-        return None
+    records = require(results.records("radial"))
     table = (records[records["quantity"].isin(["radial_norm", "tangential_norm"])]
              .groupby(["norm", "lr", "step", "quantity"], as_index=False)["value"].median())
-    fig, axes = new_figure(1, 2, width=4.2)
+    fig, axes = new_figure(1, 2)
     lrs = sorted(table["lr"].unique())
     for ax, quantity in zip(axes[0], ("radial_norm", "tangential_norm"), strict=True):
         for (norm, lr), part in table[table["quantity"] == quantity].groupby(["norm", "lr"]):
@@ -294,13 +288,12 @@ def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | 
         ax.set_xlabel("step")
         ax.set_ylabel(f"median over layers of ||g_{quantity.split('_')[0][:3]}||")
         ax.set_title(quantity.replace("_", " "))
-    axes[0][0].legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "radial_over_training", table)
-    return FigureInfo("R2", "radial_over_training", "Radial and tangential gradient norms",
-                      "Median over conv/linear layers of the norm of the radial and tangential "
-                      "parts of the mini-batch loss gradient (per layer, train-mode BN, "
-                      "recomputed at the current weights), over training at constant lr.",
-                      files)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R2", "radial_over_training",
+                        "Radial and tangential gradient norms",
+                        "Median over conv/linear layers of the norm of the radial and tangential "
+                        "parts of the mini-batch loss gradient (per layer, train-mode BN, "
+                        "recomputed at the current weights), over training at constant lr.")
 
 
 _MEAN_FIGURES = {
@@ -322,15 +315,11 @@ _MEAN_FIGURES = {
 
 def _mean_gradient_figure(results: StudyResults, fig_dir: Path, quantity: str
                           ) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
     name, title, ylabel, log, caption = _MEAN_FIGURES[quantity]
-    table = _mean_share_table(results, quantity)
-    if table.empty:
-        return None
+    table = require(_mean_share_table(results, quantity))
     table = table[["norm", "lr", "when", "layer", "depth", "value"]]
     whens = [w for w in ("init", "end") if w in set(table["when"])]
-    fig, axes = new_figure(1, len(whens), width=4.2)
+    fig, axes = new_figure(1, len(whens))
     lrs = sorted(table["lr"].unique())
     for ax, when in zip(axes[0], whens, strict=True):
         for (norm, lr), part in table[table["when"] == when].groupby(["norm", "lr"]):
@@ -343,9 +332,8 @@ def _mean_gradient_figure(results: StudyResults, fig_dir: Path, quantity: str
         ax.set_xlabel("layer depth")
         ax.set_ylabel(ylabel)
         ax.set_title(f"at {when}")
-    axes[0][0].legend(fontsize=7)
-    files = save_figure(fig, fig_dir, name, table)
-    return FigureInfo("R2", name, title, caption, files)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R2", name, title, caption)
 
 
 def _mean_gradient_share(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
@@ -365,14 +353,10 @@ def _landscape_table(results: StudyResults, two_d: bool) -> pd.DataFrame:
 
 
 def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    table = _landscape_table(results, two_d=False)
-    if table.empty:
-        return None
+    table = require(_landscape_table(results, two_d=False))
     table = table[["norm", "lr", "when", "direction", "alpha", "value"]]
     keys = sorted(table.groupby(["when", "lr"]).groups, key=lambda k: (k[0] != "init", k[1]))
-    fig, axes = new_figure(1, len(keys), width=3.6)
+    fig, axes = new_figure(1, len(keys))
     for ax, (when, lr) in zip(axes[0], keys, strict=True):
         part = table[(table["when"] == when) & (table["lr"] == lr)]
         for (norm, direction), line in part.groupby(["norm", "direction"]):
@@ -382,25 +366,21 @@ def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_xlabel("alpha (step / ||theta||)")
         ax.set_ylabel("loss")
         ax.set_title(f"lr {lr:g}, at {when}")
-    axes[0][0].legend(fontsize=6)
-    files = save_figure(fig, fig_dir, "landscape_1d", table)
-    return FigureInfo("R3", "landscape_1d", "Loss along the mean gradient vs a random direction",
-                      "Mean training loss on fixed batches (train-mode BN, running statistics "
-                      "frozen) at theta + alpha d, d the descent direction of the mean gradient "
-                      "(solid) or a random filter-normalized direction orthogonal to it "
-                      "(dashed), both as long as theta.", files)
+    axes[0][0].legend()
+    return saved_figure(fig, fig_dir, table, "R3", "landscape_1d",
+                        "Loss along the mean gradient vs a random direction",
+                        "Mean training loss on fixed batches (train-mode BN, running statistics "
+                        "frozen) at theta + alpha d, d the descent direction of the mean gradient "
+                        "(solid) or a random filter-normalized direction orthogonal to it "
+                        "(dashed), both as long as theta.")
 
 
 def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    table = _landscape_table(results, two_d=True)
-    if table.empty:
-        return None
+    table = require(_landscape_table(results, two_d=True))
     table = table[table["when"] == table["when"].iloc[-1]]
     table = table[["norm", "lr", "when", "alpha", "beta", "value"]]
     keys = sorted(table.groupby(["norm", "lr"]).groups)
-    fig, axes = new_figure(1, len(keys), width=3.4)
+    fig, axes = new_figure(1, len(keys))
     for ax, (norm, lr) in zip(axes[0], keys, strict=True):
         part = table[(table["norm"] == norm) & (table["lr"] == lr)]
         grid = part.pivot_table(index="beta", columns="alpha", values="value")
@@ -410,41 +390,35 @@ def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_xlabel("alpha: mean-gradient descent")
         ax.set_ylabel("beta: random orthogonal")
         ax.set_title(f"{norm}, lr {lr:g}")
-    files = save_figure(fig, fig_dir, "landscape_2d", table)
-    return FigureInfo("R3", "landscape_2d", "2-D loss slice: mean gradient x random direction",
-                      "log10 of the mean training loss on fixed batches (train-mode BN) over "
-                      "the plane spanned by the mean-gradient descent direction and a random "
-                      "orthogonal filter-normalized direction, at the end of training.", files)
+    return saved_figure(fig, fig_dir, table, "R3", "landscape_2d",
+                        "2-D loss slice: mean gradient x random direction",
+                        "log10 of the mean training loss on fixed batches (train-mode BN) over "
+                        "the plane spanned by the mean-gradient descent direction and a random "
+                        "orthogonal filter-normalized direction, at the end of training.")
 
 
 def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    table = _stable_table(results)
-    if table.empty:
-        return None
-    norms = sorted(table["norm"].unique())
-    fig, axes = new_figure(1, 1, width=max(4.0, 1.4 * len(norms)))
-    ax = axes[0][0]
-    width = 0.8 / len(PROJECTIONS)
+    table = require(_stable_table(results))
     shades = {"none": "#444444", "tangential": "#1f77b4", "radial": "#d62728"}
-    for i, projection in enumerate(PROJECTIONS):
-        part = table[table["update_projection"] == projection].set_index("norm")
-        where = np.arange(len(norms)) + (i - 1) * width
-        trained = [part["largest_trained_lr"].get(n, np.nan) for n in norms]
-        stable = [part["largest_stable_lr"].get(n, np.nan) for n in norms]
-        ax.bar(where, trained, width, color=shades[projection],
-               label={"none": "full update"}.get(projection, f"{projection} only"))
-        ax.scatter(where, stable, marker="v", color=shades[projection], zorder=3)
-    ax.set_xticks(np.arange(len(norms)), norms)
-    ax.set_yscale("log")
-    ax.set_ylabel("largest lr that trained (constant)")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "stable_lr_by_projection", table)
-    return FigureInfo("R4", "stable_lr_by_projection", "Largest stable lr by update projection",
-                      "Bars: largest learning rate of the grid whose short constant-lr run did "
-                      "not diverge (mini-batch loss > diverge_loss or non-finite) and reached "
-                      "a final test accuracy >= 0.2 (twice chance); triangles: "
-                      "largest that did not diverge (it may have died). Full updates, or only "
-                      "their tangential or radial part per filter (conv/linear weights; "
-                      "train-mode BN).", files)
+    labels = {"none": "full update", "tangential": "tangential only", "radial": "radial only"}
+    fig, axes = new_figure()
+    ax = axes[0][0]
+    used = grouped_bars(ax, table, "norm", "update_projection", PROJECTIONS, colors=shades,
+                        labels=labels)
+    stable = grouped_bars(ax, table, "norm", "update_projection", PROJECTIONS,
+                          column="largest_stable_lr", censored="stable_censored",
+                          colors=dict.fromkeys(PROJECTIONS, "none"), labels={})
+    for patch in ax.patches[len(ax.patches) // 2:]:  # the second set: outlines only
+        patch.set_edgecolor("black")
+        patch.set_linestyle("--")
+    ax.bar([], [], color="none", edgecolor="black", linestyle="--",
+           label="largest lr without divergence (outline)")
+    label_axes(ax, "", "largest lr that trained (constant)")
+    marker_legend(ax, used | stable)
+    return saved_figure(fig, fig_dir, table, "R4", "stable_lr_by_projection",
+                        "Largest stable lr by update projection",
+                        f"Filled bars: largest learning rate of the grid whose short constant-lr "
+                        f"run trains ({TRAINS_DEFINITION}); dashed outlines: the largest that did "
+                        "not diverge (it may have died). Full updates, or only their tangential or "
+                        "radial part per filter (conv/linear weights; train-mode BN). '>=': the "
+                        "largest lr tried; a triangle: none of the grid.")

@@ -17,25 +17,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.spec import RunSpec
-from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
-from normlab.studies.base import (
+from normlab.report.figures import (
+    INIT_COLORS,
     FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
+    draw_figures,
+    new_figure,
+    require,
+    saved_figure,
 )
+from normlab.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale
+from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
+from normlab.studies.base import Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
-INIT_COLORS = {"xavier_normal": "#1f77b4", "kaiming_normal": "#d62728", "orthogonal": "#2ca02c",
-               "delta_orthogonal": "#9467bd"}
 PAPER_EDGES = {1: 2.00, 3: 3.08, 5: 3.86}  # the paper's largest singular values (E9)
 
 
 @dataclass(frozen=True)
-class _Scale:
+class RmtScale(ScaleConfig):
+    """Products of M in `factors` matrices of size `matrix_size`; Jacobians of a linear MLP and
+    a ResNet at initialization on `examples` images, per init and norm."""
+
     factors: tuple[int, ...]
     matrix_size: int
     mlp_depth: int
@@ -44,14 +48,18 @@ class _Scale:
     resnet_width: int
     examples: int
     norms: tuple[str, ...]
+    inits: tuple[str, ...] = INITS
 
 
 SCALES = {
     # digits (64 inputs): seconds on 2 CPU cores
-    "smoke": _Scale((1, 3, 5), 1000, 10, 64, 8, 4, 4, ("none", "batch")),
+    "smoke": RmtScale(factors=(1, 3, 5), matrix_size=1000, mlp_depth=10, mlp_width=64,
+                      resnet_depth=8, resnet_width=4, examples=4, norms=("none", "batch")),
     # CIFAR-10 inputs: minutes on one GPU (Lanczos over up to 3072 x examples inputs)
-    "reduced": _Scale((1, 2, 3, 4, 5), 1000, 20, 256, 20, 16, 2, ("none", "batch")),
-    "paper": _Scale((1, 3, 5, 10), 2000, 50, 512, 110, 16, 2, ("none", "batch")),
+    "reduced": RmtScale(factors=(1, 2, 3, 4, 5), matrix_size=1000, mlp_depth=20, mlp_width=256,
+                        resnet_depth=20, resnet_width=16, examples=2, norms=("none", "batch")),
+    "paper": RmtScale(factors=(1, 3, 5, 10), matrix_size=2000, mlp_depth=50, mlp_width=512,
+                      resnet_depth=110, resnet_width=16, examples=2, norms=("none", "batch")),
 }
 
 
@@ -63,13 +71,14 @@ class RmtStudy(Study):
                    "init scheme, with and without BN.")
     experiments = ("E9",)
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
+        s = pick_scale(SCALES, scale)
         data = default_data(scale, data)
-        s = SCALES[scale]
         specs = [RunSpec(task=RMT_TASK, group="E9-products", data=data, model="mlp", norm="none",
                          seed=0,
                          options={"M": m, "N": s.matrix_size}) for m in s.factors]
-        for init in INITS:
+        for init in s.inits:
             for norm in s.norms:
                 specs.append(RunSpec(
                     task=JACOBIAN_TASK, group="E9-jacobian", data=data, model="mlp",
@@ -81,11 +90,12 @@ class RmtStudy(Study):
                     options={"examples": s.examples, "layer": "stage3"}))
         return specs
 
+    # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_products_figure(results, fig_dir), _conditioning_figure(results, fig_dir),
-               _jacobian_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+        return draw_figures(results, fig_dir, _products_figure, _conditioning_figure,
+                            _jacobian_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         products = _product_runs(results)
@@ -104,8 +114,9 @@ class RmtStudy(Study):
                     + f"; sampled max at N = {size}: "
                     + ", ".join(f"{ours[m]:.2f}" for m in common),
                     # finite N approaches the edge slowly from below (more so for large M)
-                    all(abs(edges[m] - PAPER_EDGES[m]) < 0.01
-                        and 0.85 * edges[m] < ours[m] < 1.05 * edges[m] for m in common)))
+                    verdict(all(abs(edges[m] - PAPER_EDGES[m]) < 0.01
+                                and 0.85 * edges[m] < ours[m] < 1.05 * edges[m]
+                                for m in common))))
             ordered = products.sort_values("options.M")
             tiny = ordered["sv_tiny_share"].to_numpy()
             rows.append(Finding(
@@ -115,7 +126,7 @@ class RmtStudy(Study):
                 "tiny share " + ", ".join(f"M={int(m)}: {t:.3f}" for m, t in
                                           zip(ordered["options.M"], tiny, strict=True))
                 + "; mean s^2 " + ", ".join(f"{r ** 2:.2f}" for r in ordered["sv_rms"]),
-                bool(np.all(np.diff(tiny) > 0))))
+                verdict(bool(np.all(np.diff(tiny) > 0)))))
         jac = _jacobian_runs(results)
         linear = jac[(jac["model"] == "mlp") & (jac["norm"] == "none")] if not jac.empty else jac
         if not linear.empty:
@@ -127,11 +138,11 @@ class RmtStudy(Study):
                     "not in the paper (review R7)",
                     f"condition number at depth {int(linear['depth'].iloc[0])}: orthogonal "
                     f"{cond['orthogonal']:.3g}, xavier {cond['xavier_normal']:.3g}",
-                    bool(cond["orthogonal"] < 1 + 1e-6 < cond["xavier_normal"])))
+                    verdict(bool(cond["orthogonal"] < 1 + 1e-6 < cond["xavier_normal"]))))
         return rows
 
 
-# -- tables ----------------------------------------------------------------------------------------
+# -- measurements, as tables ---------------------------------------------------------------------
 
 def _group(results: StudyResults, group: str) -> pd.DataFrame:
     runs = results.runs
@@ -152,14 +163,10 @@ def _jacobian_runs(results: StudyResults) -> pd.DataFrame:
 
 def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
-    from normlab.report.figures import new_figure, save_figure
-
-    records = results.records("rmt_product")
-    if records.empty:
-        return None
+    records = require(results.records("rmt_product"))
     values = records[records["quantity"] == "singular_value"]
     factors = sorted(int(m) for m in values["options.M"].unique())
-    fig, axes = new_figure(1, len(factors), width=3.4)
+    fig, axes = new_figure(1, len(factors))
     for ax, m in zip(axes[0], factors, strict=True):
         s = values.loc[values["options.M"] == m, "value"].to_numpy()
         edge = math.sqrt(fuss_catalan_support(m))
@@ -173,55 +180,47 @@ def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_ylabel("density")
         ax.set_title(f"product of M = {m}")
         ax.set_ylim(0, min(ax.get_ylim()[1], 3.0))
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend()
     data = values[["options.M", "options.N", "rank", "value"]].rename(
         columns={"options.M": "M", "options.N": "N", "value": "singular_value"})
-    files = save_figure(fig, fig_dir, "rmt_products", data)
-    return FigureInfo("E9", "rmt_products", "Singular values of products of Gaussian matrices",
-                      "Histogram of the singular values of W_M...W_1, W_i with i.i.d. "
-                      "N(0, 1/N) entries (no network, BN mode not applicable), against the "
-                      "closed-form Fuss-Catalan density 2 s f(s^2) (not fitted).", files)
+    return saved_figure(fig, fig_dir, data, "E9", "rmt_products",
+                        "Singular values of products of Gaussian matrices",
+                        "Histogram of the singular values of W_M...W_1, W_i with i.i.d. "
+                        "N(0, 1/N) entries (no network, BN mode not applicable), against the "
+                        "closed-form Fuss-Catalan density 2 s f(s^2) (not fitted).")
 
 
 def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    runs = _product_runs(results)
-    if runs.empty:
-        return None
+    runs = require(_product_runs(results))
     table = runs[["options.M", "sv_max", "sv_edge_theory", "sv_condition", "sv_tiny_share",
                   "sv_rms"]].rename(columns={"options.M": "M"}).sort_values("M")
-    fig, axes = new_figure(1, 3, width=3.2)
+    fig, axes = new_figure(1, 3)
     ax = axes[0][0]
     ax.plot(table["M"], table["sv_max"], "o-", label="sampled")
     ax.plot(table["M"], table["sv_edge_theory"], "k--", label="edge sqrt((M+1)^(M+1)/M^M)")
     ax.set_ylabel("largest singular value")
-    ax.legend(fontsize=7)
+    ax.legend()
     axes[0][1].semilogy(table["M"], table["sv_condition"], "o-")
     axes[0][1].set_ylabel("condition number max/min")
     axes[0][2].plot(table["M"], table["sv_tiny_share"], "o-")
     axes[0][2].set_ylabel("share of s < 0.1 rms")
     for a in axes[0]:
         a.set_xlabel("number of matrices M")
-    files = save_figure(fig, fig_dir, "rmt_conditioning", table)
-    return FigureInfo("E9", "rmt_conditioning", "Conditioning of the product versus M",
-                      "Largest singular value (with the Fuss-Catalan edge), condition number "
-                      "and share of singular values below 0.1 x rms of W_M...W_1 (Gaussian "
-                      "N(0, 1/N) entries; BN mode not applicable).", files)
+    return saved_figure(fig, fig_dir, table, "E9", "rmt_conditioning",
+                        "Conditioning of the product versus M",
+                        "Largest singular value (with the Fuss-Catalan edge), condition number "
+                        "and share of singular values below 0.1 x rms of W_M...W_1 (Gaussian "
+                        "N(0, 1/N) entries; BN mode not applicable).")
 
 
 def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import new_figure, save_figure
-
-    records = results.records("jacobian_spectrum")
-    if records.empty:
-        return None
+    records = require(results.records("jacobian_spectrum"))
     values = records[records["quantity"] == "singular_value"].copy()
     values["rms"] = values.groupby("run_id")["value"].transform(lambda v: np.sqrt((v ** 2).mean()))
     values["relative"] = values["value"] / values["rms"]
     values["fraction"] = values.groupby("run_id")["rank"].transform(lambda r: r / max(r.max(), 1))
     models = sorted(values["model"].unique())
-    fig, axes = new_figure(1, len(models), width=4.0)
+    fig, axes = new_figure(1, len(models))
     for ax, model in zip(axes[0], models, strict=True):
         part = values[values["model"] == model]
         for (init, norm), line in part.groupby(["init", "norm"]):
@@ -233,11 +232,11 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_ylabel("singular value / rms")
         kind = "deep linear MLP" if model == "mlp" else "ResNet (input -> stage3)"
         ax.set_title(f"{kind}, depth {int(part['depth'].iloc[0])}")
-    axes[0][0].legend(fontsize=6)
+    axes[0][0].legend()
     data = values[["model", "depth", "width", "norm", "init", "rank", "value", "relative"]]
-    files = save_figure(fig, fig_dir, "jacobian_spectra", data)
-    return FigureInfo("E9", "jacobian_spectra", "Input-output Jacobian spectra at initialization",
-                      "Sorted singular values (divided by their rms) of the Jacobian of the "
-                      "batch output with respect to the batch input at initialization, by "
-                      "Golub-Kahan-Lanczos on JVPs/VJPs; BN mode: train (batch statistics, "
-                      "dashed lines). A flat line at 1 is an isometry.", files)
+    return saved_figure(fig, fig_dir, data, "E9", "jacobian_spectra",
+                        "Input-output Jacobian spectra at initialization",
+                        "Sorted singular values (divided by their rms) of the Jacobian of the "
+                        "batch output with respect to the batch input at initialization, by "
+                        "Golub-Kahan-Lanczos on JVPs/VJPs; BN mode: train (batch statistics, "
+                        "dashed lines). A flat line at 1 is an isometry.")

@@ -16,39 +16,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from normlab.report import figures as plot
 from normlab.spec import RunSpec
-from normlab.studies._trainable_lr import largest_trainable_lr, log_y_if_positive
-from normlab.studies.base import (
-    FigureInfo,
-    Finding,
-    Study,
-    StudyResults,
-    default_data,
-    register_study,
-)
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
 
 NORMS = ("batch", "group", "layer", "instance", "batch_renorm")
-MIN_ACC = 0.2  # twice chance on 10 classes
 
 
 @dataclass(frozen=True)
-class _Scale:
+class SmallBatchScale(ScaleConfig):
     depth: int
     width: int
-    groups: int
+    groups: int  # GroupNorm's groups
     batch_sizes: tuple[int, ...]
     lrs: tuple[float, ...]
     epochs: float
+    norms: tuple[str, ...] = NORMS
 
 
 SCALES = {
     # digits, ResNet-8 of width 8 (GroupNorm with 2 groups: 8 would be InstanceNorm)
-    "smoke": _Scale(8, 8, 2, (2, 8, 32, 128), (0.01, 0.1, 1.0), 1.0),
+    "smoke": SmallBatchScale(depth=8, width=8, groups=2, batch_sizes=(2, 8, 32, 128),
+                             lrs=(0.01, 0.1, 1.0), epochs=1.0),
     # CIFAR-10, ResNet-20: one GPU
-    "reduced": _Scale(20, 16, 4, (2, 4, 8, 16, 32, 64, 128),
-                      tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)), 30.0),
-    "paper": _Scale(110, 16, 8, (2, 4, 8, 16, 32, 64, 128),
-                    tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)), 160.0),
+    "reduced": SmallBatchScale(depth=20, width=16, groups=4, batch_sizes=(2, 4, 8, 16, 32, 64, 128),
+                               lrs=tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)),
+                               epochs=30.0),
+    "paper": SmallBatchScale(depth=110, width=16, groups=8, batch_sizes=(2, 4, 8, 16, 32, 64, 128),
+                             lrs=tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)),
+                             epochs=160.0),
 }
 
 
@@ -59,20 +58,20 @@ class SmallBatchStudy(Study):
                    "batch sizes 2..128: best test accuracy and the largest lr that trains.")
     experiments = ("R1",)
 
+    # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
-        data = default_data(scale, data)
-        s = SCALES[scale]
-        base = RunSpec(data=data, model="resnet", depth=s.depth, width=s.width,
-                       init="xavier_normal", schedule="constant", momentum=0.9,
-                       weight_decay=5e-4, epochs=s.epochs, group="R1", log_every=50)
+        s = pick_scale(SCALES, scale)
+        base = resnet_spec(default_data(scale, data), depth=s.depth, width=s.width,
+                           epochs=s.epochs, group="R1", log_every=50)
         return [base.replace(norm=norm, batch_size=b, lr=lr,
                              norm_options={"groups": s.groups} if norm == "group" else {})
-                for norm in NORMS for b in s.batch_sizes for lr in s.lrs]
+                for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
 
-    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        out = [_accuracy_figure(results, fig_dir), _stable_lr_figure(results, fig_dir)]
-        return [f for f in out if f is not None]
+    # -- figures ----------------------------------------------------------------------------------
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[plot.FigureInfo]:
+        return plot.draw_figures(results, fig_dir, _accuracy_figure, _stable_lr_figure)
 
+    # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
         rows = []
         best = _best_accuracy(results)
@@ -87,10 +86,10 @@ class SmallBatchStudy(Study):
                     "not in the paper (review R1; Wu & He 2018, Ioffe 2017)",
                     "best test accuracy over the lr grid: "
                     + ", ".join(f"{n} {a:.3f}" for n, a in acc.items()),
-                    bool(rival > acc["batch"])))
-        table = largest_trainable_lr(results.in_group("R1"), ["norm", "batch_size"], MIN_ACC)
+                    verdict(bool(rival > acc["batch"]))))
+        table = _stable_table(results)
         if not table.empty:
-            lrs = table.groupby("norm")["largest_stable_lr"].max()  # over batch sizes
+            lrs = table.groupby("norm")["largest_trained_lr"].max()  # over batch sizes
             if "batch" in lrs and len(lrs) > 1:
                 others = {n: v for n, v in lrs.items() if n != "batch"}
                 rows.append(Finding(
@@ -100,8 +99,14 @@ class SmallBatchStudy(Study):
                     "largest lr that trains (at any batch size): "
                     + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items()),
                     None if math.isnan(lrs["batch"]) else
-                    all(v >= lrs["batch"] for v in others.values())))
+                    verdict(all(v >= lrs["batch"] for v in others.values()))))
         return rows
+
+
+# -- measurements, as tables ---------------------------------------------------------------------
+
+def _stable_table(results: StudyResults) -> pd.DataFrame:
+    return stable_and_trained(results.in_group("R1"), ["norm", "batch_size"])
 
 
 def _best_accuracy(results: StudyResults) -> pd.DataFrame:
@@ -116,51 +121,30 @@ def _best_accuracy(results: StudyResults) -> pd.DataFrame:
     return best[["norm", "batch_size", "lr", "test_acc"]].reset_index(drop=True)
 
 
-def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
+# -- figures -------------------------------------------------------------------------------------
 
-    table = _best_accuracy(results)
-    if table.empty:
-        return None
-    fig, axes = new_figure(1, 1, width=4.6)
+def _accuracy_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+    table = plot.require(_best_accuracy(results))
+    fig, axes = plot.new_figure()
     ax = axes[0][0]
-    for norm, part in table.groupby("norm"):
-        part = part.sort_values("batch_size")
-        ax.plot(part["batch_size"], part["test_acc"], "o-", color=NORM_COLORS.get(norm),
-                label=norm)
+    plot.plot_series(ax, table, "batch_size", "test_acc", "norm")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("best test accuracy over the lr grid")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "small_batch_accuracy", table)
-    return FigureInfo("R1", "small_batch_accuracy", "Accuracy versus batch size per norm",
-                      "Best test accuracy over the learning-rate grid after a fixed number of "
-                      "epochs of constant-lr SGD; BN mode: eval for the test set (BN and "
-                      "BatchRenorm use running statistics; the others have none), train for "
-                      "the steps.",
-                      files)
+    plot.label_axes(ax, "batch size", "best test accuracy over the lr grid")
+    ax.legend()
+    return plot.saved_figure(
+        fig, fig_dir, table, "R1", "small_batch_accuracy", "Accuracy versus batch size per norm",
+        "Best test accuracy over the learning-rate grid after a fixed number of epochs of "
+        "constant-lr SGD; BN mode: eval for the test set (BN and BatchRenorm use running "
+        "statistics; the others have none), train for the steps.")
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-
-    table = largest_trainable_lr(results.in_group("R1"), ["norm", "batch_size"], MIN_ACC)
-    if table.empty:
-        return None
-    fig, axes = new_figure(1, 1, width=4.6)
-    ax = axes[0][0]
-    for norm, part in table.groupby("norm"):
-        part = part.sort_values("batch_size")
-        ax.plot(part["batch_size"], part["largest_stable_lr"], "o-",
-                color=NORM_COLORS.get(norm), label=norm)
-    ax.set_xscale("log", base=2)
-    log_y_if_positive(ax, table["largest_stable_lr"])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("largest lr that trains")
-    ax.legend(fontsize=7)
-    files = save_figure(fig, fig_dir, "small_batch_stable_lr", table)
-    return FigureInfo("R1", "small_batch_stable_lr", "Largest lr that trains versus batch size",
-                      "Largest learning rate of the grid whose constant-lr run neither diverged "
-                      f"(mini-batch loss > diverge_loss; BN mode: train) nor ended below "
-                      f"{MIN_ACC:g} test accuracy (BN mode: eval).", files)
+def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+    table = plot.require(_stable_table(results))
+    fig = plot.largest_lr_figure(table, "batch_size", "batch size", log_base=2)
+    return plot.saved_figure(
+        fig, fig_dir, table, "R1", "small_batch_stable_lr",
+        "Largest lr that trains versus batch size",
+        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN mode: train "
+        "during the steps, eval for the test accuracy. '>=': the largest lr tried; a triangle: "
+        "none of the grid.")

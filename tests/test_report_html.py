@@ -1,0 +1,44 @@
+"""The report's HTML pieces: verdicts with their reasons, and tables that keep the page's width."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from normlab.report.html import findings_table, run_table
+from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, Finding
+
+
+def test_findings_table_shows_each_verdict_with_its_reason():
+    table = findings_table([
+        Finding("E1", "claim a", "paper a", "ours a", AGREES),
+        Finding("E1", "claim b", "paper b", "ours b", DIFFERS, "at depth 8 only"),
+        Finding("E1", "claim c", "paper c", "ours c", NOT_TESTABLE, "the budget is too short"),
+        Finding("R1", "question", "not in the paper", "ours d")])
+    assert '<td class="agree-yes">agrees</td>' in table
+    assert 'class="agree-no">differs<span class="verdict-reason">at depth 8 only</span>' in table
+    assert ('class="not-testable">not testable at this scale<span class="verdict-reason">the '
+            'budget is too short</span>') in table
+    assert '<td class="">ours d' not in table and "<td class=\"\"></td>" in table
+    assert table.startswith('<div class="table-wrap">')
+
+
+def test_a_finding_names_a_known_verdict_and_a_reason_when_not_testable():
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Finding("E1", "claim", "paper", "ours", "yes")
+    with pytest.raises(ValueError, match="needs its reason"):
+        Finding("E1", "claim", "paper", "ours", NOT_TESTABLE)
+
+
+def test_run_table_scrolls_inside_its_box_with_key_columns_first():
+    runs = pd.DataFrame({"run_id": ["a", "b"], "norm": ["none", "batch"], "lr": [0.1, 0.1],
+                         "status": ["completed", "diverged"], "steps_done": [10, 3],
+                         "wall_time_s": [1.0, 0.5], "lambda_max": [3.0, None],
+                         "test_acc": [0.5, None]})
+    html = run_table(runs)
+    assert '<div class="table-wrap"><table class="runs">' in html
+    runs_html = html[html.index('<table class="runs">'):]
+    head = runs_html[:runs_html.index("</tr>")]
+    order = [head.index(f"<th>{c}</th>") for c in ("run_id", "norm", "status", "test_acc",
+                                                    "steps_done", "wall_time_s", "lambda_max")]
+    assert order == sorted(order)
