@@ -378,7 +378,10 @@ def test_probe_matches_brute_force_on_the_zoo(probe_name, zoo_name, device, no_t
 
 @pytest.mark.device
 @pytest.mark.parametrize("zoo_name", ZOO.names())
-@pytest.mark.parametrize("probe_name", PROBES.names())
+@pytest.mark.parametrize("probe_name", [
+    pytest.param(name, marks=pytest.mark.slow)
+    if name in ("hessian_eigs", "jacobian_singular_values") else name
+    for name in PROBES.names()])
 def test_probe_leaves_a_zoo_model_and_its_pending_graph_alone(probe_name, zoo_name, device,
                                                               no_tf32):
     case = ZOO.get(zoo_name)(device)
