@@ -235,7 +235,7 @@ def _vmap_grads(forward, loss_fn, x, y, selected, chunk_size):
     grads, values = grad_fn(trainable, x.contiguous(), y)
     with torch.no_grad():
         batch = per_example_losses(loss_fn, forward(x, trainable), y)
-    if not torch.allclose(values, batch, rtol=1e-3, atol=1e-5 * float(batch.abs().max()) + 1e-12,
+    if not torch.allclose(values, batch, rtol=1e-2, atol=1e-4 * float(batch.abs().max()) + 1e-12,
                           equal_nan=True):
         raise _VmapMismatch("the per-example losses computed one example at a time differ from "
                             "those of the batch forward (a batch-coupled layer?)")
