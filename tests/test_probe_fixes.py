@@ -154,8 +154,9 @@ def test_coherence_counts_every_call_of_a_module():
     calls = []
 
     def record(module, inputs, output):
-        calls.append([inputs[0].detach()])
-        output.register_hook(lambda g, k=len(calls) - 1: calls[k].append(g))
+        call = [inputs[0].detach()]
+        calls.append(call)
+        output.register_hook(call.append)
 
     handle = layer.register_forward_hook(record)
     nn.CrossEntropyLoss()(net(x), y).backward()
@@ -300,29 +301,29 @@ def _same(a, b):
 
 OLD_AND_NEW = {
     "per_example_loss_grads x, y": (
-        lambda m, l, d: probes.per_example_loss_grads(m, l, d[0], d[1]),
-        lambda m, l, d: probes.per_example_loss_grads(m, l, d)),
+        lambda m, f, d: probes.per_example_loss_grads(m, f, d[0], d[1]),
+        lambda m, f, d: probes.per_example_loss_grads(m, f, d)),
     "gradient_coherence x, y, layers": (
-        lambda m, l, d: probes.gradient_coherence(m, l, d[0], d[1], [1]),
-        lambda m, l, d: probes.gradient_coherence(m, l, d, layers=[1])),
+        lambda m, f, d: probes.gradient_coherence(m, f, d[0], d[1], [1]),
+        lambda m, f, d: probes.gradient_coherence(m, f, d, layers=[1])),
     "hessian_eigs positional k and bn_mode": (
-        lambda m, l, d: probes.hessian_eigs(m, l, d, 1, bn_mode="eval").values,
-        lambda m, l, d: probes.hessian_eigs(m, l, d, k=1, mode="eval").values),
+        lambda m, f, d: probes.hessian_eigs(m, f, d, 1, bn_mode="eval").values,
+        lambda m, f, d: probes.hessian_eigs(m, f, d, k=1, mode="eval").values),
     "landscape positional directions": (
-        lambda m, l, d: probes.landscape(m, l, d, [probes.random_direction(m)], 1.0, 3),
-        lambda m, l, d: probes.landscape(m, l, d, directions=[probes.random_direction(m)],
+        lambda m, f, d: probes.landscape(m, f, d, [probes.random_direction(m)], 1.0, 3),
+        lambda m, f, d: probes.landscape(m, f, d, directions=[probes.random_direction(m)],
                                          span=1.0, points=3)),
     "radial_tangential(model, grads)": (
-        lambda m, l, d: probes.radial_tangential(
+        lambda m, f, d: probes.radial_tangential(
             m, {n: torch.ones_like(p) for n, p in m.named_parameters()}),
-        lambda m, l, d: probes.radial_tangential(
+        lambda m, f, d: probes.radial_tangential(
             m, grads={n: torch.ones_like(p) for n, p in m.named_parameters()})),
     "radial_tangential(loss_fn=, x=, y=)": (
-        lambda m, l, d: probes.radial_tangential(m, loss_fn=l, x=d[0], y=d[1]),
-        lambda m, l, d: probes.radial_tangential(m, l, d)),
+        lambda m, f, d: probes.radial_tangential(m, loss_fn=f, x=d[0], y=d[1]),
+        lambda m, f, d: probes.radial_tangential(m, f, d)),
     "activation_stats positional layers": (
-        lambda m, l, d: probes.activation_stats(m, d[0], [1]),
-        lambda m, l, d: probes.activation_stats(m, d[0], layers=[1])),
+        lambda m, f, d: probes.activation_stats(m, d[0], [1]),
+        lambda m, f, d: probes.activation_stats(m, d[0], layers=[1])),
 }
 
 
