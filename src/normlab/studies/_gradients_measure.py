@@ -61,12 +61,12 @@ class Measurement:
         self.log("gradient_histogram", probes.gradient_histogram(
             model, loss_fn, (x, y), layers=[min(opts["histogram_layer"], depth)]), tag)
         sites = signal_sites(model, stats_layers)
-        rows = probes.activation_stats(model, x, list(sites))
+        rows = probes.activation_stats(model, x, layers=list(sites))
         for r in rows:
             r["depth"] = sites[r["layer"]]
         self.log("activation_stats", rows, tag)
         self.log("output_gradients", probes.output_gradients(
-            model, loss_fn, x[:opts["probe_batch"]], y[:opts["probe_batch"]]), tag)
+            model, loss_fn, (x[:opts["probe_batch"]], y[:opts["probe_batch"]])), tag)
         self.log("gradient_coherence", probes.gradient_coherence(model, loss_fn, (x, y),
                                                                  layers), tag)
         self.spectra(model, loss_fn, x[:opts["probe_batch"]], y[:opts["probe_batch"]],
@@ -90,7 +90,7 @@ class Measurement:
         grid = probes.step_loss(model, loss_fn, (x, y))
         diverging = [r["step_size"] for r in grid if r["diverged"]]
         step = min(diverging) if diverging else max(r["step_size"] for r in grid)
-        rows = probes.step_anatomy(model, loss_fn, (x, y), step, layers,
+        rows = probes.step_anatomy(model, loss_fn, (x, y), step=step, layers=layers,
                                    points=self.options["anatomy_points"])
         for r in rows:
             r["diverging_step"] = bool(diverging)
