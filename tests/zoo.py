@@ -259,6 +259,22 @@ def channels_last_cnn(device):
     return case
 
 
+def _register_norm_kinds() -> None:
+    """normlab's own norms, one tiny conv net each (so `-m device` covers every norm on a GPU)."""
+    from cases import NORM_KINDS, TinyConvNet
+
+    for norm in NORM_KINDS:
+        def build(device, norm=norm):
+            torch.manual_seed(0)
+            return _case(TinyConvNet(norm, channels=2), (3, 4, 4), device, dtype=torch.float64,
+                         coupled=norm in ("batch", "batch_renorm"))
+
+        register_zoo(f"tiny_convnet_{norm}")(build)
+
+
+_register_norm_kinds()
+
+
 def in_mode(model: nn.Module, mode: str) -> nn.Module:
     """A deep copy of `model` set up as the probe mode says (the test's own reading of it):
     "train": normalization layers train, every other module eval; "eval": all eval."""

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from normlab.config import ConfigError
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+from normlab.probes._batches import Batch
 
 
 def is_batch(data: object) -> bool:
