@@ -82,7 +82,7 @@ def test_hvp_matches_dense_product():
     params = dict(case.model.named_parameters())
     v = {n: torch.randn_like(p) for n, p in params.items()}
     got = torch.cat([t.reshape(-1) for t in hvp(case.model, case.loss_fn, (case.x, case.y),
-                                                 v).values()])
+                                                 vector=v).values()])
     expected = H @ torch.cat([t.reshape(-1) for t in v.values()])
     assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10)
 
@@ -91,7 +91,7 @@ def test_eval_mode_uses_running_statistics():
     case = tiny_case("batch")
     train = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), tol=1e-8, max_iter=200)
     evaluated = hessian_eigs(case.model, case.loss_fn, (case.x, case.y), tol=1e-8, max_iter=200,
-                             bn_mode="eval")
+                             mode="eval")
     assert evaluated.bn_mode == "eval" and train.bn_mode == "train"
     assert abs(train.values[0] - evaluated.values[0]) > 1e-3 * train.values[0]
 
@@ -140,8 +140,8 @@ def test_bad_settings_are_named():
     data = (case.x, case.y)
     with pytest.raises(ConfigError, match="method"):
         hessian_eigs(case.model, case.loss_fn, data, method="arnoldi")
-    with pytest.raises(ConfigError, match="bn_mode"):
-        hessian_eigs(case.model, case.loss_fn, data, bn_mode="test")
+    with pytest.raises(ConfigError, match="mode"):
+        hessian_eigs(case.model, case.loss_fn, data, mode="test")
     with pytest.raises(ConfigError, match="params"):
         hessian_eigs(case.model, case.loss_fn, data, params=["nope"])
     with pytest.raises(ConfigError, match="'k'"):

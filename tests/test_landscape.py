@@ -28,7 +28,8 @@ def _batches(case, n=4, seed=1):
 def test_one_dimensional_slice_matches_direct_evaluation():
     case = tiny_case("batch")
     d = random_direction(case.model, seed=2)
-    records = landscape(case.model, case.loss_fn, (case.x, case.y), [d], span=0.5, points=5)
+    records = landscape(case.model, case.loss_fn, (case.x, case.y),
+                        directions=[d], span=0.5, points=5)
     alphas = [r["alpha"] for r in records]
     assert alphas == pytest.approx([-0.5, -0.25, 0.0, 0.25, 0.5])
     model = case.model
@@ -48,7 +49,8 @@ def test_two_dimensional_slice_has_a_grid_and_the_origin():
     case = tiny_case("none")
     d1 = random_direction(case.model, seed=1)
     d2 = random_direction(case.model, seed=2, orthogonal_to=d1)
-    records = landscape(case.model, case.loss_fn, (case.x, case.y), [d1, d2], span=(-1, 1),
+    records = landscape(case.model, case.loss_fn, (case.x, case.y),
+                        directions=[d1, d2], span=(-1, 1),
                         points=3, labels=["a", "b"])
     assert len(records) == 9
     origin = [r["value"] for r in records if r["alpha"] == 0 and r["beta"] == 0]
@@ -78,7 +80,8 @@ def test_zero_valued_parameters_give_no_nan():
         case.model.conv1.weight[0].zero_()  # a dead filter too
     d = random_direction(case.model, seed=0, include_1d=True)
     assert all(torch.isfinite(t).all() for t in d.values())
-    records = landscape(case.model, case.loss_fn, (case.x, case.y), [d], span=1, points=3)
+    records = landscape(case.model, case.loss_fn, (case.x, case.y),
+                        directions=[d], span=1, points=3)
     assert all(math.isfinite(r["value"]) for r in records)
 
 
@@ -109,9 +112,11 @@ def test_scaled_and_hessian_directions():
 def test_eval_mode_is_recorded_and_differs():
     case = tiny_case("batch")
     d = random_direction(case.model, seed=3)
-    train = landscape(case.model, case.loss_fn, (case.x, case.y), [d], span=0.1, points=2)
-    evaluated = landscape(case.model, case.loss_fn, (case.x, case.y), [d], span=0.1, points=2,
-                          bn_mode="eval")
+    train = landscape(case.model, case.loss_fn, (case.x, case.y),
+                        directions=[d], span=0.1, points=2)
+    evaluated = landscape(case.model, case.loss_fn, (case.x, case.y),
+                        directions=[d], span=0.1, points=2,
+                          mode="eval")
     assert {r["bn_mode"] for r in evaluated} == {"eval"}
     assert train[0]["value"] != pytest.approx(evaluated[0]["value"])
 
@@ -121,7 +126,7 @@ def test_landscape_and_mean_gradient_leave_the_model_unchanged(norm):
     case = tiny_case(norm)
     before = model_snapshot(case.model)
     d = random_direction(case.model, seed=1, include_1d=True)
-    landscape(case.model, case.loss_fn, _batches(case, 2), [d, d], span=1, points=2)
+    landscape(case.model, case.loss_fn, _batches(case, 2), directions=[d, d], span=1, points=2)
     mean_gradient(case.model, case.loss_fn, _batches(case, 2))
     assert_unchanged(before, case.model)
 

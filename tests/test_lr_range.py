@@ -75,7 +75,7 @@ def test_schedules():
 
 def test_linear_ramp_and_records():
     result = lr_range_test(NoisyQuadratic(), _loss, _loader(), start=0.01, end=0.5, steps=50,
-                           mode="linear", smoothing=0.5)
+                           ramp="linear", smoothing=0.5)
     rows = result.records()
     assert [r["lr"] for r in rows if r["quantity"] == "loss"] == result.lrs
     assert {r["quantity"] for r in rows} >= {"lr_at_min", "suggested_lr", "diverged_lr"}
@@ -91,11 +91,11 @@ def test_model_is_restored():
 
 def test_bad_settings_are_named():
     model = NoisyQuadratic()
-    with pytest.raises(ConfigError, match="mode"):
-        lr_range_test(model, _loss, _loader(), mode="cosine")
+    with pytest.raises(ConfigError, match="ramp"):
+        lr_range_test(model, _loss, _loader(), ramp="cosine")
     with pytest.raises(ConfigError, match="end"):
         lr_range_test(model, _loss, _loader(), start=1.0, end=0.5)
     with pytest.raises(ConfigError, match="smoothing"):
         lr_range_test(model, _loss, _loader(), smoothing=1.0)
-    with pytest.raises(ConfigError, match="loader"):
+    with pytest.raises(ConfigError, match="'data'"):
         lr_range_test(model, _loss, [])

@@ -47,7 +47,7 @@ def assert_close(got: dict, want: dict, rtol: float = 1e-5) -> None:
 def test_loss_grads_match_brute_force_in_train_mode(norm, chunk_size):
     case = tiny_case(norm)
     want = brute_force_grads(case)
-    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, chunk_size=chunk_size)
+    got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), chunk_size=chunk_size)
     assert got.quantity == "per_example_loss_grads" and got.bn_mode == "train"
     assert got["conv1.weight"].shape == (6, *case.model.conv1.weight.shape)
     assert_close(got, want)
@@ -56,8 +56,8 @@ def test_loss_grads_match_brute_force_in_train_mode(norm, chunk_size):
 @pytest.mark.parametrize("norm", UNCOUPLED)
 def test_vjp_and_vmap_paths_agree_without_coupling(norm):
     case = tiny_case(norm)
-    fast = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vmap")
-    slow = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vjp",
+    fast = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), method="vmap")
+    slow = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), method="vjp",
                                   chunk_size=3)
     assert fast.method == "vmap" and slow.method == "vjp"
     assert_close(fast, slow)
@@ -65,9 +65,9 @@ def test_vjp_and_vmap_paths_agree_without_coupling(norm):
 
 def test_auto_picks_vjp_for_batchnorm_in_train_and_vmap_in_eval():
     case = tiny_case("batch")
-    assert per_example_loss_grads(case.model, case.loss_fn, case.x, case.y).method == "vjp"
+    assert per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y)).method == "vjp"
     case.model.eval()
-    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y)
+    got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y))
     assert got.method == "vmap" and got.bn_mode == "eval"
     assert_close(got, brute_force_grads(case))
 
@@ -75,12 +75,12 @@ def test_auto_picks_vjp_for_batchnorm_in_train_and_vmap_in_eval():
 def test_vmap_refused_for_batch_coupled_model():
     case = tiny_case("batch")
     with pytest.raises(ConfigError, match="'method'"):
-        per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, method="vmap")
+        per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), method="vmap")
 
 
 def test_loss_grads_sum_to_the_summed_loss_gradient_under_bn():
     case = tiny_case("batch_renorm")
-    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, params=["fc.weight"])
+    got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), params=["fc.weight"])
     assert list(got) == ["fc.weight"]
     batch = batch_gradient(case)["fc.weight"]
     torch.testing.assert_close(got["fc.weight"].sum(0) / case.x.shape[0], batch)
@@ -88,7 +88,7 @@ def test_loss_grads_sum_to_the_summed_loss_gradient_under_bn():
 
 def test_max_memory_bounds_the_chunk():
     case = tiny_case("batch")
-    got = per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, max_memory=1)
+    got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), max_memory=1)
     assert_close(got, brute_force_grads(case))
 
 
@@ -97,13 +97,13 @@ def test_max_memory_bounds_the_chunk():
 def test_bad_settings_are_refused(setting, value):
     case = tiny_case("none")
     with pytest.raises(ConfigError, match=setting):
-        per_example_loss_grads(case.model, case.loss_fn, case.x, case.y, **{setting: value})
+        per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y), **{setting: value})
 
 
 @pytest.mark.parametrize("norm", NORM_KINDS)
 def test_contributions_sum_to_the_batch_gradient(norm):
     case = tiny_case(norm)
-    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    got = per_example_contributions(case.model, case.loss_fn, (case.x, case.y))
     assert got.quantity == "per_example_contributions"
     want = batch_gradient(case)
     assert set(got) == set(want)
@@ -114,14 +114,14 @@ def test_contributions_sum_to_the_batch_gradient(norm):
 @pytest.mark.parametrize("norm", UNCOUPLED)
 def test_contributions_equal_loss_grads_over_b_without_coupling(norm):
     case = tiny_case(norm)
-    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    got = per_example_contributions(case.model, case.loss_fn, (case.x, case.y))
     exact = brute_force_grads(case)
     assert_close({k: v * case.x.shape[0] for k, v in got.items()}, exact)
 
 
 def test_contributions_differ_from_loss_grads_under_batchnorm():
     case = tiny_case("batch")
-    got = per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    got = per_example_contributions(case.model, case.loss_fn, (case.x, case.y))
     exact = brute_force_grads(case)
     gap = (got["conv1.weight"] * case.x.shape[0] - exact["conv1.weight"]).abs().max()
     assert gap > 1e-3 * exact["conv1.weight"].abs().max()
@@ -137,8 +137,8 @@ def test_contributions_of_a_strided_grouped_padded_conv():
     y = torch.randint(0, 3, (5,))
     model(x)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    got = per_example_contributions(model, loss_fn, x, y)
-    want = per_example_loss_grads(model, loss_fn, x, y, method="vjp")
+    got = per_example_contributions(model, loss_fn, (x, y))
+    want = per_example_loss_grads(model, loss_fn, (x, y), method="vjp")
     assert_close(dict(got), dict(want))  # sum reduction: c_i = g_i
 
 
@@ -149,6 +149,6 @@ def test_contributions_of_torch_layernorm_over_trailing_dims():
     x = torch.randn(5, 4, 4, dtype=torch.float64)  # (B, positions = 4, features = 4)
     y = torch.randint(0, 3, (5,))
     loss_fn = torch.nn.CrossEntropyLoss()
-    got = per_example_contributions(model, loss_fn, x, y)
-    want = per_example_loss_grads(model, loss_fn, x, y, method="vjp")
+    got = per_example_contributions(model, loss_fn, (x, y))
+    want = per_example_loss_grads(model, loss_fn, (x, y), method="vjp")
     assert_close({k: v * 5 for k, v in got.items()}, dict(want))

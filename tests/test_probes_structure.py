@@ -48,7 +48,7 @@ def test_coherence_equals_explicit_enumeration_on_a_tiny_conv():
     signed = weight_gradient(conv, captured["a"], captured["d"])
     torch.testing.assert_close(signed, conv.weight.grad)  # the terms sum to the gradient
     case.model.zero_grad(set_to_none=True)
-    records = probes.gradient_coherence(case.model, case.loss_fn, case.x, case.y,
+    records = probes.gradient_coherence(case.model, case.loss_fn, (case.x, case.y),
                                         layers=["conv2"])
     got = {r["quantity"]: r["value"] for r in records}
     assert got["coherence_median"] == pytest.approx(want.median().item(), rel=1e-9)
@@ -110,7 +110,7 @@ def test_spectrum_needs_to_know_the_quantity():
 
 def test_spectrum_takes_labels_from_the_probe_result():
     case = tiny_case("batch")
-    grads = probes.per_example_contributions(case.model, case.loss_fn, case.x, case.y)
+    grads = probes.per_example_contributions(case.model, case.loss_fn, (case.x, case.y))
     assert isinstance(grads, PerExampleGradients)
     records = probes.gradient_spectrum(grads)
     fc = [r for r in records if r["layer"] == "fc"]
@@ -150,7 +150,7 @@ def test_unknown_layer_is_refused_with_the_choices():
 
 def test_output_gradients_are_softmax_minus_onehot():
     case = tiny_case("batch")
-    records = probes.output_gradients(case.model, case.loss_fn, case.x, case.y)
+    records = probes.output_gradients(case.model, case.loss_fn, (case.x, case.y))
     with torch.no_grad():
         want = torch.softmax(case.model(case.x), dim=1)
     want[torch.arange(6), case.y] -= 1
@@ -172,7 +172,7 @@ def test_tail_statistics_gaussian_and_pareto():
 
 def test_histogram_counts_every_entry_of_the_batch_gradient():
     case = tiny_case("none")
-    records = probes.gradient_histogram(case.model, case.loss_fn, case.x, case.y,
+    records = probes.gradient_histogram(case.model, case.loss_fn, (case.x, case.y),
                                         layers=["conv2"], bins=10)
     counts = [r for r in records if r["quantity"] == "count"]
     assert len(counts) == 10 and sum(r["value"] for r in counts) == 4 * 4 * 9
@@ -197,19 +197,19 @@ def _state(model: nn.Module) -> dict:
 
 PROBES = {
     "activation_stats": lambda c: probes.activation_stats(c.model, c.x),
-    "per_example_loss_grads": lambda c: probes.per_example_loss_grads(c.model, c.loss_fn, c.x,
-                                                                      c.y),
+    "per_example_loss_grads": lambda c: probes.per_example_loss_grads(c.model, c.loss_fn,
+                                                                      (c.x, c.y)),
     "per_example_contributions": lambda c: probes.per_example_contributions(c.model, c.loss_fn,
-                                                                            c.x, c.y),
-    "gradient_coherence": lambda c: probes.gradient_coherence(c.model, c.loss_fn, c.x, c.y),
+                                                                            (c.x, c.y)),
+    "gradient_coherence": lambda c: probes.gradient_coherence(c.model, c.loss_fn, (c.x, c.y)),
     "gradient_spectrum": lambda c: probes.gradient_spectrum(
-        probes.per_example_loss_grads(c.model, c.loss_fn, c.x, c.y)),
+        probes.per_example_loss_grads(c.model, c.loss_fn, (c.x, c.y))),
     "step_loss": lambda c: probes.step_loss(c.model, c.loss_fn, (c.x, c.y),
                                             steps=[1e-3, 10.0], eval_batch=(c.x[:3], c.y[:3])),
-    "step_anatomy": lambda c: probes.step_anatomy(c.model, c.loss_fn, (c.x, c.y), 1.0,
+    "step_anatomy": lambda c: probes.step_anatomy(c.model, c.loss_fn, (c.x, c.y), step=1.0,
                                                   layers=[1, "norm2"], points=3),
-    "output_gradients": lambda c: probes.output_gradients(c.model, c.loss_fn, c.x, c.y),
-    "gradient_histogram": lambda c: probes.gradient_histogram(c.model, c.loss_fn, c.x, c.y),
+    "output_gradients": lambda c: probes.output_gradients(c.model, c.loss_fn, (c.x, c.y)),
+    "gradient_histogram": lambda c: probes.gradient_histogram(c.model, c.loss_fn, (c.x, c.y)),
 }
 
 

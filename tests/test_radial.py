@@ -26,7 +26,7 @@ def _exact_bn(case):
 def test_batchnorm_followed_weights_have_no_radial_gradient(granularity):
     case = _exact_bn(tiny_case("batch"))
     records = radial_tangential(case.model, granularity=granularity, loss_fn=case.loss_fn,
-                                x=case.x, y=case.y)
+                                data=(case.x, case.y))
     for layer in ("conv1", "conv2"):  # followed by BatchNorm in train mode: scale-invariant
         shares = _values(records, "radial_share", layer)
         assert shares and max(shares) < 1e-5
@@ -36,14 +36,14 @@ def test_batchnorm_followed_weights_have_no_radial_gradient(granularity):
 
 def test_default_eps_leaves_a_small_radial_share():
     case = tiny_case("batch")  # eps = 1e-5 against pre-norm variances of order 0.1-1
-    records = radial_tangential(case.model, loss_fn=case.loss_fn, x=case.x, y=case.y)
+    records = radial_tangential(case.model, loss_fn=case.loss_fn, data=(case.x, case.y))
     assert max(_values(records, "radial_share", "conv2")) < 1e-3
 
 
 def test_unnormalized_weights_have_a_radial_gradient():
     case = tiny_case("none")
     records = radial_tangential(case.model, granularity="layer", loss_fn=case.loss_fn,
-                                x=case.x, y=case.y)
+                                data=(case.x, case.y))
     for layer in ("conv1", "conv2"):
         assert _values(records, "radial_share", layer)[0] > 1e-3
 
@@ -64,7 +64,7 @@ def test_parts_match_the_definition():
     case = tiny_case("none")
     model = case.model
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    records = radial_tangential(model, grads, granularity="filter", lr=0.1, source="random")
+    records = radial_tangential(model, grads=grads, granularity="filter", lr=0.1, source="random")
     w, g = model.conv2.weight.detach(), grads["conv2.weight"]
     for channel in range(w.shape[0]):
         wf, gf = w[channel].reshape(-1), g[channel].reshape(-1)
@@ -90,7 +90,7 @@ def test_total_radial_share_of_a_pure_radial_direction_is_one():
 def test_radial_tangential_leaves_the_model_unchanged(norm):
     case = tiny_case(norm)
     before = model_snapshot(case.model)
-    radial_tangential(case.model, loss_fn=case.loss_fn, x=case.x, y=case.y)
+    radial_tangential(case.model, loss_fn=case.loss_fn, data=(case.x, case.y))
     minibatch_gradient(case.model, case.loss_fn, case.x, case.y)
     assert_unchanged(before, case.model)
 
@@ -98,7 +98,7 @@ def test_radial_tangential_leaves_the_model_unchanged(norm):
 def test_bad_settings_are_named():
     case = tiny_case("none")
     with pytest.raises(ConfigError, match="granularity"):
-        radial_tangential(case.model, {}, granularity="row")
+        radial_tangential(case.model, grads={}, granularity="row")
     with pytest.raises(ValueError, match="loss_fn"):
         radial_tangential(case.model)
 

@@ -62,7 +62,7 @@ def test_given_direction_and_eval_mode():
     case = tiny_case("batch")
     direction = {"fc.bias": torch.ones(3, dtype=torch.float64)}
     (record,) = step_loss(case.model, case.loss_fn, (case.x, case.y), direction=direction,
-                          steps=[0.3], bn_mode="eval")
+                          steps=[0.3], mode="eval")
     model = copy.deepcopy(case.model).eval()
     base = loss_of(model, case.loss_fn, case.x, case.y)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_divergence_is_flagged_above_the_threshold():
 
 
 @pytest.mark.parametrize("setting,kwargs", [
-    ("bn_mode", {"bn_mode": "test"}), ("steps", {"steps": [-1.0]}),
+    ("mode", {"mode": "test"}), ("steps", {"steps": [-1.0]}),
     ("steps", {"steps": [float("nan")]}), ("threshold", {"threshold": 0}),
     ("direction", {"direction": {"nope": torch.zeros(1)}})])
 def test_bad_settings_are_refused(setting, kwargs):
@@ -116,4 +116,4 @@ def test_anatomy_ends_equal_activation_stats_at_both_ends():
 def test_anatomy_refuses_bad_points():
     case = tiny_case("none")
     with pytest.raises(ConfigError, match="points"):
-        step_anatomy(case.model, case.loss_fn, (case.x, case.y), 0.1, layers=[1], points=1)
+        step_anatomy(case.model, case.loss_fn, (case.x, case.y), step=0.1, layers=[1], points=1)

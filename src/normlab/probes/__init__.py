@@ -1,8 +1,9 @@
 """Probes: measurements on any PyTorch model that leave it exactly as they found it.
 
-Each probe returns tidy records (lists of dicts with layer, depth, quantity, value, bn_mode, ...)
-or tensors, and states in its docstring what it measures, in which BN mode and at what cost.
-Submodules are imported on first use.
+One calling convention, `probe(model, loss_fn, data, *, mode=..., ...)` (see
+`probes._calling`); every result has `.records()` (tidy dicts with layer, depth, quantity,
+value, bn_mode, mode, ...) and `.to_frame()`. Each probe states in its docstring what it
+measures, in which mode and at what cost. Submodules are imported on first use.
 """
 
 from __future__ import annotations
@@ -32,9 +33,17 @@ _LAZY = {
     "hessian_trace": "curvature",
     "spectral_density": "curvature",
     "lr_range_test": "lr_range",
+    "hvp": "curvature",
+    "random_direction": "landscape",
+    "scaled_direction": "landscape",
+    "radial_direction": "landscape",
+    "tangential_direction": "landscape",
+    "hessian_direction": "landscape",
     # Theory: random matrices and SGD noise (E2, E9)
     "fuss_catalan_density": "rmt",
     "fuss_catalan_moment": "rmt",
+    "fuss_catalan_cdf": "rmt",
+    "fuss_catalan_support": "rmt",
     "product_singular_values": "rmt",
     "jacobian_singular_values": "rmt",
     "sgd_noise": "noise",

@@ -1,45 +1,18 @@
 """Fixed batches and named parameter vectors: the plumbing shared by the Probes II modules.
 
-`data` arguments accept one `(x, y)` pair or a sequence of pairs. A loss over several batches is
-the plain average of the per-batch (mean-reduced) losses; under batch-coupled normalization in
-train mode each batch is normalized with its own statistics.
+A loss over several batches is the plain average of the per-batch (mean-reduced) losses; under
+batch-coupled normalization in train mode each batch is normalized with its own statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
-
-from normlab.config import ConfigError, check_choice
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Vector = dict[str, torch.Tensor]  # parameter name -> tensor shaped like the parameter
-BN_MODES = ("train", "eval")
-
-
-def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
-    """A list of (x, y) pairs from one pair or an iterable of pairs."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return [data]
-    batches = [tuple(b) for b in data]
-    if not batches:
-        raise ConfigError("The 'data' setting must hold at least one (x, y) batch; got none.")
-    return batches  # type: ignore[return-value]
-
-
-def set_bn_mode(model: nn.Module, mode: str) -> None:
-    """Put the model in train mode (batch statistics) or eval mode (running statistics)."""
-    check_choice("bn_mode", mode, BN_MODES)
-    model.train(mode == "train")
-
-
-def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]) -> torch.Tensor:
-    """The average over batches of loss_fn(model(x), y), differentiable."""
-    total = sum(loss_fn(model(x), y) for x, y in batches)
-    return total / len(batches)
 
 
 def flatten(vector: Vector, names: Sequence[str]) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 `preserved(model)` snapshots parameters, buffers (BN running statistics included), train/eval
 modes, requires_grad flags, .grad tensors and the RNG states, and restores all of them on exit,
-even when the probe raises. `bn_mode(model)` names the normalization mode a number was taken in.
+even when the probe raises. Probes never write parameters or buffers (they run functionally,
+`_stateless`); a tensor is copied back only if it did change, so an untouched model keeps its
+version counters and a graph built before the probe still back-propagates. `bn_mode(model)`
+names the normalization mode a number was taken in.
 """
 
 from __future__ import annotations
@@ -30,16 +33,22 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(params[name])
+                _restore(p, params[name])
                 p.requires_grad_(flags[name])
                 p.grad = grads[name]
             for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+                _restore(b, buffers[name])
         for name, m in model.named_modules():
             m.training = modes[name]
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _restore(tensor: torch.Tensor, saved: torch.Tensor) -> None:
+    """Copy `saved` back into `tensor` only if it changed (a copy bumps the version counter)."""
+    if not torch.equal(tensor, saved):
+        tensor.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -60,7 +69,7 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[nn.Module]:
         for module, momentum, tracked in saved:
             module.momentum = momentum
             if tracked is not None:
-                module.num_batches_tracked.copy_(tracked)
+                _restore(module.num_batches_tracked, tracked)
 
 
 def bn_mode(model: nn.Module) -> str:

@@ -92,10 +92,16 @@ def param_layers(model: nn.Module) -> dict[str, tuple[str, int | None]]:
 
 
 def select_params(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
-    """Named parameters: those in `params`, or every parameter that requires grad."""
+    """Named parameters: those in `params` (frozen ones included: a probe differentiates with
+    respect to detached copies), or every parameter that requires grad."""
     named = dict(model.named_parameters())
     if params is None:
-        return {k: p for k, p in named.items() if p.requires_grad}
+        chosen = {k: p for k, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise ConfigError("The model has no parameter that requires grad, so there is "
+                              "nothing to differentiate; pass the 'params' setting (names of "
+                              f"parameters, frozen ones allowed) from {list(named)}.")
+        return chosen
     if isinstance(params, str):
         params = [params]
     out = {}
@@ -103,7 +109,18 @@ def select_params(model: nn.Module, params: Iterable[str] | None) -> dict[str, n
         if key not in named:
             raise ConfigError.choice("params", key, list(named))
         out[key] = named[key]
+    if not out:
+        raise ConfigError("The 'params' setting must name at least one parameter; got none.")
     return out
+
+
+def canonical_names(model: nn.Module) -> dict[tuple[str, str], str]:
+    """(module name, local parameter name) -> the parameter's name in
+    `model.named_parameters()`; a weight tied across modules maps to its one canonical name."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {(m_name, p_name): by_id[id(p)]
+            for m_name, module in model.named_modules(remove_duplicate=False)
+            for p_name, p in module.named_parameters(recurse=False) if id(p) in by_id}
 
 
 @contextlib.contextmanager
@@ -120,39 +137,6 @@ def hooks_removed(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[
 def is_norm(module: nn.Module) -> bool:
     """A normalization layer (BatchNorm, BatchRenorm, GroupNorm, LayerNorm, InstanceNorm)."""
     return isinstance(module, NORM_TYPES)
-
-
-def per_example_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """ell_i: the unreduced loss of each example, shape (B,).
-
-    `loss_fn` may be a loss module with a `reduction` attribute (e.g. a mean-reduced
-    nn.CrossEntropyLoss; it is copied with reduction="none", the original is not touched), or a
-    function accepting `reduction="none"` (e.g. F.cross_entropy).
-    """
-    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
-        import copy
-
-        unreduced = copy.copy(loss_fn)
-        unreduced.reduction = "none"
-        losses = unreduced(output, y)
-    else:
-        try:
-            losses = loss_fn(output, y, reduction="none")
-        except TypeError as err:
-            raise ConfigError(f"The 'loss_fn' setting must be a loss module with a 'reduction' "
-                              f"attribute or a function taking reduction='none'; got "
-                              f"{loss_fn!r}.") from err
-    if losses.dim() > 1:  # e.g. per-pixel losses: an example's loss is their mean
-        losses = losses.reshape(losses.shape[0], -1).mean(dim=1)
-    if losses.shape != (output.shape[0],):
-        raise ConfigError(f"The 'loss_fn' setting must give one loss per example with "
-                          f"reduction='none'; got shape {tuple(losses.shape)}.")
-    return losses
-
-
-def reduction_of(loss_fn) -> str:
-    """'mean' or 'sum': how `loss_fn` combines the ell_i ('mean' for plain functions)."""
-    return getattr(loss_fn, "reduction", "mean")
 
 
 def padded_conv_input(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:

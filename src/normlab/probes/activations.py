@@ -7,25 +7,32 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._calling import convention, inputs_of
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import hooks_removed, select_layers
+from normlab.probes._results import Records, all_finite, flagged
+from normlab.probes._stateless import Stateless
 from normlab.train.callbacks import TrainState, register_callback
 
 QUANTITIES = ("mean", "variance", "squared_mean")
 
 
-def activation_stats(model: nn.Module, x: torch.Tensor,
-                     layers: Sequence[str | int] | None = None) -> list[dict]:
+@convention(old_positional=("layers",), takes_loss=False)
+def activation_stats(model: nn.Module, data, *, layers: Sequence[str | int] | None = None,
+                     mode: str = "keep") -> Records:
     """Per-channel mean, variance and squared mean of layer outputs over batch and positions,
-    in the model's current BN mode; cost: one forward pass without gradients.
+    on `data` (x, or an (x, y) batch: no loss is needed) in `mode` ("keep": the model's own
+    modes); cost: one forward pass without gradients.
 
     `layers`: module names or weight-layer depths (default: every Conv2d/Linear layer; their
     outputs are pre-normalization). The channel is dim 1 (the feature dim for (B, F) outputs).
     variance is the population variance (divide by count), so squared_mean = variance + mean^2.
-    Records: layer, depth, channel, quantity, value, bn_mode. Hooks are removed even on error;
-    running statistics are not updated.
+    Records: layer, depth, channel, quantity, value, bn_mode, mode. Hooks are removed even on
+    error; running statistics are not updated.
     """
-    with preserved(model), frozen_norm_statistics(model):
+    x = inputs_of(data, "activation_stats")
+    with preserved(model), probe_mode(model, mode):
         chosen = select_layers(model, layers)
         stats: dict[str, torch.Tensor] = {}
 
@@ -38,8 +45,9 @@ def activation_stats(model: nn.Module, x: torch.Tensor,
 
         handles = [layer.module.register_forward_hook(capture(layer.name)) for layer in chosen]
         with hooks_removed(handles), torch.no_grad():
-            model(x)
-        return stats_records(chosen, stats, bn_mode(model))
+            Stateless(model)(x)
+        rows = stats_records(chosen, stats, norm_mode(model, mode))
+        return flagged(rows, all_finite([x, *stats.values()]), mode=mode)
 
 
 def channel_moments(t: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,7 @@ def activation_stats_callback(layers: Sequence[str | int] | None = None):
     """Log `activation_stats` on the current mini-batch (records tagged with the step)."""
 
     def callback(state: TrainState) -> None:
-        rows = activation_stats(state.model, state.x, layers)
+        rows = activation_stats(state.model, state.x, layers=layers)
         state.context.log_records("activation_stats", rows, step=state.step)
 
     return callback

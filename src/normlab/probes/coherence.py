@@ -15,16 +15,22 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._calling import batch_loss, convention, one_batch
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import hooks_removed, padded_conv_input, select_layers
+from normlab.probes._results import Records, all_finite, flagged
+from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
 
 
-def gradient_coherence(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                       layers: Sequence[str | int] | None = None) -> list[dict]:
+@convention(old_positional=("layers",), xy=True)
+def gradient_coherence(model: nn.Module, loss_fn, data, *,
+                       layers: Sequence[str | int] | None = None, mode: str = "keep"
+                       ) -> Records:
     """|sum of terms| / sum |terms| per weight entry of Conv2d (and Linear) layers, aggregated
-    over entries (median, mean); in the model's current BN mode; cost: one forward and backward
-    plus two weight-gradient ops per layer.
+    over entries (median, mean), on one batch `data` = (x, y) in `mode` ("keep": the model's own
+    modes); cost: one forward and backward plus two weight-gradient ops per layer call.
 
     The terms are those of the gradient of `loss_fn` on the batch (its reduction scales numerator
     and denominator alike, so the ratio does not depend on it). Entries whose terms are all zero
@@ -32,45 +38,48 @@ def gradient_coherence(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tens
     Records: layer, depth, quantity ("coherence_median", "coherence_mean", "abs_sum_median"),
     value, bn_mode, entries, gradient="batch_gradient_terms".
     """
-    with preserved(model), frozen_norm_statistics(model):
+    x, y = one_batch(data, "gradient_coherence")
+    with preserved(model), probe_mode(model, mode):
+        measured = norm_mode(model, mode)
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
-        for layer in chosen:  # frozen layers have gradient terms too (flags are restored)
-            layer.module.weight.requires_grad_(True)
-        captured: dict[str, list[torch.Tensor]] = {}
+        names = {id(p): n for n, p in model.named_parameters()}
+        # frozen layers have gradient terms too: differentiate w.r.t. detached leaves
+        params = leaves({names[id(layer.module.weight)]: layer.module.weight
+                         for layer in chosen})
+        signed: dict[str, torch.Tensor] = {}
+        magnitude: dict[str, torch.Tensor] = {}
 
         def capture(name: str):
             def hook(module, inputs, output):
                 a = inputs[0].detach()
 
-                def keep(d: torch.Tensor) -> None:  # first call of the layer only
-                    captured.setdefault(name, [a, d.detach()])
+                def add(d: torch.Tensor) -> None:  # every call of the layer adds its terms
+                    d = d.detach()
+                    for sums, value in ((signed, weight_gradient(module, a, d)),
+                                        (magnitude, weight_gradient(module, a.abs(), d.abs()))):
+                        sums[name] = sums[name] + value if name in sums else value
 
-                output.register_hook(keep)
+                output.register_hook(add)
 
             return hook
 
         handles = [layer.module.register_forward_hook(capture(layer.name)) for layer in chosen]
         with hooks_removed(handles):
-            loss = loss_fn(model(x), y)
-            weights = [layer.module.weight for layer in chosen]
-            torch.autograd.grad(loss, weights, allow_unused=True)
-        mode = bn_mode(model)
+            loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
+            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         records = []
         for layer in chosen:
-            if layer.name not in captured:
+            if layer.name not in signed:
                 continue
-            a, d = captured[layer.name]
-            signed = weight_gradient(layer.module, a, d)
-            magnitude = weight_gradient(layer.module, a.abs(), d.abs())
-            keep = magnitude > 0
-            ratio = (signed.abs()[keep] / magnitude[keep]).double()
-            base = {"layer": layer.name, "depth": layer.depth, "bn_mode": mode,
+            keep = magnitude[layer.name] > 0
+            ratio = (signed[layer.name].abs()[keep] / magnitude[layer.name][keep]).double()
+            base = {"layer": layer.name, "depth": layer.depth, "bn_mode": measured, "mode": mode,
                     "entries": int(keep.sum()), "gradient": "batch_gradient_terms"}
             values = {"coherence_median": ratio.median().item() if ratio.numel() else float("nan"),
                       "coherence_mean": ratio.mean().item() if ratio.numel() else float("nan"),
-                      "abs_sum_median": magnitude.double().median().item()}
+                      "abs_sum_median": magnitude[layer.name].double().median().item()}
             records += [{**base, "quantity": q, "value": v} for q, v in values.items()]
-        return records
+        return flagged(records, all_finite([x, loss]))
 
 
 def weight_gradient(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -93,7 +102,7 @@ def gradient_coherence_callback(layers: Sequence[str | int] | None = None):
     """Log `gradient_coherence` on the current mini-batch (records tagged with the step)."""
 
     def callback(state: TrainState) -> None:
-        rows = gradient_coherence(state.model, state.loss_fn, state.x, state.y, layers)
+        rows = gradient_coherence(state.model, state.loss_fn, (state.x, state.y), layers=layers)
         state.context.log_records("gradient_coherence", rows, step=state.step)
 
     return callback

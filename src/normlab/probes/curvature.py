@@ -1,9 +1,11 @@
 """Curvature of the training loss from Hessian-vector products: top eigenpairs, trace, density.
 
-The function differentiated is the mean loss over fixed batches, in the BN mode asked for
-(train mode by default: the batch statistics are part of the function, so the Hessian includes
-the coupling between examples). Running statistics are never updated (`frozen_norm_statistics`)
-and the model is restored on exit (`preserved`).
+The function differentiated is the mean loss over fixed batches, in the mode asked for
+(`mode="train"` by default: normalization layers use batch statistics, which are part of the
+function, so the Hessian includes the coupling between examples; Dropout is off). Forward passes
+run functionally (`_stateless`): running statistics and parameters are never written.
+Results computed from a non-finite loss or gradient come back with `finite=False` and NaN
+values instead of an error from the eigensolver.
 
 One HVP is a double backward through a gradient graph that is built once per call and reused by
 every product (`retain_graph`), which is what keeps an HVP near 2-3 gradients of cost.
@@ -23,16 +25,13 @@ import torch
 from torch import nn
 
 from normlab.config import check_choice, check_interval
-from normlab.probes._batches import (
-    Batch,
-    LossFn,
-    Vector,
-    as_batches,
-    set_bn_mode,
-    unflatten,
-)
-from normlab.probes._hygiene import frozen_norm_statistics, preserved
+from normlab.probes._batches import Batch, LossFn, Vector, unflatten
+from normlab.probes._calling import batch_list, batch_loss, convention
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode, resolve_mode
 from normlab.probes._modules import select_params
+from normlab.probes._results import RecordsMixin
+from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
 
 METHODS = ("lanczos", "power")
@@ -47,19 +46,21 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
                  params: dict[str, nn.Parameter]) -> None:
-        self.params = params
+        self.params = leaves(params)
         self.size = sum(p.numel() for p in params.values())
         self.count = 0
-        tensors = list(params.values())
+        tensors = list(self.params.values())
+        forward = Stateless(model)
         self._grads = []
         for x, y in batches:  # one graph per batch: memory grows with the number of batches
-            loss = loss_fn(model(x), y) / len(batches)
+            loss = batch_loss(loss_fn, forward(x, self.params), y) / len(batches)
             grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
             self._grads.append(grads)
         self.gradient = torch.cat([
             sum((g[i].detach() if g[i] is not None else torch.zeros_like(p))
                 for g in self._grads).reshape(-1).double()
             for i, p in enumerate(tensors)])
+        self.finite = bool(torch.isfinite(self.gradient).all())
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.count += 1
@@ -81,30 +82,35 @@ class HessianOperator:
 
 @contextlib.contextmanager
 def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
-                     params: Sequence[str] | None = None, bn_mode: str = "train"
+                     params: Sequence[str] | None = None, mode: str = "train"
                      ) -> Iterator[HessianOperator]:
-    """A `HessianOperator` on `model` in `bn_mode`; the model is restored exactly on exit."""
-    batches = as_batches(data)
-    with preserved(model):
-        set_bn_mode(model, bn_mode)
-        with frozen_norm_statistics(model):
-            yield HessianOperator(model, loss_fn, batches, select_params(model, params))
+    """A `HessianOperator` on `model` in `mode`; the model is left exactly as it was."""
+    batches = batch_list(data, "the Hessian probes")
+    with preserved(model), probe_mode(model, mode):
+        op = HessianOperator(model, loss_fn, batches, select_params(model, params))
+        op.bn_mode = norm_mode(model, mode)
+        yield op
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], vector: Vector,
-        bn_mode: str = "train") -> Vector:
-    """H v for one direction (a dict name -> tensor) in `bn_mode`; costs one gradient graph
-    plus one double backward. For many products use `hessian_operator`, which reuses the graph.
+@convention(old_positional=("vector", "bn_mode"))
+def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *, vector: Vector,
+        mode: str | None = None, bn_mode: str | None = None) -> Vector:
+    """H v for one direction (a dict name -> tensor) in `mode` (default "train"); costs one
+    gradient graph plus one double backward. For many products use `hessian_operator`, which
+    reuses the graph.
     """
-    with hessian_operator(model, loss_fn, data, list(vector), bn_mode) as op:
+    mode = resolve_mode(mode, bn_mode, "train")
+    with hessian_operator(model, loss_fn, data, list(vector), mode) as op:
         flat = torch.cat([vector[n].reshape(-1).double() for n in op.params])
         return {n: t.detach().clone() for n, t in unflatten(op(flat), op.params).items()}
 
 
 @dataclass
-class HessianEigs:
+class HessianEigs(RecordsMixin):
     """Top-k eigenpairs of the Hessian. `history[i]` is the estimate of lambda_max after i+1
     HVPs (power) or Lanczos steps; `hvps` counts every product taken (including the final check).
+    `bn_mode` is the mode measured in ("train" or "eval"; the field keeps its old name);
+    `finite` is False (values NaN, not converged) when the loss or gradient was not finite.
     """
 
     values: list[float]
@@ -114,10 +120,13 @@ class HessianEigs:
     method: str
     bn_mode: str
     history: list[float] = field(default_factory=list)
+    finite: bool = True
+    mode: str = "train"
 
     def records(self) -> list[dict[str, Any]]:
         return [{"quantity": "hessian_eigenvalue", "rank": i + 1, "value": v, "hvps": self.hvps,
-                 "method": self.method, "converged": self.converged, "bn_mode": self.bn_mode}
+                 "method": self.method, "converged": self.converged, "bn_mode": self.bn_mode,
+                 "mode": self.mode, **({} if self.finite else {"finite": False})}
                 for i, v in enumerate(self.values)]
 
 
@@ -220,12 +229,15 @@ def _power_eigs(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
     return values, vectors, converged, history
 
 
-def hessian_eigs(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], k: int = 1,
-                 method: str = "lanczos", tol: float = 1e-3, max_iter: int = 100,
-                 params: Sequence[str] | None = None, bn_mode: str = "train",
-                 seed: int = 0) -> HessianEigs:
-    """Top-k eigenpairs of the training-loss Hessian on fixed batches, in `bn_mode` ("train":
-    batch statistics, part of the function), from HVPs; cost ~ `hvps` x (2-3 gradients).
+@convention(old_positional=("k", "method", "tol", "max_iter", "params", "bn_mode", "seed"))
+def hessian_eigs(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
+                 k: int = 1, method: str = "lanczos", tol: float = 1e-3, max_iter: int = 100,
+                 params: Sequence[str] | None = None, mode: str | None = None, seed: int = 0,
+                 bn_mode: str | None = None) -> HessianEigs:
+    """Top-k eigenpairs of the training-loss Hessian on fixed batches (`data`: one (x, y) batch
+    or an iterable of them), in `mode` (default "train": normalization layers on batch
+    statistics, part of the function; "eval"; "keep"), from HVPs; cost ~ `hvps` x (2-3
+    gradients). `bn_mode` is the deprecated name of `mode`.
 
     "lanczos" (full reorthogonalization) returns the k largest (algebraic) eigenvalues and stops
     when each changed by less than `tol` (relative) in one step; "power" (deflated power
@@ -239,16 +251,23 @@ def hessian_eigs(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch
     check_interval("k", k, 1, math.inf, kind=int, low_open=False)
     check_interval("tol", tol, 0.0, 1.0)
     check_interval("max_iter", max_iter, 1, math.inf, kind=int, low_open=False)
-    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+    mode = resolve_mode(mode, bn_mode, "train")
+    with hessian_operator(model, loss_fn, data, params, mode) as op:
+        if not op.finite:
+            count = min(k, op.size)
+            return HessianEigs([math.nan] * count, [], op.count, False, method, op.bn_mode,
+                               finite=False, mode=mode)
         solver = _lanczos_eigs if method == "lanczos" else _power_eigs
         values, flat, converged, history = solver(op, min(k, op.size), tol, max_iter, seed)
         vectors = [{n: t.detach().clone() for n, t in unflatten(v, op.params).items()}
                    for v in flat]
-        return HessianEigs(values, vectors, op.count, converged, method, bn_mode, history)
+        finite = all(math.isfinite(v) for v in values)
+        return HessianEigs(values, vectors, op.count, converged and finite, method, op.bn_mode,
+                           history, finite, mode)
 
 
 @dataclass
-class TraceEstimate:
+class TraceEstimate(RecordsMixin):
     """Hutchinson estimate of tr(H): mean of v^T H v over Rademacher v, with its stderr."""
 
     value: float
@@ -256,33 +275,43 @@ class TraceEstimate:
     samples: int
     bn_mode: str
 
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.value)
+
     def records(self) -> list[dict[str, Any]]:
         return [{"quantity": "hessian_trace", "value": self.value, "stderr": self.stderr,
-                 "hvps": self.samples, "bn_mode": self.bn_mode}]
+                 "hvps": self.samples, "bn_mode": self.bn_mode,
+                 **({} if self.finite else {"finite": False})}]
 
 
-def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
+@convention(old_positional=("samples", "params", "bn_mode", "seed"))
+def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
                   samples: int = 50, params: Sequence[str] | None = None,
-                  bn_mode: str = "train", seed: int = 0) -> TraceEstimate:
-    """tr(H) of the training loss by Hutchinson's estimator in `bn_mode`; costs `samples` HVPs.
+                  mode: str | None = None, seed: int = 0, bn_mode: str | None = None
+                  ) -> TraceEstimate:
+    """tr(H) of the training loss by Hutchinson's estimator in `mode` (default "train"); costs
+    `samples` HVPs.
 
     Rademacher probes from a generator seeded with `seed` (the global RNG is untouched).
     """
     check_interval("samples", samples, 2, math.inf, kind=int, low_open=False)
+    mode = resolve_mode(mode, bn_mode, "train")
     generator = torch.Generator().manual_seed(seed)
-    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+    with hessian_operator(model, loss_fn, data, params, mode) as op:
         draws = []
         for _ in range(samples):
             v = torch.randint(0, 2, (op.size,), generator=generator).double() * 2 - 1
             v = v.to(op.gradient.device)
             draws.append(float(torch.dot(v, op(v))))
+        measured = op.bn_mode
     values = torch.tensor(draws, dtype=torch.float64)
     return TraceEstimate(float(values.mean()), float(values.std() / samples ** 0.5), samples,
-                         bn_mode)
+                         measured)
 
 
 @dataclass
-class SpectralDensity:
+class SpectralDensity(RecordsMixin):
     """Stochastic Lanczos quadrature: per probe vector, Ritz `nodes` and `weights` (summing to 1).
 
     The density estimate is the average over probes of sum_j weights_j delta(x - nodes_j);
@@ -301,24 +330,36 @@ class SpectralDensity:
             density += (weights[None, :] * torch.exp(-0.5 * z ** 2)).sum(1)
         return density / (len(self.nodes) * sigma * math.sqrt(2 * math.pi))
 
+    def records(self) -> list[dict[str, Any]]:
+        """One row per probe vector and Ritz node: node (eigenvalue), weight."""
+        return [{"quantity": "ritz_node", "probe": i, "node": float(x), "value": float(w),
+                 "bn_mode": self.bn_mode}
+                for i, (xs, ws) in enumerate(zip(self.nodes, self.weights, strict=True))
+                for x, w in zip(xs.tolist(), ws.tolist(), strict=True)]
 
-def spectral_density(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
+
+@convention(old_positional=("steps", "probes", "params", "bn_mode", "seed"))
+def spectral_density(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
                      steps: int = 30, probes: int = 1, params: Sequence[str] | None = None,
-                     bn_mode: str = "train", seed: int = 0) -> SpectralDensity:
-    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature in `bn_mode`;
-    costs `steps` x `probes` HVPs. Quadrature is exact for polynomials of degree < 2 steps.
+                     mode: str | None = None, seed: int = 0, bn_mode: str | None = None
+                     ) -> SpectralDensity:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature in `mode` (default
+    "train"); costs `steps` x `probes` HVPs. Quadrature is exact for polynomials of degree
+    < 2 steps. `records()`: the Ritz nodes and their weights per probe vector.
     """
     check_interval("steps", steps, 1, math.inf, kind=int, low_open=False)
     check_interval("probes", probes, 1, math.inf, kind=int, low_open=False)
+    mode = resolve_mode(mode, bn_mode, "train")
     nodes, weights = [], []
-    with hessian_operator(model, loss_fn, data, params, bn_mode) as op:
+    with hessian_operator(model, loss_fn, data, params, mode) as op:
         for i in range(probes):
             v0 = _start_vector(op.size, seed + i, op.gradient.device)
             alphas, betas, _, _ = lanczos(op, v0, min(steps, op.size))
             values, vectors = tridiagonal_eigh(alphas, betas)
             nodes.append(values.cpu())
             weights.append((vectors[0] ** 2).cpu())
-    return SpectralDensity(nodes, weights, bn_mode)
+        measured = op.bn_mode
+    return SpectralDensity(nodes, weights, measured)
 
 
 @register_callback("sharpness")

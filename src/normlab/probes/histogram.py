@@ -17,8 +17,12 @@ import torch
 from torch import nn
 
 from normlab.config import ConfigError, check_interval
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._calling import batch_loss, convention, one_batch
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import select_layers
+from normlab.probes._results import Records, all_finite, flagged
+from normlab.probes._stateless import Stateless, leaves
 
 
 def tail_statistics(values: torch.Tensor, k: int | None = None) -> dict[str, float]:
@@ -41,29 +45,38 @@ def tail_statistics(values: torch.Tensor, k: int | None = None) -> dict[str, flo
             "range": (v.max() - v.min()).item()}
 
 
-def gradient_histogram(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                       layers: Sequence[str | int] | None = None, bins: int = 60) -> list[dict]:
+@convention(old_positional=("layers", "bins"), xy=True)
+def gradient_histogram(model: nn.Module, loss_fn, data, *,
+                       layers: Sequence[str | int] | None = None, bins: int = 60,
+                       mode: str = "keep") -> Records:
     """Histogram and tail statistics of the entries of the mini-batch gradient of each chosen
-    layer's weight, in the model's current BN mode; cost: one forward and backward.
+    layer's weight on one batch `data` = (x, y), in `mode` ("keep": the model's own modes);
+    cost: one forward and backward.
 
     The gradient is that of `loss_fn` as given (mean-reduced for the usual losses). Bins are
     `bins` equal-width bins spanning [min, max] of each layer's entries. Records per layer:
     quantity "count" (with bin_low, bin_high) and one record per tail statistic (see
     `tail_statistics`); all with layer, depth, bn_mode, gradient="batch_gradient".
-    Running statistics are not updated.
+    Running statistics and parameters are never written.
     """
     check_interval("bins", bins, 1, kind=int, low_open=False)
-    with preserved(model), frozen_norm_statistics(model):
+    x, y = one_batch(data, "gradient_histogram")
+    with preserved(model), probe_mode(model, mode):
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
-        weights = [layer.module.weight.requires_grad_(True) for layer in chosen]  # restored
-        grads = torch.autograd.grad(loss_fn(model(x), y), weights, allow_unused=True)
-        mode = bn_mode(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = leaves({names[id(layer.module.weight)]: layer.module.weight
+                         for layer in chosen})
+        loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
+        got = dict(zip(params, torch.autograd.grad(loss, list(params.values()),
+                                                   allow_unused=True), strict=True))
+        grads = [got[names[id(layer.module.weight)]] for layer in chosen]
+        measured = norm_mode(model, mode)
         records = []
         for layer, g in zip(chosen, grads, strict=True):
             if g is None:
                 continue
-            base = {"layer": layer.name, "depth": layer.depth, "bn_mode": mode,
-                    "gradient": "batch_gradient"}
+            base = {"layer": layer.name, "depth": layer.depth, "bn_mode": measured,
+                    "mode": mode, "gradient": "batch_gradient"}
             v = g.detach().reshape(-1).double()
             low, high = v.min().item(), v.max().item()
             if high == low:
@@ -76,4 +89,4 @@ def gradient_histogram(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tens
             k = stats.pop("hill_k", None)
             records += [{**base, "quantity": q, "value": val, "hill_k": k}
                         for q, val in stats.items()]
-        return records
+        return flagged(records, all_finite([x, loss]))

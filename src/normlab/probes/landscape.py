@@ -9,40 +9,42 @@ another direction), `scaled_direction` (any direction rescaled, e.g. a mean grad
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from normlab.config import ConfigError, check_interval
-from normlab.probes._batches import (
-    Batch,
-    LossFn,
-    Vector,
-    as_batches,
-    dot,
-    mean_loss,
-    norm,
-    set_bn_mode,
-)
-from normlab.probes._geometry import radial_part
-from normlab.probes._hygiene import frozen_norm_statistics, preserved
+from normlab.probes._batches import Batch, LossFn, Vector, dot, norm
+from normlab.probes._calling import batch_list, batch_loss, convention
+from normlab.probes._geometry import _rows, _unrows, radial_part
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode, resolve_mode
 from normlab.probes._modules import weight_layers
+from normlab.probes._results import Records, flagged
+from normlab.probes._stateless import Stateless
 
 
 def _weight_names(model: nn.Module) -> list[str]:
     return [f"{layer.name}.weight" for layer in weight_layers(model)]
 
 
-def _filter_normalized(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Each filter of d rescaled to the norm of the same filter of w (0 where either is 0)."""
-    d_rows, w_rows = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The module holding parameter `name`."""
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _filter_normalized(d: torch.Tensor, w: torch.Tensor, module: nn.Module | None = None
+                       ) -> torch.Tensor:
+    """Each filter (output unit; dim 1 of a transposed convolution) of d rescaled to the norm of
+    the same filter of w (0 where either is 0)."""
+    d_rows, w_rows = _rows(d, "filter", module), _rows(w, "filter", module)
     d_norm, w_norm = d_rows.norm(dim=1, keepdim=True), w_rows.norm(dim=1, keepdim=True)
     scale = torch.where(d_norm > 0, w_norm / d_norm.clamp_min(torch.finfo(d.dtype).tiny),
                         torch.zeros_like(d_norm))
-    return (d_rows * scale).reshape(d.shape)
+    return _unrows(d_rows * scale, d.shape, "filter", module)
 
 
 def random_direction(model: nn.Module, seed: int = 0, orthogonal_to: Vector | None = None,
@@ -61,7 +63,8 @@ def random_direction(model: nn.Module, seed: int = 0, orthogonal_to: Vector | No
             continue
         d = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         w = p.detach().double().cpu()
-        d = _filter_normalized(d, w) if p.dim() >= 2 else d.sign() * w.abs()
+        d = (_filter_normalized(d, w, _owner(model, name)) if p.dim() >= 2
+             else d.sign() * w.abs())
         direction[name] = d.to(p.dtype).to(p.device)
     if orthogonal_to is not None:
         length = norm(direction)
@@ -95,7 +98,7 @@ def scaled_direction(model: nn.Module, direction: Vector, scale: str = "weights"
 def radial_direction(model: nn.Module, grads: Vector, granularity: str = "filter") -> Vector:
     """The radial part of `grads` for every conv/linear weight (other parameters left out)."""
     params = dict(model.named_parameters())
-    return {n: radial_part(grads[n], params[n].detach(), granularity)
+    return {n: radial_part(grads[n], params[n].detach(), granularity, _owner(model, n))
             for n in _weight_names(model) if n in grads}
 
 
@@ -105,12 +108,14 @@ def tangential_direction(model: nn.Module, grads: Vector, granularity: str = "fi
     return {n: grads[n] - r for n, r in radial.items()}
 
 
-def hessian_direction(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
-                      bn_mode: str = "train") -> Vector:
+@convention(old_positional=("bn_mode",))
+def hessian_direction(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
+                      mode: str | None = None, bn_mode: str | None = None) -> Vector:
     """The top eigenvector (unit norm) of the loss Hessian on `data` (see `hessian_eigs`)."""
     from normlab.probes.curvature import hessian_eigs
 
-    return hessian_eigs(model, loss_fn, data, k=1, bn_mode=bn_mode).vectors[0]
+    mode = resolve_mode(mode, bn_mode, "train")
+    return hessian_eigs(model, loss_fn, data, k=1, mode=mode).vectors[0]
 
 
 def _span_grid(span: float | Sequence[float], points: int) -> np.ndarray:
@@ -121,44 +126,54 @@ def _span_grid(span: float | Sequence[float], points: int) -> np.ndarray:
     return np.linspace(low, high, points)
 
 
-def landscape(model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch],
+@convention(old_positional=("directions", "span", "points", "bn_mode", "labels"))
+def landscape(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
               directions: Sequence[Vector], span: float | Sequence[float] = 1.0,
-              points: int = 21, bn_mode: str = "train", labels: Sequence[str] | None = None
-              ) -> list[dict[str, Any]]:
-    """Mean loss over fixed `batches` at theta + alpha d1 (+ beta d2) on a `points`-per-axis grid
-    over `span`, in `bn_mode` ("train": each batch normalized with its own statistics, running
-    statistics frozen; "eval": running statistics). Costs points (1-D) or points^2 (2-D)
-    forward passes per batch; the model is restored.
+              points: int = 21, mode: str | None = None, labels: Sequence[str] | None = None,
+              bn_mode: str | None = None) -> Records:
+    """Mean loss over the fixed batches of `data` at theta + alpha d1 (+ beta d2) on a
+    `points`-per-axis grid over `span`, in `mode` (default "train": each batch normalized with
+    its own statistics, Dropout off; "eval": running statistics; "keep"). Costs points (1-D) or
+    points^2 (2-D) forward passes per batch. The perturbed weights are evaluated functionally:
+    the model's parameters and running statistics are never written.
 
-    Records: alpha (and beta), quantity "loss", value, bn_mode, direction labels.
+    Records: alpha (and beta), quantity "loss", value, bn_mode, mode, direction labels.
     """
     if len(directions) not in (1, 2):
         raise ConfigError(f"The 'directions' setting must hold 1 or 2 directions; got "
                           f"{len(directions)}.")
     check_interval("points", points, 2, float("inf"), kind=int, low_open=False)
+    mode = resolve_mode(mode, bn_mode, "train")
     labels = list(labels or [f"d{i + 1}" for i in range(len(directions))])
     grid = _span_grid(span, points)
-    batches = as_batches(batches)
+    batches = batch_list(data, "landscape")
+    params = dict(model.named_parameters())
+    for direction in directions:
+        unknown = [n for n in direction if n not in params]
+        if unknown:
+            raise ConfigError.choice("directions", unknown[0], list(params))
     records = []
-    with preserved(model), torch.no_grad():
-        set_bn_mode(model, bn_mode)
-        params = dict(model.named_parameters())
-        origin = {n: p.detach().clone() for n, p in params.items()}
+    with preserved(model), probe_mode(model, mode), torch.no_grad():
+        measured = norm_mode(model, mode)
+        forward = Stateless(model)
         second = grid if len(directions) == 2 else [0.0]
-        with frozen_norm_statistics(model):
-            for alpha in grid:
-                for beta in second:
-                    for name, p in params.items():
-                        move = origin[name]
-                        if name in directions[0]:
-                            move = move + alpha * directions[0][name].to(p.dtype)
-                        if len(directions) == 2 and name in directions[1]:
-                            move = move + beta * directions[1][name].to(p.dtype)
-                        p.copy_(move)
-                    loss = float(mean_loss(model, loss_fn, batches))
-                    row = {"alpha": float(alpha), "quantity": "loss", "value": loss,
-                           "bn_mode": bn_mode, "direction": labels[0]}
-                    if len(directions) == 2:
-                        row.update(beta=float(beta), direction2=labels[1])
-                    records.append(row)
-    return records
+        for alpha in grid:
+            for beta in second:
+                moved = {}
+                for name in set(directions[0]) | (set(directions[1]) if len(directions) == 2
+                                                  else set()):
+                    p = params[name].detach()
+                    move = p
+                    if name in directions[0]:
+                        move = move + alpha * directions[0][name].to(p.dtype)
+                    if len(directions) == 2 and name in directions[1]:
+                        move = move + beta * directions[1][name].to(p.dtype)
+                    moved[name] = move
+                loss = float(sum(batch_loss(loss_fn, forward(x, moved), y) for x, y in batches)
+                             / len(batches))
+                row = {"alpha": float(alpha), "quantity": "loss", "value": loss,
+                       "bn_mode": measured, "mode": mode, "direction": labels[0]}
+                if len(directions) == 2:
+                    row.update(beta=float(beta), direction2=labels[1])
+                records.append(row)
+    return flagged(records, all(math.isfinite(r["value"]) for r in records))

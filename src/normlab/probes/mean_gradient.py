@@ -15,23 +15,29 @@ from typing import Any
 
 from torch import nn
 
-from normlab.probes._batches import Batch, LossFn, Vector, as_batches, dot, norm, set_bn_mode
+from normlab.probes._batches import Batch, LossFn, Vector, dot, norm
+from normlab.probes._calling import batch_list, convention
 from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
+from normlab.probes._results import Records, RecordsMixin, all_finite
 from normlab.probes.radial import minibatch_gradient, radial_share_total, radial_tangential
 
 
 @dataclass
-class MeanGradient:
+class MeanGradient(RecordsMixin):
     """The mean gradient (`gradient`, name -> tensor), its split-half `stability`, the radial
     share over all conv/linear weights, and per-layer records (radial/tangential quantities,
-    and where asked the cosine with the top singular direction of per-example gradients)."""
+    and where asked the cosine with the top singular direction of per-example gradients):
+    `records()` (also readable as the list `records`, the old form) and `to_frame()`."""
 
     gradient: Vector
     stability: float
     radial_share: float
     batches: int
     bn_mode: str
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: Records = field(default_factory=Records)  # type: ignore[assignment]
+    finite: bool = True
+    mode: str = "train"
 
 
 def _average(grads: list[Vector]) -> Vector:
@@ -43,11 +49,13 @@ def _cosine(a: Vector, b: Vector) -> float:
     return dot(a, b) / (na * nb) if na > 0 and nb > 0 else math.nan
 
 
-def mean_gradient(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch],
-                  spectrum_batch: Batch | None = None) -> MeanGradient:
-    """Average of the mini-batch loss gradients over `batches` in train mode (running statistics
-    frozen), its split-half stability, radial share and per-layer radial/tangential records;
-    costs one forward + backward per batch. The model is restored.
+@convention(old_positional=("spectrum_batch",))
+def mean_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
+                  spectrum_batch: Batch | None = None, mode: str = "train") -> MeanGradient:
+    """Average of the mini-batch loss gradients over the batches of `data` (at least 2) in
+    `mode` (default "train": normalization layers on batch statistics, Dropout off; running
+    statistics and parameters never written), its split-half stability, radial share and
+    per-layer radial/tangential records; costs one forward + backward per batch.
 
     With `spectrum_batch` = (x, y), also the per-layer cosine between the mean gradient and the
     top right-singular vector of that batch's exact per-example loss gradients
@@ -56,24 +64,27 @@ def mean_gradient(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch],
     Notes: batches are weighted equally (the mean of mean-reduced losses); the weight-decay
     gradient (purely radial) is not included.
     """
-    batches = as_batches(batches)
+    batches = batch_list(data, "mean_gradient")
     if len(batches) < 2:
         from normlab.config import ConfigError
 
-        raise ConfigError(f"The 'batches' setting must hold at least 2 batches (two halves are "
-                          f"compared); got {len(batches)}.")
-    with preserved(model):
-        set_bn_mode(model, "train")
+        raise ConfigError(f"The 'data' setting of mean_gradient must hold at least 2 batches "
+                          f"(two halves are compared); got {len(batches)}.")
+    with preserved(model), probe_mode(model, mode):
+        measured = norm_mode(model, mode)
         grads = [minibatch_gradient(model, loss_fn, x, y) for x, y in batches]
         mean = _average(grads)
         stability = _cosine(_average(grads[0::2]), _average(grads[1::2]))
-        records = radial_tangential(model, mean, granularity="layer", source="mean_gradient")
+        records = radial_tangential(model, grads=mean, granularity="layer",
+                                    source="mean_gradient", mode=mode)
         for record in records:
             record["batches"] = len(batches)
         if spectrum_batch is not None:
             records += _top_direction_cosines(model, loss_fn, spectrum_batch, mean)
         share = radial_share_total(model, mean)
-    return MeanGradient(mean, stability, share, len(batches), "train", records)
+    finite = all_finite(mean.values())
+    return MeanGradient(mean, stability, share, len(batches), measured, Records(records), finite,
+                        mode)
 
 
 def _top_direction_cosines(model: nn.Module, loss_fn: LossFn, batch: Batch, mean: Vector
@@ -82,7 +93,7 @@ def _top_direction_cosines(model: nn.Module, loss_fn: LossFn, batch: Batch, mean
     from normlab.probes.spectrum import gradient_spectrum
 
     x, y = batch
-    per_example = per_example_loss_grads(model, loss_fn, x, y)
+    per_example = per_example_loss_grads(model, loss_fn, (x, y))
     spectrum, directions = gradient_spectrum(per_example, return_directions=True)
     depths = {r["layer"]: r["depth"] for r in spectrum}
     rows = []

@@ -11,48 +11,74 @@ Two different quantities (see science.md, "Definitions"):
 
 Without batch coupling (no norm, LayerNorm, GroupNorm, InstanceNorm, BN in eval mode) the two
 coincide up to the reduction factor: c_i = g_i / B for a mean-reduced loss, c_i = g_i for a sum.
-With BN in train mode they differ completely. Every result carries `.quantity` saying which.
+With BN in train mode they differ completely. Every result carries `.quantity` saying which,
+and `.method` saying how it was computed (with `.reason` when "auto" could not use vmap).
+Both take one batch: `probe(model, loss_fn, (x, y), *, ...)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
-from normlab.config import check_choice, check_interval
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.config import ConfigError, check_choice, check_interval
+from normlab.probes._calling import batch_loss, convention, one_batch, per_example_losses
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import (
+    canonical_names,
     hooks_removed,
     is_norm,
     padded_conv_input,
     param_layers,
-    per_example_losses,
     select_params,
 )
+from normlab.probes._results import RecordsMixin, all_finite
+from normlab.probes._stateless import Stateless, leaves
 
 METHODS = ("auto", "vjp", "vmap")
 LOSS_GRADS = "per_example_loss_grads"
 CONTRIBUTIONS = "per_example_contributions"
 
 
-class PerExampleGradients(dict):
+class PerExampleGradients(dict, RecordsMixin):
     """Parameter name -> tensor of shape (B, *param.shape), with what it is.
 
     `quantity`: "per_example_loss_grads" or "per_example_contributions"; `bn_mode`: "train"
-    (batch statistics) or "eval"; `layers`: parameter name -> (module name, depth or None);
-    `method`: how it was computed.
+    (batch statistics) or "eval"; `mode`: the probe mode asked for; `layers`: parameter name ->
+    (module name, depth or None); `method`: how it was computed ("vmap", "vjp",
+    "layer_hooks"); `reason`: why "auto" did not use vmap (None if it did or was not asked);
+    `finite`: False when the input, a loss or a gradient was not finite.
+    `records()`: one row per parameter and example with the gradient's norm.
     """
 
     def __init__(self, grads: dict[str, torch.Tensor], *, quantity: str, bn_mode: str,
-                 layers: dict[str, tuple[str, int | None]], method: str) -> None:
+                 layers: dict[str, tuple[str, int | None]], method: str, mode: str = "keep",
+                 reason: str | None = None, finite: bool = True) -> None:
         super().__init__(grads)
         self.quantity = quantity
         self.bn_mode = bn_mode
         self.layers = layers
         self.method = method
+        self.mode = mode
+        self.reason = reason
+        self.finite = finite
+
+    def records(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, g in self.items():
+            layer, depth = self.layers.get(name, (None, None))
+            norms = g.reshape(g.shape[0], -1).double().norm(dim=1).tolist()
+            rows += [{"parameter": name, "layer": layer, "depth": depth, "example": i,
+                      "quantity": "grad_norm", "value": v, "gradient": self.quantity,
+                      "bn_mode": self.bn_mode, "mode": self.mode, "method": self.method,
+                      **({} if self.finite else {"finite": False})}
+                     for i, v in enumerate(norms)]
+        return rows
 
 
 def _coupled(model: nn.Module) -> bool:
@@ -61,64 +87,101 @@ def _coupled(model: nn.Module) -> bool:
     return is_batch_coupled(model)
 
 
-def per_example_loss_grads(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                           params: Iterable[str] | None = None, chunk_size: int | None = None,
-                           max_memory: float | None = None, method: str = "auto"
-                           ) -> PerExampleGradients:
-    """Exact g_i = d ell_i / d theta in the model's current mode; cost ~B backward passes
-    with batch coupling (BN/BatchRenorm in train mode), ~1-2 backward passes without.
+def _vmap_obstacle(model: nn.Module) -> str | None:
+    """Why vmap cannot run this model's forward faithfully, known before trying (None: try)."""
+    if _coupled(model):
+        return "batch-coupled normalization (BatchNorm/BatchRenorm using batch statistics)"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            return f"Dropout in train mode ({name or 'model'}): random masks"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
+                or m._backward_pre_hooks:
+            return f"user hooks on {name or 'the model'} (they would see batched tensors)"
+    from torch.nn.modules import module as module_globals
 
-    ell_i is the *unreduced* loss of example i (`loss_fn` with reduction="none"), so for a
-    mean-reduced loss the batch gradient is (1/B) sum_i g_i; that holds under BN too.
-    Running statistics are not updated; the model is left exactly as it was.
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks \
+            or module_globals._global_backward_hooks:
+        return "global module hooks"
+    return None
+
+
+@convention(old_positional=("params", "chunk_size", "max_memory", "method"), xy=True)
+def per_example_loss_grads(model: nn.Module, loss_fn, data, *,
+                           params: Iterable[str] | None = None, chunk_size: int | None = None,
+                           max_memory: float | None = None, method: str = "auto",
+                           mode: str = "keep") -> PerExampleGradients:
+    """Exact g_i = d ell_i / d theta on one batch `data` = (x, y) in `mode` ("keep": the model's
+    own modes; "train"/"eval", see `probes._modes`); cost ~B backward passes with batch coupling
+    (BN/BatchRenorm in train mode), ~1-2 backward passes without.
+
+    ell_i is the per-example loss (see `probes._calling`), so for a mean-reduced loss the batch
+    gradient is (1/B) sum_i g_i; that holds under BN too. Running statistics are not updated,
+    parameters are never written; `params` may name frozen parameters.
 
     method: "vjp" runs the batch forward once and takes batched vector-Jacobian products over
-    one-hot cotangents in chunks of `chunk_size` rows (exact for any model, including BN in
-    train mode); "vmap" vectorizes d ell(f(x_i)) / d theta over examples with torch.func
-    (correct only without batch coupling: it runs each example alone); "auto" picks "vmap"
-    without batch coupling, else "vjp". `chunk_size` bounds the rows (vjp) or examples (vmap)
-    processed at once; `max_memory` (bytes, vjp only) sets the chunk from an estimate of its
-    working memory. The result itself always takes B x P numbers.
-    Returns a `PerExampleGradients` mapping parameter name -> (B, *shape).
+    one-hot cotangents in chunks of `chunk_size` rows (exact for any model); "vmap" vectorizes
+    d ell(f(x_i)) / d theta over examples with torch.func (correct only without batch coupling:
+    it runs each example alone); "auto" uses vmap when nothing known stands in its way (batch
+    coupling, Dropout in train mode, user hooks), checks that the per-example losses under vmap
+    equal those of the batch forward (a batch-coupled layer of the user's own makes them
+    differ), and otherwise, or if vmap fails, uses "vjp"; `.method` and `.reason` record it.
+    `chunk_size` bounds the rows (vjp) or examples (vmap) processed at once; `max_memory`
+    (bytes, vjp only) sets the chunk from an estimate of its working memory. The result itself
+    always takes B x P numbers.
     """
+    x, y = one_batch(data, "per_example_loss_grads")
     check_choice("method", method, METHODS)
     if chunk_size is not None:
         check_interval("chunk_size", chunk_size, 1, kind=int, low_open=False)
     if max_memory is not None:
         check_interval("max_memory", max_memory, 0)
-    coupled = _coupled(model)
-    if method == "auto":
-        method = "vjp" if coupled else "vmap"
-    elif method == "vmap" and coupled:
-        from normlab.config import ConfigError
-
-        raise ConfigError("The 'method' setting 'vmap' runs each example alone, which is a "
-                          "different function for a batch-coupled model (BatchNorm or "
-                          "BatchRenorm in train mode); use 'vjp' or 'auto'.")
-    with preserved(model), frozen_norm_statistics(model):
+    with preserved(model), probe_mode(model, mode):
         selected = select_params(model, params)
-        if method == "vmap":
-            grads = _vmap_grads(model, loss_fn, x, y, selected, chunk_size)
+        forward = Stateless(model)
+        reason = _vmap_obstacle(model) if method == "auto" else None
+        if method == "vmap" and _coupled(model):
+            raise ConfigError("The 'method' setting 'vmap' runs each example alone, which is a "
+                              "different function for a batch-coupled model (BatchNorm or "
+                              "BatchRenorm in train mode); use 'vjp' or 'auto'.")
+        grads = None
+        if method == "vmap" or (method == "auto" and reason is None):
+            try:
+                grads = _vmap_grads(forward, loss_fn, x, y, selected, chunk_size)
+            except _VmapMismatch as err:
+                if method == "vmap":
+                    raise ConfigError(f"The 'method' setting 'vmap' gives a different function "
+                                      f"for this model: {err}; use 'vjp' or 'auto'.") from err
+                reason = str(err)
+            except Exception as err:  # any vmap failure: fall back to the VJP
+                if method == "vmap":
+                    raise
+                reason = f"vmap failed: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if grads is None:
+            grads = _vjp_grads(forward, loss_fn, x, y, selected, chunk_size, max_memory)
+            used = "vjp"
         else:
-            grads = _vjp_grads(model, loss_fn, x, y, selected, chunk_size, max_memory)
-        return PerExampleGradients(grads, quantity=LOSS_GRADS, bn_mode=bn_mode(model),
+            used, reason = "vmap", None
+        finite = all_finite([x]) and all_finite(grads.values())
+        return PerExampleGradients(grads, quantity=LOSS_GRADS, bn_mode=norm_mode(model, mode),
                                    layers={k: param_layers(model)[k] for k in grads},
-                                   method=method)
+                                   method=used, mode=mode, reason=reason, finite=finite)
 
 
-def _vjp_grads(model, loss_fn, x, y, selected, chunk_size, max_memory):
+def _vjp_grads(forward, loss_fn, x, y, selected, chunk_size, max_memory):
     outputs_numel = [0]
 
     def count(_module, _inputs, output):
         if isinstance(output, torch.Tensor):
             outputs_numel[0] += output.numel()
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    with hooks_removed([m.register_forward_hook(count) for m in leaves]):
-        losses = per_example_losses(loss_fn, model(x), y)  # (B,)
-    batch = losses.shape[0]
+    model = forward.model
+    leaf_modules = [m for m in model.modules() if not list(m.children())]
     names = list(selected)
-    tensors = [selected[n] for n in names]
+    tensors = list(leaves(selected).values())
+    with hooks_removed([m.register_forward_hook(count) for m in leaf_modules]):
+        losses = per_example_losses(loss_fn, forward(x, dict(zip(names, tensors, strict=True))),
+                                    y)  # (B,)
+    batch = losses.shape[0]
     if chunk_size is None:
         chunk_size = _default_chunk(batch, x, tensors, outputs_numel[0], max_memory)
     eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)
@@ -141,8 +204,9 @@ def _vjp_grads(model, loss_fn, x, y, selected, chunk_size, max_memory):
 def _default_chunk(batch: int, x: torch.Tensor, tensors: list[torch.Tensor], activations: int,
                    max_memory: float | None) -> int:
     """Rows per batched VJP. On CPU one row at a time (measured fastest there: vectorizing the
-    backward over cotangents does not pay on a CPU); on a GPU as many as `max_memory` allows
-    (default: half the free memory). Each row costs ~ (activations + params) numbers."""
+    backward over cotangents does not pay on a CPU) unless `max_memory` is given; on a GPU as
+    many as `max_memory` allows (default: half the free memory). Each row costs
+    ~ (activations + params) numbers."""
     per_row = (activations + sum(p.numel() for p in tensors)) * x.element_size()
     if max_memory is None:
         if x.device.type != "cuda":
@@ -152,42 +216,57 @@ def _default_chunk(batch: int, x: torch.Tensor, tensors: list[torch.Tensor], act
     return int(max(1, min(batch, max_memory // max(per_row, 1))))
 
 
-def _vmap_grads(model, loss_fn, x, y, selected, chunk_size):
-    from torch.func import functional_call, grad, vmap
+class _VmapMismatch(RuntimeError):
+    """The per-example losses under vmap differ from the batch forward's."""
+
+
+def _vmap_grads(forward, loss_fn, x, y, selected, chunk_size):
+    from torch.func import grad_and_value, vmap
 
     names = list(selected)
-    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in selected}
-    buffers = dict(model.named_buffers())
+    # contiguous (not channels_last) copies: inside vmap torch cannot query other memory formats
+    trainable = {k: selected[k].detach().contiguous() for k in names}
 
-    def example_loss(trainable, xi, yi):
-        state = {**frozen, **trainable, **buffers}
-        out = functional_call(model, state, (xi.unsqueeze(0),))
+    def example_loss(params, xi, yi):
+        out = forward(xi.unsqueeze(0), params)
         return per_example_losses(loss_fn, out, yi.unsqueeze(0))[0]
 
-    trainable = {k: selected[k].detach() for k in names}
-    grad_fn = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
-    return {k: v.detach() for k, v in grad_fn(trainable, x, y).items()}
+    grad_fn = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    grads, values = grad_fn(trainable, x.contiguous(), y)
+    with torch.no_grad():
+        batch = per_example_losses(loss_fn, forward(x, trainable), y)
+    if not torch.allclose(values, batch, rtol=1e-2, atol=1e-4 * float(batch.abs().max()) + 1e-12,
+                          equal_nan=True):
+        raise _VmapMismatch("the per-example losses computed one example at a time differ from "
+                            "those of the batch forward (a batch-coupled layer?)")
+    return {k: v.detach() for k, v in grads.items()}
 
 
-def per_example_contributions(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
+@convention(xy=True)
+def per_example_contributions(model: nn.Module, loss_fn, data, *, mode: str = "keep"
                               ) -> PerExampleGradients:
-    """c_i, example i's share of the batch gradient of `loss_fn`, in the model's current mode;
-    cost ~2-3 backward passes (one backward plus per-example products in layer hooks).
+    """c_i, example i's share of the batch gradient of `loss_fn` on one batch `data` = (x, y),
+    in `mode` (default "keep": the model's own modes); cost ~2-3 backward passes (one backward
+    plus per-example products in layer hooks).
 
     For Conv2d/Linear weight and bias, c_i = sum over positions of d_i (x) a_i (output gradient
-    of example i times its input); for norm affine parameters c_i(weight) = sum over positions
-    of d_i * xhat_i (the normalized input) and c_i(bias) = sum of d_i. sum_i c_i equals the
-    batch gradient exactly, for every norm. Parameters of other modules are not included.
+    of example i times its input); for other convolutions (Conv1d, ConvTranspose2d, ...) the
+    layer's own VJP per example; for norm affine parameters c_i(weight) = sum over positions of
+    d_i * xhat_i (the normalized input) and c_i(bias) = sum of d_i. A module called several
+    times, or a weight tied across modules, adds up its calls. sum_i c_i equals the batch
+    gradient exactly, for every norm. Parameters of other modules are not included.
     Note: the d_i are gradients of the *reduced* batch loss (mean: they carry 1/B), and with BN
     in train mode c_i is not d ell_i / d theta (see `per_example_loss_grads`).
-    Running statistics are not updated; the model is left exactly as it was.
+    Running statistics are not updated and parameters never written.
     """
+    x, y = one_batch(data, "per_example_contributions")
     sums: dict[str, torch.Tensor] = {}
+    canonical = canonical_names(model)
 
     def add(name: str, value: torch.Tensor) -> None:
         sums[name] = sums[name] + value if name in sums else value
 
-    def forward_hook(prefix: str):
+    def forward_hook(module_name: str):
         def hook(module, inputs, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
@@ -196,26 +275,28 @@ def per_example_contributions(model: nn.Module, loss_fn, x: torch.Tensor, y: tor
 
             def on_grad(d: torch.Tensor) -> None:
                 for pname, value in _layer_contributions(module, a, d.detach(), xhat).items():
-                    add(f"{prefix}{pname}", value)
+                    add(canonical[(module_name, pname)], value)
 
             output.register_hook(on_grad)
 
         return hook
 
-    with preserved(model), frozen_norm_statistics(model):
+    with preserved(model), probe_mode(model, mode):
+        selected = select_params(model, None)
+        params = leaves(selected)
+        forward = Stateless(model)
         modules = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear)) or (is_norm(m) and _affine(m))]
-        handles = [m.register_forward_hook(forward_hook(f"{n}." if n else ""))
-                   for n, m in modules]
+                   if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                   or (is_norm(m) and _affine(m))]
+        handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules]
         with hooks_removed(handles):
-            loss = loss_fn(model(x), y)
-            params = [p for p in model.parameters() if p.requires_grad]
-            torch.autograd.grad(loss, params, allow_unused=True)
-        named = dict(model.named_parameters())
-        grads = {k: v for k, v in sums.items() if named[k].requires_grad}
-        return PerExampleGradients(grads, quantity=CONTRIBUTIONS, bn_mode=bn_mode(model),
+            loss = batch_loss(loss_fn, forward(x, params), y)
+            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = {k: v for k, v in sums.items() if k in selected}
+        finite = all_finite([x, loss]) and all_finite(grads.values())
+        return PerExampleGradients(grads, quantity=CONTRIBUTIONS, bn_mode=norm_mode(model, mode),
                                    layers={k: param_layers(model)[k] for k in grads},
-                                   method="layer_hooks")
+                                   method="layer_hooks", mode=mode, finite=finite)
 
 
 def _affine(module: nn.Module) -> bool:
@@ -225,14 +306,15 @@ def _affine(module: nn.Module) -> bool:
 def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """xhat: the norm's output with unit scale and zero shift (so output = xhat * w + b).
 
-    Recomputed with the norm's own forward (running statistics are frozen by the caller), which
-    is exact for every norm kind, BatchRenorm's r/d corrections included.
+    Recomputed with the norm's own forward on private buffers, which is exact for every norm
+    kind, BatchRenorm's r/d corrections included.
     """
     from torch.func import functional_call
 
     state = {"weight": torch.ones_like(module.weight)}
     if getattr(module, "bias", None) is not None:
         state["bias"] = torch.zeros_like(module.bias)
+    state.update({n: b.detach().clone() for n, b in module.named_buffers(recurse=False)})
     with torch.no_grad(), _hooks_off(module):
         return functional_call(module, state, (a,), strict=False)
 
@@ -259,6 +341,8 @@ def _layer_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor,
         out["weight"] = _conv_weight_contributions(module, a, d)
         if module.bias is not None:
             out["bias"] = d.sum(dim=(2, 3))
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        out = _module_vjp_contributions(module, a, d)
     elif isinstance(module, nn.Linear):
         a2 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, positions, in)
         d2 = d.reshape(d.shape[0], -1, d.shape[-1])  # (B, positions, out)
@@ -270,6 +354,22 @@ def _layer_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor,
         if getattr(module, "bias", None) is not None:
             out["bias"] = _reduce_to(d, module)
     return out
+
+
+def _module_vjp_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor
+                              ) -> dict[str, torch.Tensor]:
+    """The VJP of the module's own forward for each example (a_i, d_i), vectorized: exact for
+    any layer that treats examples independently (every convolution)."""
+    from torch.func import functional_call, vjp, vmap
+
+    params = {k: v.detach().contiguous() for k, v in module.named_parameters(recurse=False)}
+
+    def one(ai: torch.Tensor, di: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, pull = vjp(lambda p: functional_call(module, p, (ai.unsqueeze(0),)), params)
+        return pull(di.unsqueeze(0))[0]
+
+    with torch.enable_grad(), _hooks_off(module):
+        return vmap(one)(a.contiguous(), d.contiguous())
 
 
 def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -284,17 +384,19 @@ def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 def _conv_weight_contributions(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor
                                ) -> torch.Tensor:
-    """sum over positions of d[i, o, p] * unfold(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape)."""
+    """sum over positions of d[i, o, p] * patch(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape).
+
+    One weight-gradient convolution with the batch folded into the groups (example i's channels
+    form groups of their own), exact, and on a CPU 1-9x faster than unfold + einsum (ResNet-20
+    layer shapes at B = 128, measured here) without the unfolded copy of the input."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         a = padded_conv_input(conv, a)  # 'same'/'valid' or reflect/replicate/circular padding
         padding: tuple[int, ...] | int = 0
     else:
         padding = conv.padding
-    cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)  # (B, C_in * kh * kw, L)
-    batch, groups = a.shape[0], conv.groups
-    cols = cols.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_in/G * kh * kw, L)
-    d = d.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, C_out/G, L)
-    per = torch.einsum("bgol,bgil->bgoi", d, cols)
+    batch = a.shape[0]
+    out, fan_in = conv.weight.shape[:2]
+    per = conv2d_weight(a.reshape(1, -1, *a.shape[2:]), (batch * out, fan_in, *conv.kernel_size),
+                        d.reshape(1, -1, *d.shape[2:]), stride=conv.stride, padding=padding,
+                        dilation=conv.dilation, groups=batch * conv.groups)
     return per.reshape(batch, *conv.weight.shape)
-

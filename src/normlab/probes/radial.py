@@ -14,60 +14,77 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import check_choice
+from normlab.config import ConfigError, check_choice
 from normlab.probes._batches import LossFn, Vector
+from normlab.probes._calling import batch_loss, one_batch
 from normlab.probes._geometry import GRANULARITIES, _rows, radial_part
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
-from normlab.probes._modules import weight_layers
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
+from normlab.probes._modules import select_params, weight_layers
+from normlab.probes._results import Records, all_finite, flagged
+from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
 
 
 def minibatch_gradient(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
                        ) -> Vector:
-    """d loss_fn(model(x), y) / d theta in the model's current mode (running stats frozen);
-    one forward and backward; the model is restored."""
-    with preserved(model), frozen_norm_statistics(model):
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        loss = loss_fn(model(x), y)
+    """d loss_fn(model(x), y) / d theta in the model's current modes (running statistics and
+    parameters never written); one forward and backward."""
+    with preserved(model):
+        params = leaves(select_params(model, None))
+        loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return {n: (g if g is not None else torch.zeros_like(p)).detach()
             for (n, p), g in zip(params.items(), grads, strict=True)}
 
 
-def _quantities(g: torch.Tensor, w: torch.Tensor, granularity: str) -> dict[str, torch.Tensor]:
+def _quantities(g: torch.Tensor, w: torch.Tensor, granularity: str, module: nn.Module
+                ) -> dict[str, torch.Tensor]:
     """Per row (filter or layer): norms of w, g, g_rad, g_tan, and cos(g, w)."""
-    g_rad = radial_part(g, w, granularity)
-    rows = {"weight_norm": _rows(w, granularity), "grad_norm": _rows(g, granularity),
-            "radial_norm": _rows(g_rad, granularity), "tangential_norm": _rows(g - g_rad,
-                                                                               granularity)}
+    g_rad = radial_part(g, w, granularity, module)
+    rows = {"weight_norm": _rows(w, granularity, module),
+            "grad_norm": _rows(g, granularity, module),
+            "radial_norm": _rows(g_rad, granularity, module),
+            "tangential_norm": _rows(g - g_rad, granularity, module)}
     out = {k: v.double().norm(dim=1) for k, v in rows.items()}
-    dots = (_rows(g, granularity).double() * _rows(w, granularity).double()).sum(1)
+    dots = (_rows(g, granularity, module).double()
+            * _rows(w, granularity, module).double()).sum(1)
     denominator = out["grad_norm"] * out["weight_norm"]
     out["cosine"] = torch.where(denominator > 0, dots / denominator.clamp_min(1e-300),
                                 torch.zeros_like(dots))
     return out
 
 
-def radial_tangential(model: nn.Module, grads: Vector | None = None, granularity: str = "filter",
-                      lr: float | None = None, loss_fn: LossFn | None = None,
-                      x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                      source: str = "minibatch_gradient") -> list[dict[str, Any]]:
-    """Norms of the radial and tangential parts of `grads` for each conv/linear weight (per
-    output filter or per layer), their ratio, cos(g, w), ||w|| and the effective lr lr/||w||^2.
+def radial_tangential(model: nn.Module, loss_fn: LossFn | None = None, data=None, *,
+                      grads: Vector | None = None, granularity: str = "filter",
+                      lr: float | None = None, source: str = "minibatch_gradient",
+                      mode: str = "keep", **old: Any) -> Records:
+    """Norms of the radial and tangential parts of a gradient for each conv/linear weight (per
+    output filter, dim 1 of a transposed convolution, or per layer), their ratio, cos(g, w),
+    ||w|| and the effective lr lr/||w||^2.
 
-    `grads` (parameter name -> tensor) may be a mini-batch gradient, a mean gradient or any
-    direction; without it the gradient of loss_fn(model(x), y) is taken in the model's current
-    BN mode (one forward + backward, running statistics frozen). Records carry `bn_mode`, the
-    `source` label and `granularity`; `radial_share` is ||g_rad|| / ||g||.
+    The gradient is that of `loss_fn` on one batch `data` = (x, y) in `mode` ("keep": the
+    model's own modes; one forward + backward, nothing written), or given as `grads`
+    (parameter name -> tensor: a mean gradient or any direction; then loss_fn and data are not
+    needed). Records carry `bn_mode`, `mode`, the `source` label and `granularity`;
+    `radial_share` is ||g_rad|| / ||g||. The old form radial_tangential(model, grads, ...,
+    loss_fn=, x=, y=) works for one release with a DeprecationWarning.
 
     Note: weight decay is not part of the loss here; its gradient (lambda w) is purely radial.
     """
+    if isinstance(loss_fn, dict) or old:
+        loss_fn, data, grads, granularity, lr, source = _old_form(
+            loss_fn, data, grads, granularity, lr, source, old)
     check_choice("granularity", granularity, GRANULARITIES)
-    mode = bn_mode(model)
-    if grads is None:
-        if loss_fn is None or x is None or y is None:
-            raise ValueError("radial_tangential needs `grads` or all of `loss_fn`, `x` and `y`.")
-        grads = minibatch_gradient(model, loss_fn, x, y)
+    with probe_mode(model, mode):
+        measured = norm_mode(model, mode)
+        if grads is None:
+            if loss_fn is None or data is None:
+                raise ConfigError("radial_tangential needs the 'loss_fn' and 'data' settings "
+                                  "(one (x, y) batch), or the 'grads' setting; got neither.")
+            x, y = one_batch(data, "radial_tangential")
+            grads = minibatch_gradient(model, loss_fn, x, y)
+    finite = all_finite(grads.values())
     records = []
     for layer in weight_layers(model):
         name, depth, module = layer.name, layer.depth, layer.module
@@ -75,7 +92,7 @@ def radial_tangential(model: nn.Module, grads: Vector | None = None, granularity
         if key not in grads:
             continue
         w, g = module.weight.detach(), grads[key].detach().to(module.weight.dtype)
-        values = _quantities(g, w, granularity)
+        values = _quantities(g, w, granularity, module)
         values["ratio"] = values["radial_norm"] / values["tangential_norm"].clamp_min(1e-300)
         values["radial_share"] = torch.where(
             values["grad_norm"] > 0, values["radial_norm"] / values["grad_norm"].clamp_min(1e-300),
@@ -85,11 +102,36 @@ def radial_tangential(model: nn.Module, grads: Vector | None = None, granularity
         for quantity, column in values.items():
             for row, value in enumerate(column.tolist()):
                 record = {"layer": name, "depth": depth, "quantity": quantity, "value": value,
-                          "granularity": granularity, "source": source, "bn_mode": mode}
+                          "granularity": granularity, "source": source, "bn_mode": measured,
+                          "mode": mode}
                 if granularity == "filter":
                     record["channel"] = row
                 records.append(record)
-    return records
+    return flagged(records, finite)
+
+
+def _old_form(loss_fn, data, grads, granularity, lr, source, old):
+    """radial_tangential(model, grads, granularity, lr, loss_fn=, x=, y=, source=)."""
+    import warnings
+
+    warnings.warn("radial_tangential(model, grads, ...) and its x=, y= arguments are "
+                  "deprecated; use radial_tangential(model, loss_fn, (x, y)) or "
+                  "radial_tangential(model, grads=grads). This form will be removed in the "
+                  "next release.", DeprecationWarning, stacklevel=3)
+    unknown = set(old) - {"x", "y", "loss_fn"}
+    if unknown:
+        raise TypeError(f"radial_tangential() got unexpected arguments {sorted(unknown)}")
+    if isinstance(loss_fn, dict):
+        grads = loss_fn
+        if isinstance(data, str):  # old third positional: granularity
+            granularity = data
+        loss_fn = None
+    loss_fn = old.get("loss_fn", loss_fn)
+    if "x" in old:
+        data = (old["x"], old["y"])
+    elif not isinstance(data, tuple):
+        data = None
+    return loss_fn, data, grads, granularity, lr, source
 
 
 def radial_share_total(model: nn.Module, grads: Vector) -> float:
@@ -99,7 +141,8 @@ def radial_share_total(model: nn.Module, grads: Vector) -> float:
         key = f"{layer.name}.weight" if layer.name else "weight"
         if key in grads:
             g = grads[key].double()
-            radial_sq += float(radial_part(g, layer.module.weight.detach().double()).pow(2).sum())
+            w = layer.module.weight.detach().double()
+            radial_sq += float(radial_part(g, w, module=layer.module).pow(2).sum())
             total_sq += float(g.pow(2).sum())
     return math.sqrt(radial_sq / total_sq) if total_sq > 0 else 0.0
 
@@ -115,8 +158,8 @@ def radial_callback(granularity: str = "layer") -> Callable[[TrainState], None]:
     check_choice("granularity", granularity, GRANULARITIES)
 
     def callback(state: TrainState) -> None:
-        rows = radial_tangential(state.model, granularity=granularity, lr=state.lr,
-                                 loss_fn=state.loss_fn, x=state.x, y=state.y)
+        rows = radial_tangential(state.model, state.loss_fn, (state.x, state.y),
+                                 granularity=granularity, lr=state.lr)
         state.context.log_records("radial", rows, step=state.step, lr=state.lr)
 
     return callback

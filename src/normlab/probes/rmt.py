@@ -28,7 +28,11 @@ import torch
 from torch import nn
 
 from normlab.config import ConfigError, check_choice, check_interval
-from normlab.probes._hygiene import bn_mode, frozen_norm_statistics, preserved
+from normlab.probes._calling import convention, inputs_of
+from normlab.probes._hygiene import preserved
+from normlab.probes._modes import norm_mode, probe_mode
+from normlab.probes._results import RecordsMixin
+from normlab.probes._stateless import Stateless
 
 JACOBIAN_METHODS = ("auto", "exact", "lanczos", "randomized")
 EXACT_MAX_ENTRIES = 2 ** 22  # "auto" materializes J only up to this many entries
@@ -124,7 +128,7 @@ def product_singular_values(M: int, N: int, seed: int = 0) -> torch.Tensor:
 # -- Jacobian spectra ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class JacobianSpectrum:
+class JacobianSpectrum(RecordsMixin):
     """Singular values of J = d vec(f(X)) / d vec(X) for a batch X, and how they were found.
 
     `values`: descending float64; all min(out, in) of them for "exact", the top ones (Ritz
@@ -274,11 +278,13 @@ def _exact_singular_values(op: _JacobianOperator) -> torch.Tensor:
     return torch.linalg.svdvals(torch.stack(rows).double())
 
 
-def jacobian_singular_values(model: nn.Module, x: torch.Tensor, k: int | None = None,
+@convention(old_positional=("k", "method", "layer", "seed"), takes_loss=False)
+def jacobian_singular_values(model: nn.Module, data, *, k: int | None = None,
                              method: str = "auto", layer: str | None = None,
-                             seed: int = 0) -> JacobianSpectrum:
+                             seed: int = 0, mode: str = "keep") -> JacobianSpectrum:
     """Singular values of the input-output Jacobian J = d vec(f(X)) / d vec(X) of the batch X,
-    in the model's current BN mode; cost: one forward plus about 2k backward passes ("lanczos",
+    `data` = x or (x, y) (y is not used), in `mode` ("keep": the model's own modes; see
+    `probes._modes`); cost: one forward plus about 2k backward passes ("lanczos",
     "randomized"; J v by double backward, J^T u by backward) or out x backward ("exact").
 
     f is the model, or the map from the input to the output of module `layer` (e.g. "stage3"
@@ -288,14 +294,16 @@ def jacobian_singular_values(model: nn.Module, x: torch.Tensor, k: int | None = 
     statistics (running statistics are not updated). Nothing of size out x in is built except
     by "exact", which "auto" picks only up to EXACT_MAX_ENTRIES entries (else "lanczos").
     k: number of values for "lanczos"/"randomized" (default: min(out, in), the whole spectrum;
-    Lanczos with full reorthogonalization is then exact up to rounding). Use float64 models for
+    Lanczos with full reorthogonalization is then exact up to rounding). Lanczos takes
+    min(2k + 20, min(out, in)) steps and returns the top k Ritz values. Use float64 models for
     comparisons. The model is left exactly as it was.
     """
     check_choice("method", method, JACOBIAN_METHODS)
     if k is not None:
         check_interval("k", k, 1, kind=int, low_open=False)
-    with preserved(model), frozen_norm_statistics(model):
-        fn = _restricted(model, layer)
+    x = inputs_of(data, "jacobian_singular_values")
+    with preserved(model), probe_mode(model, mode):
+        fn = _restricted(model, Stateless(model), layer)
         op = _JacobianOperator(fn, x)
         size = op.n_in * op.n_out
         if method == "auto":
@@ -308,17 +316,20 @@ def jacobian_singular_values(model: nn.Module, x: torch.Tensor, k: int | None = 
             values = _exact_singular_values(op)
         else:
             full = min(op.n_in, op.n_out)
-            steps = min(k or full, full)
-            values = (golub_kahan_singular_values(op, steps, seed) if method == "lanczos"
-                      else randomized_singular_values(op, steps, seed))
-        return JacobianSpectrum(values.cpu(), method, bn_mode(model), (op.n_out, op.n_in),
-                                op.products)
+            want = min(k or full, full)
+            if method == "lanczos":  # Ritz values after k steps underestimate the top k
+                values = golub_kahan_singular_values(op, min(full, 2 * want + 20), seed)[:want]
+            else:
+                values = randomized_singular_values(op, want, seed)
+        return JacobianSpectrum(values.cpu(), method, norm_mode(model, mode),
+                                (op.n_out, op.n_in), op.products)
 
 
-def _restricted(model: nn.Module, layer: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> model(x), or x -> the output of module `layer` during model(x)."""
+def _restricted(model: nn.Module, forward: Stateless, layer: str | None
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> model(x), or x -> the output of module `layer` during model(x) (run by `forward`)."""
     if layer is None:
-        return model
+        return forward
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ConfigError.choice("layer", layer, [n for n in modules if n])
@@ -328,7 +339,7 @@ def _restricted(model: nn.Module, layer: str | None) -> Callable[[torch.Tensor],
         handle = modules[layer].register_forward_hook(
             lambda module, inputs, output: captured.append(output))
         try:
-            model(x)
+            forward(x)
         finally:
             handle.remove()
         return captured[0]

@@ -119,9 +119,9 @@ def gradient_spectrum_callback(gradient: str = "per_example_loss_grads", example
 
         x, y = state.x[:examples], state.y[:examples]
         if gradient == "per_example_loss_grads":
-            grads = per_example_loss_grads(state.model, state.loss_fn, x, y, params=params)
+            grads = per_example_loss_grads(state.model, state.loss_fn, (x, y), params=params)
         else:
-            grads = per_example_contributions(state.model, state.loss_fn, x, y)
+            grads = per_example_contributions(state.model, state.loss_fn, (x, y))
         state.context.log_records("gradient_spectrum", gradient_spectrum(grads), step=state.step)
 
     return callback

@@ -59,15 +59,15 @@ class Measurement:
         layers = [d for d in opts["layers"] if d <= depth]
         stats_layers = sorted({*range(1, depth + 1, opts["stats_every"]), depth})
         self.log("gradient_histogram", probes.gradient_histogram(
-            model, loss_fn, x, y, layers=[min(opts["histogram_layer"], depth)]), tag)
+            model, loss_fn, (x, y), layers=[min(opts["histogram_layer"], depth)]), tag)
         sites = signal_sites(model, stats_layers)
-        rows = probes.activation_stats(model, x, list(sites))
+        rows = probes.activation_stats(model, x, layers=list(sites))
         for r in rows:
             r["depth"] = sites[r["layer"]]
         self.log("activation_stats", rows, tag)
         self.log("output_gradients", probes.output_gradients(
-            model, loss_fn, x[:opts["probe_batch"]], y[:opts["probe_batch"]]), tag)
-        self.log("gradient_coherence", probes.gradient_coherence(model, loss_fn, x, y,
+            model, loss_fn, (x[:opts["probe_batch"]], y[:opts["probe_batch"]])), tag)
+        self.log("gradient_coherence", probes.gradient_coherence(model, loss_fn, (x, y),
                                                                  layers), tag)
         self.spectra(model, loss_fn, x[:opts["probe_batch"]], y[:opts["probe_batch"]],
                      stats_layers, tag)
@@ -76,8 +76,8 @@ class Measurement:
     def spectra(self, model, loss_fn, x, y, layers: list[int], tag: dict) -> None:
         chosen = select_layers(model, layers)
         weights = [f"{layer.name}.weight" for layer in chosen]
-        exact = probes.per_example_loss_grads(model, loss_fn, x, y, params=weights)
-        shares = probes.per_example_contributions(model, loss_fn, x, y)
+        exact = probes.per_example_loss_grads(model, loss_fn, (x, y), params=weights)
+        shares = probes.per_example_contributions(model, loss_fn, (x, y))
         shares = type(shares)({k: shares[k] for k in weights}, quantity=shares.quantity,
                               bn_mode=shares.bn_mode, layers=shares.layers,
                               method=shares.method)
@@ -90,7 +90,7 @@ class Measurement:
         grid = probes.step_loss(model, loss_fn, (x, y))
         diverging = [r["step_size"] for r in grid if r["diverged"]]
         step = min(diverging) if diverging else max(r["step_size"] for r in grid)
-        rows = probes.step_anatomy(model, loss_fn, (x, y), step, layers,
+        rows = probes.step_anatomy(model, loss_fn, (x, y), step=step, layers=layers,
                                    points=self.options["anatomy_points"])
         for r in rows:
             r["diverging_step"] = bool(diverging)

@@ -130,7 +130,7 @@ def sgd_noise_task(spec: RunSpec, context: RunContext) -> RunResult:
                           f"{spec.norm!r}. Use 'none', 'group', 'layer' or 'instance'.")
     n = min(options["examples"], len(train_set))
     x, y = train_set.x[:n].double(), train_set.y[:n]
-    grads = per_example_loss_grads(model, nn.CrossEntropyLoss(), x, y, chunk_size=64)
+    grads = per_example_loss_grads(model, nn.CrossEntropyLoss(), (x, y), chunk_size=64)
     records = sgd_noise(grads, [b for b in options["batch_sizes"] if b <= n],
                         samples=options["samples"], seed=spec.seed)
     context.log_records("sgd_noise", records, bn_mode="train",

@@ -136,9 +136,9 @@ class _Measurements:
         span = self.options["span"]
         rows = []
         for direction, label in ((d1, "mean_gradient"), (d2, "random_orthogonal")):
-            rows += landscape(state.model, state.loss_fn, few, [direction], span=span,
+            rows += landscape(state.model, state.loss_fn, few, directions=[direction], span=span,
                               points=self.options["points"], labels=[label])
-        rows += landscape(state.model, state.loss_fn, few, [d1, d2], span=span,
+        rows += landscape(state.model, state.loss_fn, few, directions=[d1, d2], span=span,
                           points=self.options["points_2d"],
                           labels=["mean_gradient", "random_orthogonal"])
         state.context.log_records("landscape", rows, step=state.step, when=when)
