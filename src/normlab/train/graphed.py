@@ -26,7 +26,7 @@ training steps, on a side stream as torch's CUDA-graph docs require) and one cap
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -140,7 +140,8 @@ class CapturedCall:
 
     With `capture`, the first `warmup` calls run `fn` eagerly on a side stream (torch's rule
     for capture: lazy initializations happen there, not in the graph); the next call records
-    `fn` once and replays it; later calls replay. The value returned after capture is the one
+    `fn` once and replays it; later calls replay. Warm-up and capture run with cuDNN's
+    autotuning on (`cudnn_autotuned`). The value returned after capture is the one
     `fn` returned while being recorded: the same tensors, refilled by each replay.
     """
 
@@ -156,19 +157,35 @@ class CapturedCall:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        if self.calls < self.warmup:
-            self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.fn()
+        with cudnn_autotuned():
+            if self.calls < self.warmup:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn()
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn()
         self.graph.replay()
         return self.outputs
+
+
+@contextlib.contextmanager
+def cudnn_autotuned() -> Iterator[None]:
+    """cuDNN times its convolution algorithms for each shape and keeps the fastest
+    (`torch.backends.cudnn.benchmark`) inside the block; the previous setting is restored.
+    Used for the warm-up calls and the capture, so the graph records the fastest kernels.
+    A kernel choice, not a different function (float32 rounding aside).
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 class GraphedStep:
