@@ -22,6 +22,9 @@ Conventions:
   same spec on the same CPU gives the same numbers.
 - Callbacks (and `spec.probes`, built by `callbacks.scheduled`) are called with a `TrainState`
   at step 0 (first mini-batch, before any update) and after every optimizer step.
+- On CUDA the step and the evaluation are replayed from CUDA graphs unless `options.cuda_graph`
+  says otherwise or callbacks, an update projection or `compile` need the eager loop (see
+  graphed.py); `RunResult.provenance["train_step"]` records which step ran.
 
 Cost: one forward and backward per step. Losses are read back to the host in windows of 32
 steps (every step when callbacks are present, since they receive the loss as a float), so a GPU
