@@ -215,11 +215,22 @@ def test_auto_takes_the_graph_only_on_cuda_without_blockers(device, blockers, ex
 
 # -- on the test device (NORMLAB_TEST_DEVICE): captured on CUDA, eager on a CPU -------------------
 
+@pytest.fixture
+def float32_kernels():
+    """No TF32 on CUDA inside the test: the eager and the captured run may pick other cuDNN
+    kernels, and TF32 would make their difference 1e-3 instead of float32 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def graph_setting(device: torch.device) -> str:
     return "on" if device.type == "cuda" else "eager"
 
 
 @pytest.mark.device
+@pytest.mark.usefixtures("float32_kernels")
 @pytest.mark.parametrize("norm", NORM_KINDS)
 def test_the_graphed_run_matches_the_plain_loop_on_the_device(device, norm):
     plain = run(spec_for(norm, "off", str(device)))
@@ -241,6 +252,7 @@ def test_the_graphed_run_matches_with_channels_last_and_bf16(device):
 
 
 @pytest.mark.device
+@pytest.mark.usefixtures("float32_kernels")
 @pytest.mark.parametrize("norm", ["none", "batch", "batch_renorm"])
 def test_the_captured_step_equals_torch_sgd_on_the_device(device, norm):
     plain_model, ours_model, x, y = two_copies(norm, device)
