@@ -171,6 +171,22 @@ def test_the_static_step_keeps_an_optimizer_state_torch_can_continue(norm):
         torch.testing.assert_close(ours_model.state_dict()[name], tensor, **TIGHT)
 
 
+def test_the_static_step_takes_over_torch_sgd_mid_run(norm="batch"):
+    """As after a restored checkpoint: torch's momentum buffers and the lr table at step 3."""
+    plain_model, ours_model, x, y = two_copies(norm)
+    lrs = [0.05, 0.1, 0.08, 0.02, 0.06, 0.04]
+    expected = plain_steps(plain_model, torch.optim.SGD(plain_model.parameters(), **SGD), x, y,
+                           lrs)
+    ours_sgd = torch.optim.SGD(ours_model.parameters(), **SGD)
+    first = plain_steps(ours_model, ours_sgd, x, y, lrs[:3])
+    step = GraphedStep(StaticStep(ours_model, ours_sgd, torch.tensor(lrs), start_step=3),
+                       capture=False)
+    rest = [step.step(x, y)[0].item() for _ in lrs[3:]]
+    torch.testing.assert_close(first + rest, expected, **TIGHT)
+    for name, tensor in plain_model.state_dict().items():
+        torch.testing.assert_close(ours_model.state_dict()[name], tensor, **TIGHT)
+
+
 # -- the setting ---------------------------------------------------------------------------------
 
 def test_a_bad_cuda_graph_value_is_a_config_error_naming_the_choices():

@@ -160,12 +160,9 @@ class _Run:
                                          callbacks=bool(self.callbacks),
                                          update_projection=spec.update_projection,
                                          compile=spec.compile)
-        captured = self.step_path == "cuda_graph"
-        self.graphed = None if self.step_path == "optimizer" else GraphedStep(StaticStep(
-            self.model, self.optimizer,
-            torch.tensor([lr_at(s, self.total, spec) for s in range(self.total)]),
-            autocast=torch.bfloat16 if spec.autocast == "bf16" else None), capture=captured)
-        self.eval_sums = CapturedCall(self.test_sums, capture=captured, warmup=1)
+        self.graphed: GraphedStep | None = None  # built at the first step taken
+        self.eval_sums = CapturedCall(self.test_sums, capture=self.step_path == "cuda_graph",
+                                      warmup=1)
 
     # -- pieces ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -221,7 +218,8 @@ class _Run:
             from normlab.nn import set_training_fraction
 
             set_training_fraction(self.model, step / self.total)
-        if self.graphed is not None:  # the same step with static tensors (graphed.py)
+        if self.step_path != "optimizer":  # the same step on static tensors (graphed.py)
+            self.graphed = self.graphed or self.graphed_step(step)
             return lr, *self.graphed.step(x, y)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -234,6 +232,15 @@ class _Run:
         self.optimizer.step()
         self.projection.after()
         return lr, loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
+
+    def graphed_step(self, start: int) -> GraphedStep:
+        """The step on static tensors from step `start` on, with the optimizer's state as it is
+        now (a restored checkpoint's momentum included)."""
+        lrs = torch.tensor([lr_at(s, self.total, self.spec) for s in range(self.total)])
+        autocast = torch.bfloat16 if self.spec.autocast == "bf16" else None
+        return GraphedStep(StaticStep(self.model, self.optimizer, lrs, start_step=start,
+                                      autocast=autocast),
+                           capture=self.step_path == "cuda_graph")
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
