@@ -171,9 +171,9 @@ def test_the_static_step_keeps_an_optimizer_state_torch_can_continue(norm):
         torch.testing.assert_close(ours_model.state_dict()[name], tensor, **TIGHT)
 
 
-def test_the_static_step_takes_over_torch_sgd_mid_run(norm="batch"):
+def test_the_static_step_takes_over_torch_sgd_mid_run():
     """As after a restored checkpoint: torch's momentum buffers and the lr table at step 3."""
-    plain_model, ours_model, x, y = two_copies(norm)
+    plain_model, ours_model, x, y = two_copies("batch")
     lrs = [0.05, 0.1, 0.08, 0.02, 0.06, 0.04]
     expected = plain_steps(plain_model, torch.optim.SGD(plain_model.parameters(), **SGD), x, y,
                            lrs)
