@@ -2,9 +2,9 @@
 # normlab on a GPU in at most 8 minutes: `bash scripts/gpu-check.sh OUTDIR`
 #
 # For anyone lent a CUDA GPU (H100/H200) for a few minutes, with torch (CUDA build), pandas,
-# scipy, matplotlib and scikit-learn installed; installs nothing and needs no network. Run from
-# the repository root; uses PYTHONPATH=src (no pip install). Parts, each with its own timeout (a
-# failure or timeout in one does not stop the others):
+# scipy, matplotlib and scikit-learn installed; installs nothing and needs no network. Runs in
+# the repository it belongs to, with PYTHONPATH=src (no pip install); $PYTHON picks the python. Parts, each with its own timeout (a
+# failure or timeout in one does not stop the others; the exit status is 1 if any failed):
 #   nvidia-smi, versions   the GPU, and the python / torch / CUDA / cuDNN versions
 #   tests       NORMLAB_TEST_DEVICE=cuda python -m pytest -m device -q (skipped, and said so,
 #               when pytest is not importable)
@@ -99,3 +99,6 @@ fi
     printf '%s\n' "${SUMMARY[@]}"
     echo "total $(( $(date +%s) - START )) s; logs in $OUT"
 } | tee "$OUT/summary.txt"
+case "${SUMMARY[*]}" in
+    *FAILED*|*TIMEOUT*) exit 1 ;;
+esac
