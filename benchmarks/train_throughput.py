@@ -1,26 +1,30 @@
 """Training throughput (images/s) of `normlab.train` against a plain PyTorch loop, same process.
 
-    python benchmarks/train_throughput.py              # ResNet-20, batch 128, CIFAR-shaped data
+    python benchmarks/train_throughput.py              # ResNet-20 and -110 (GPU), batch 128
     python benchmarks/train_throughput.py --quick      # a few steps: a fast check
-    python benchmarks/train_throughput.py --device cuda --channels-last --bf16
+    python benchmarks/train_throughput.py --device cuda --depth 20 --channels-last --bf16
 
-Both sides train the same model (normlab's ResNet-20 with BatchNorm, built by
+Every loop trains the same model (normlab's ResNet with BatchNorm, built by
 `normlab.nn.build_model`) with the same optimizer (SGD, momentum 0.9, weight decay 5e-4) on the
 same CIFAR-shaped synthetic images (3x32x32, standardized; no download), with the standard
 augmentation (4-pixel zero pad, random 32x32 crop, horizontal flip):
-- normlab: `normlab.train.train(spec)`: data resident on the device, augmentation on whole
-  batches there (`BatchIterator`), losses read back every 32 steps, an eval of a 256-image test
-  set at each epoch end (20 steps) included. On a GPU, steps/s comes from differencing two
-  runs (warm-up + S steps minus warm-up steps), which cancels the set-up; on a CPU, from the
-  median per-step time between callback calls after the warm-up (robust to other jobs on a
-  shared machine; the epoch-end eval falls in one interval and the median ignores it).
-- plain: a `torch.utils.data.Dataset` that pads, crops and flips one image per `__getitem__`,
-  a `DataLoader` (shuffle, drop_last, `--workers` processes, pinned memory on CUDA), `.to(device)`
-  per batch, forward, backward, step; no per-step host sync; timed after a warm-up (GPU: total
-  time; CPU: median per-step time, data loading included).
+- plain (DataLoader): a `torch.utils.data.Dataset` that pads, crops and flips one image per
+  `__getitem__`, a `DataLoader` (shuffle, drop_last, `--workers` processes, pinned memory on
+  CUDA), `.to(device)` per batch, forward, backward, step; no per-step host sync; timed after a
+  warm-up (GPU: total time; CPU: median per-step time, data loading included).
+- normlab, eager: `normlab.train.train(spec)` with `options.cuda_graph="off"`: data resident on
+  the device, augmentation on whole batches there (`BatchIterator`), torch.optim.SGD, losses
+  read back every 32 steps, an eval of a 256-image test set at each epoch end (20 steps).
+- normlab, CUDA graph: the same with `options.cuda_graph="on"` (GPU only): the whole step and
+  the evaluation replayed from CUDA graphs (normlab.train.graphed).
+On a GPU, normlab's steps/s come from differencing two runs (warm-up + S steps minus warm-up
+steps), which cancels the set-up and the graph capture; on a CPU, from the median per-step time
+between callback calls after the warm-up (robust to other jobs on a shared machine; the
+epoch-end eval falls in one interval and the median ignores it).
 Reported: the median over `--repeats` of images/s, and the median of the per-repeat ratios
-normlab / plain (the two loops alternate, so a change of machine load hits both).
-Targets: >= 1.0x on CPU; >= 2x on a GPU for ResNet-20 at batch 128.
+loop / plain (the loops alternate, so a change of machine load hits all of them).
+Targets: >= 1.0x on CPU; on an H100/H200, >= 2x with the CUDA graph for ResNet-20 and ResNet-110
+at batch 128 (issue 9).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from normlab.nn import build_model
 from normlab.spec import RunSpec
 from normlab.train import train
 from normlab.train.build import resolve_device
+from normlab.train.graphed import WARMUP_STEPS
 
 N_TRAIN_BATCHES = 20  # an epoch of the synthetic data set, in steps
 N_TEST = 256
@@ -63,36 +68,39 @@ class AugmentedImages(Dataset):
         return image, self.y[i]
 
 
-def spec_for(args: argparse.Namespace, steps: int) -> RunSpec:
+def spec_for(args: argparse.Namespace, depth: int, steps: int, graph: str) -> RunSpec:
     return RunSpec(data="synthetic", data_options={"n_train": N_TRAIN_BATCHES * args.batch,
                                                   "n_test": N_TEST, "shape": [3, 32, 32]},
-                   depth=args.depth, width=16, norm="batch", batch_size=args.batch,
+                   depth=depth, width=16, norm="batch", batch_size=args.batch,
                    steps=steps, lr=0.05, schedule="constant", momentum=0.9, weight_decay=5e-4,
                    device=args.device, log_every=10_000, channels_last=args.channels_last,
-                   compile=args.compile, autocast="bf16" if args.bf16 else "none")
+                   compile=args.compile, autocast="bf16" if args.bf16 else "none",
+                   options={"cuda_graph": graph})
 
 
-def normlab_seconds(args: argparse.Namespace, steps: int) -> float:
-    """Wall time of `train` for `steps` steps (set-up, final eval and all)."""
+def normlab_seconds(args: argparse.Namespace, depth: int, steps: int, graph: str) -> float:
+    """Wall time of `train` for `steps` steps (set-up, evaluations and all)."""
     start = time.perf_counter()
-    train(spec_for(args, steps))
+    result = train(spec_for(args, depth, steps, graph))
     if resolve_device(args.device).type == "cuda":
         torch.cuda.synchronize()
+    wanted = "cuda_graph" if graph == "on" else "optimizer"
+    assert result.provenance["train_step"] == wanted, result.provenance["train_step"]
     return time.perf_counter() - start
 
 
-def normlab_images_per_s(args: argparse.Namespace) -> float:
+def normlab_images_per_s(args: argparse.Namespace, depth: int, graph: str) -> float:
     """Images/s of `train`, from two runs that differ by `args.steps` steps."""
-    short = normlab_seconds(args, args.warmup)
-    long = normlab_seconds(args, args.warmup + args.steps)
+    short = normlab_seconds(args, depth, args.warmup, graph)
+    long = normlab_seconds(args, depth, args.warmup + args.steps, graph)
     return args.steps * args.batch / max(long - short, 1e-9)
 
 
-def normlab_step_seconds(args: argparse.Namespace) -> list[float]:
+def normlab_step_seconds(args: argparse.Namespace, depth: int) -> list[float]:
     """CPU only: the duration of each step after the warm-up, from callback timestamps (on a
     CPU the per-step loss read-back that a callback implies costs nothing)."""
     stamps: list[float] = []
-    train(spec_for(args, args.warmup + args.steps),
+    train(spec_for(args, depth, args.warmup + args.steps, "off"),
           callbacks=[lambda state: stamps.append(time.perf_counter())])
     return [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:], strict=False)]
 
@@ -100,12 +108,12 @@ def normlab_step_seconds(args: argparse.Namespace) -> list[float]:
 class PlainLoop:
     """A textbook DataLoader loop on the same model, optimizer and data, set up once."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, depth: int) -> None:
         self.device = resolve_device(args.device)
-        spec = spec_for(args, 1)
+        spec = spec_for(args, depth, 1, "off")
         train_set, _ = load("synthetic", **spec.mapping("data_options"))
         torch.manual_seed(0)
-        model = build_model("resnet", depth=args.depth, width=16, norm="batch",
+        model = build_model("resnet", depth=depth, width=16, norm="batch",
                             init=spec.init, num_classes=train_set.num_classes, in_channels=3,
                             seed=0).to(self.device)
         self.memory_format = torch.channels_last if args.channels_last \
@@ -150,10 +158,35 @@ class PlainLoop:
         return times
 
 
+LOOPS = ("plain (DataLoader)", "normlab, eager", "normlab, CUDA graph")
+
+
+def measure(args: argparse.Namespace, depth: int, gpu: bool) -> dict[str, list[float]]:
+    """Images/s of each loop per repeat (the CUDA-graph loop only on a GPU)."""
+    plain_loop = PlainLoop(args, depth)
+    plain_loop.seconds(args.warmup)
+    graphs = ("off", "on") if gpu else ("off",)
+    for graph in graphs:  # first-use costs (imports, kernels, capture)
+        normlab_seconds(args, depth, args.warmup, graph)
+    rates: dict[str, list[float]] = {loop: [] for loop in LOOPS[:1 + len(graphs)]}
+    for _ in range(args.repeats):  # interleaved: a change of machine load hits every loop
+        if gpu:  # totals: the host must not wait for the device each step
+            rates[LOOPS[0]].append(args.steps * args.batch / plain_loop.seconds(args.steps))
+            for loop, graph in zip(LOOPS[1:], graphs, strict=True):
+                rates[loop].append(normlab_images_per_s(args, depth, graph))
+        else:  # medians of per-step times: robust to other jobs on a shared CPU
+            rates[LOOPS[0]].append(
+                args.batch / statistics.median(plain_loop.step_seconds(args.steps)))
+            rates[LOOPS[1]].append(
+                args.batch / statistics.median(normlab_step_seconds(args, depth)))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--depth", type=int, nargs="+", default=None,
+                        help="ResNet depths (default 20 110 on a GPU, 20 on a CPU)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=None)
@@ -167,35 +200,34 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    if args.quick:
-        args.steps, args.warmup, args.repeats = args.steps or 5, args.warmup or 2, 1
+    if args.quick:  # on a GPU, enough warm-up steps that both timed runs capture their graph
+        args.steps = args.steps or (30 if gpu else 5)
+        args.warmup = args.warmup or (2 * WARMUP_STEPS + 2 if gpu else 2)
+        args.repeats = 1
     args.steps = args.steps or (200 if gpu else 30)
     args.warmup = args.warmup or (30 if gpu else 5)
     args.workers = (4 if gpu else 0) if args.workers is None else args.workers
+    depths = args.depth or ([20, 110] if gpu else [20])
 
-    # Interleaved, so that a change of machine load between repeats hits both loops alike.
-    plain_loop = PlainLoop(args)
-    plain_loop.seconds(args.warmup)
-    normlab_seconds(args, args.warmup)  # first-use costs (imports, kernels, compilation)
-    plains, ours_all = [], []
-    for _ in range(args.repeats):
-        if gpu:  # totals: the host must not wait for the device each step
-            plains.append(args.steps * args.batch / plain_loop.seconds(args.steps))
-            ours_all.append(normlab_images_per_s(args))
-        else:  # medians of per-step times: robust to other jobs on a shared CPU
-            plains.append(args.batch / statistics.median(plain_loop.step_seconds(args.steps)))
-            ours_all.append(args.batch / statistics.median(normlab_step_seconds(args)))
-    plain, ours = statistics.median(plains), statistics.median(ours_all)
-    ratio = statistics.median(o / p for o, p in zip(ours_all, plains, strict=True))
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"ResNet-{args.depth} (BatchNorm), batch {args.batch}, {name}, torch {torch.__version__}"
-          f"; {args.steps} timed steps, median of {args.repeats}; channels_last="
+    print(f"BatchNorm ResNets, batch {args.batch}, {name}, torch {torch.__version__}; "
+          f"{args.steps} timed steps, median of {args.repeats}; channels_last="
           f"{args.channels_last}, compile={args.compile}, bf16={args.bf16}, "
           f"plain workers={args.workers}")
-    print(f"{'loop':<28}{'images/s':>12}{'ratio':>8}")
-    print(f"{'plain (DataLoader)':<28}{plain:>12.0f}{1.0:>8.2f}")
-    print(f"{'normlab.train':<28}{ours:>12.0f}{ratio:>8.2f}")
-    print("ratio: median over repeats of normlab / plain, each repeat timing both loops")
+    print(f"{'model':<12}{'loop':<24}{'images/s':>12}{'ratio':>8}")
+    for depth in depths:
+        rates = measure(args, depth, gpu)
+        plains = rates[LOOPS[0]]
+        for loop in LOOPS:
+            if loop not in rates:
+                print(f"{f'ResNet-{depth}':<12}{loop:<24}{'n/a (CPU)':>12}")
+                continue
+            ratio = statistics.median(o / p for o, p in zip(rates[loop], plains, strict=True))
+            print(f"{f'ResNet-{depth}':<12}{loop:<24}{statistics.median(rates[loop]):>12.0f}"
+                  f"{ratio:>8.2f}", flush=True)
+    print("ratio: median over repeats of loop / plain, each repeat timing every loop")
+    if gpu and args.compile:
+        print("note: with --compile the CUDA-graph setting falls back to the eager loop")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Conventions:
   schedule before each step.
 - Options of the "train" task (`RunSpec.options`): `one_cycle_peak`, `one_cycle_div` (see
   schedules.py), `fused_sgd` (bool: torch's fused SGD kernel; same update, faster on GPU) and
-  `eval_batch_size` (int, default 1024: chunk size of evaluation, no effect on the numbers).
+  `eval_batch_size` (int, default 1024: chunk size of evaluation, no effect on the numbers)
+  and `cuda_graph` ("auto", "on", "off" or "eager": the CUDA-graph step, see graphed.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, interval_problem
+from normlab.config import ConfigError, choice_problem, interval_problem
 from normlab.spec import RunSpec
 from normlab.tasks import register_task_check
+from normlab.train.graphed import CUDA_GRAPH_SETTINGS
 
-TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size")
+TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,9 +51,12 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
     problem = interval_problem("options.eval_batch_size", eval_batch, 1, kind=int,
                                low_open=False)
     problems += [problem] if problem else []
+    graph = options.get("cuda_graph", "auto")
+    if graph not in CUDA_GRAPH_SETTINGS:
+        problems.append(choice_problem("options.cuda_graph", graph, CUDA_GRAPH_SETTINGS))
     if problems:
         raise ConfigError(problems)
-    return {"fused_sgd": fused, "eval_batch_size": eval_batch}
+    return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph}
 
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:

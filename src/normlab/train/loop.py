@@ -22,6 +22,9 @@ Conventions:
   same spec on the same CPU gives the same numbers.
 - Callbacks (and `spec.probes`, built by `callbacks.scheduled`) are called with a `TrainState`
   at step 0 (first mini-batch, before any update) and after every optimizer step.
+- On CUDA the step and the evaluation are replayed from CUDA graphs unless `options.cuda_graph`
+  says otherwise or callbacks, an update projection or `compile` need the eager loop (see
+  graphed.py); `RunResult.provenance["train_step"]` records which step ran.
 
 Cost: one forward and backward per step. Losses are read back to the host in windows of 32
 steps (every step when callbacks are present, since they receive the loss as a float), so a GPU
@@ -53,6 +56,7 @@ from normlab.train.build import (
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
 from normlab.train.divergence import Divergence, check_divergence, json_safe
+from normlab.train.graphed import CapturedCall, GraphedStep, StaticStep, cuda_graph_path
 from normlab.train.projection import UpdateProjection
 from normlab.train.schedules import lr_at
 
@@ -118,7 +122,9 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = (),
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(spec.seed)
-        result = _Run(spec, list(callbacks), context, device).run()
+        run = _Run(spec, list(callbacks), context, device)
+        result = run.run()
+    result.provenance["train_step"] = run.step_path
     result.wall_time_s = time.perf_counter() - start
     return result
 
@@ -150,11 +156,19 @@ class _Run:
         self.renorm_schedule = any(callable(getattr(m, "set_training_fraction", None))
                                    for m in self.model.modules())
         self.read_window = 1 if self.callbacks else READ_WINDOW
+        self.step_path = cuda_graph_path(options["cuda_graph"], device,
+                                         callbacks=bool(self.callbacks),
+                                         update_projection=spec.update_projection,
+                                         compile=spec.compile)
+        self.graphed: GraphedStep | None = None  # built at the first step taken
+        self.eval_sums = CapturedCall(self.test_sums, capture=self.step_path == "cuda_graph",
+                                      warmup=1)
 
     # -- pieces ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.spec.autocast == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=False)  # required under a CUDA graph
         return contextlib.nullcontext()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +191,13 @@ class _Run:
     def evaluate(self) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) on the test set, model in eval mode."""
         self.model.eval()
+        loss_sum, correct = self.eval_sums()
+        self.model.train()
+        n = len(self.test_set)
+        return loss_sum.item() / n, correct.item() / n
+
+    def test_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, number correct) on the test set, as device tensors."""
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         x_all, y_all = self.test_set.x, self.test_set.y
@@ -187,20 +208,21 @@ class _Run:
                 logits = self.forward(x).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
-        self.model.train()
-        n = len(self.test_set)
-        return loss_sum.item() / n, correct.item() / n
+        return loss_sum, correct
 
     def sgd_step(self, step: int, x: torch.Tensor, y: torch.Tensor
                  ) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimizer step on (x, y); returns (lr, loss, correct) with loss/correct on device."""
         lr = lr_at(step, self.total, self.spec)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         if self.renorm_schedule:
             from normlab.nn import set_training_fraction
 
             set_training_fraction(self.model, step / self.total)
+        if self.step_path != "optimizer":  # the same step on static tensors (graphed.py)
+            self.graphed = self.graphed or self.graphed_step(step)
+            return lr, *self.graphed.step(x, y)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         with self.autocast():
             logits = self.forward(x).float()
         loss = self.loss_fn(logits, y)
@@ -210,6 +232,15 @@ class _Run:
         self.optimizer.step()
         self.projection.after()
         return lr, loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
+
+    def graphed_step(self, start: int) -> GraphedStep:
+        """The step on static tensors from step `start` on, with the optimizer's state as it is
+        now (a restored checkpoint's momentum included)."""
+        lrs = torch.tensor([lr_at(s, self.total, self.spec) for s in range(self.total)])
+        autocast = torch.bfloat16 if self.spec.autocast == "bf16" else None
+        return GraphedStep(StaticStep(self.model, self.optimizer, lrs, start_step=start,
+                                      autocast=autocast),
+                           capture=self.step_path == "cuda_graph")
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:

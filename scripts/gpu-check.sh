@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# normlab on a GPU in at most 8 minutes: `bash scripts/gpu-check.sh OUTDIR`
+#
+# For anyone lent a CUDA GPU (H100/H200) for a few minutes, with torch (CUDA build), pandas,
+# scipy, matplotlib and scikit-learn installed; installs nothing and needs no network. Runs in
+# the repository it belongs to, with PYTHONPATH=src (no pip install); $PYTHON picks the python. Parts, each with its own timeout (a
+# failure or timeout in one does not stop the others; the exit status is 1 if any failed):
+#   nvidia-smi, versions   the GPU, and the python / torch / CUDA / cuDNN versions
+#   tests       NORMLAB_TEST_DEVICE=cuda python -m pytest -m device -q (skipped, and said so,
+#               when pytest is not importable)
+#   throughput  benchmarks/train_throughput.py --quick (plain loop, normlab eager, CUDA graph;
+#               ResNet-20 and ResNet-110 at batch 128), then ResNet-20 with --channels-last
+#   per_example, hessian, packed   the other benchmarks with --quick (packed: benchmarks/packed.py,
+#               when present)
+#   paper       normlab run paper --scale smoke --device cuda, with the time that is left of the
+#               8 minutes (the store keeps finished runs: rerunning the script resumes it)
+# Everything goes to OUTDIR: one log per part and summary.txt (status and wall time per part).
+set -u
+if [ $# -ne 1 ]; then
+    echo "usage: bash scripts/gpu-check.sh OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+# 8 minutes less margins for kills (--kill-after), start-up and the summary; a shorter lease:
+# GPU_CHECK_BUDGET_S=300 bash scripts/gpu-check.sh OUTDIR (the paper study gets what is left).
+BUDGET_S=${GPU_CHECK_BUDGET_S:-440}
+START=$(date +%s)
+SUMMARY=()
+
+# part NAME TIMEOUT_S COMMAND...: run COMMAND with a timeout, log to OUT/NAME.log, record status.
+part() {
+    local name=$1 limit=$2
+    shift 2
+    local begin end rc status
+    echo "== $name (timeout ${limit}s): $*" | tee "$OUT/$name.log"
+    begin=$(date +%s.%N)
+    # Straight to the file, not through a pipe: a killed command's children cannot hang the script.
+    timeout --kill-after=5 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    tail -n 25 "$OUT/$name.log" | sed "s/^/  [$name] /"
+    case $rc in
+        0) status=passed ;;
+        124|137) status="TIMEOUT (${limit}s)" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    SUMMARY+=("$(printf '%-12s %-22s %8.1f' "$name" "$status" "$(awk "BEGIN {print $end - $begin}")")")
+}
+
+skip() {  # skip NAME REASON
+    echo "== $1: SKIPPED: $2" | tee "$OUT/$1.log"
+    SUMMARY+=("$(printf '%-12s %-22s %8s' "$1" "SKIPPED" "-")  ($2)")
+}
+
+part nvidia-smi 20 nvidia-smi
+part versions 30 "$PY" -c "
+import platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'cudnn', torch.backends.cudnn.version(), 'available', torch.cuda.is_available())
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+    part tests 120 env NORMLAB_TEST_DEVICE=cuda "$PY" -m pytest -m device -q \
+        --continue-on-collection-errors -p no:cacheprovider
+else
+    skip tests "pytest is not importable here; nothing is installed from the network"
+fi
+
+part throughput 90 "$PY" benchmarks/train_throughput.py --quick --device cuda
+part thr_nhwc 35 "$PY" benchmarks/train_throughput.py --quick --device cuda --depth 20 \
+    --channels-last
+part per_example 40 "$PY" benchmarks/per_example.py --quick --device cuda
+part hessian 35 "$PY" benchmarks/hessian.py --quick --device cuda
+if [ -f benchmarks/packed.py ]; then
+    part packed 40 "$PY" benchmarks/packed.py --quick --device cuda
+else
+    skip packed "benchmarks/packed.py is not in this checkout"
+fi
+
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -lt 30 ]; then
+    skip paper "only ${left}s of the ${BUDGET_S}s budget left"
+else
+    part paper "$left" "$PY" -m normlab.cli run paper --scale smoke --device cuda \
+        --out "$OUT/paper"
+    done_runs=$(find "$OUT/paper" -name result.json 2>/dev/null | wc -l)
+    echo "paper: $done_runs runs finished (result.json files under $OUT/paper)" \
+        | tee -a "$OUT/paper.log"
+fi
+
+{
+    echo "normlab gpu-check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    printf '%-12s %-22s %8s\n' part status wall_s
+    printf '%s\n' "${SUMMARY[@]}"
+    echo "total $(( $(date +%s) - START )) s; logs in $OUT"
+} | tee "$OUT/summary.txt"
+case "${SUMMARY[*]}" in
+    *FAILED*|*TIMEOUT*) exit 1 ;;
+esac
