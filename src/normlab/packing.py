@@ -19,6 +19,7 @@ Cost: pure Python over the specs; nothing is imported from torch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -37,6 +38,7 @@ MEMBER_SETTINGS = ("lr", "schedule", "milestones", "lr_decay", "warmup", "moment
                    "diverge_loss", "log_every", "group", "options")
 THROUGHPUT_TABLE = Path(__file__).with_name("packing_throughput.json")
 MIN_GAIN = 1.05  # packing is on by default only where it beats one run by at least 5 %
+CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training split
 
 
 def pack_key(spec: RunSpec) -> tuple[Any, ...] | None:
@@ -123,3 +125,93 @@ def images_per_s(spec: RunSpec, device_kind: str, pack: int) -> tuple[float, str
         return None
     row = min(rows, key=lambda r: (abs(r["pack"] - pack), r["pack"]))
     return row["images_per_s"] * row["depth"] / spec.depth, row["device"]
+
+
+def default_workers(device_kind: str, devices: int = 1) -> int:
+    """Worker processes per machine: on CPU 1 (torch already uses every core in one process);
+    on GPUs the process count per GPU with the best measured aggregate throughput in the
+    table's "processes" rows, times the number of GPUs."""
+    rows = [r for r in _rows(device_kind, depth=20) if r["kind"] == "processes"]
+    if device_kind == "cpu" or not rows:
+        return 1
+    return max(rows, key=lambda r: r["images_per_s"])["pack"] * max(devices, 1)
+
+
+def device_kind(device: str | None) -> str:
+    """'cuda' or 'cpu' for a --device value (None: CUDA when available)."""
+    if device is not None:
+        return "cuda" if device.startswith("cuda") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_images(spec: RunSpec, sizes: dict[tuple[Any, ...], int]) -> int | None:
+    """Training images a "train" run processes (steps x batch size); None for other tasks.
+
+    `sizes` caches training-set sizes per (data, data_options); CIFAR-10's 50,000 is known
+    without reading it, the other data sets are loaded once (they are small or synthetic).
+    """
+    if spec.task != "train":
+        return None
+    if spec.steps is None:
+        key = (spec.data, spec.data_options)
+        if key not in sizes:
+            from normlab.data import load
+
+            sizes[key] = CIFAR10_TRAIN if spec.data == "cifar10" else len(
+                load(spec.data, **spec.mapping("data_options"))[0])
+        per_epoch = sizes[key] // spec.batch_size
+        steps = max(1, math.ceil(spec.epochs * per_epoch))
+    else:
+        steps = spec.steps
+    return steps * spec.batch_size
+
+
+def plan_estimate(specs: Sequence[RunSpec], k: int) -> str:
+    """`normlab run --dry-run --pack K`: the packs, and the device-hours of the plan's training
+    runs on each device kind of the throughput table (with the device each was measured on)."""
+    packs = pack_specs(specs, k)
+    sizes: dict[tuple[Any, ...], int] = {}
+    lines = [f"{len(packs)} packs of at most {k} runs (--pack {k}):"]
+    for i, pack in enumerate(packs, 1):
+        first = pack[0]
+        what = (f"{first.model}-{first.depth} {first.norm} batch {first.batch_size}"
+                if first.task == "train" else f"task {first.task}")
+        ids = ", ".join(s.run_id for s in pack)
+        lines.append(f"  pack {i:>3}: {len(pack):>2} x {what}: {ids}")
+    images = [(pack, train_images(pack[0], sizes)) for pack in packs]
+    other = sum(len(p) for p, n in images if n is None)
+    total = sum(n * len(p) for p, n in images if n is not None)
+    lines.append(f"training images in the plan: {total:,}"
+                 + (f" (plus {other} runs of other tasks, not estimated)" if other else ""))
+    for kind in sorted({r["device_kind"] for r in throughput_table()}):
+        seconds, measured_on, missing = 0.0, set(), 0
+        for pack, n in images:
+            rate = images_per_s(pack[0], kind, len(pack)) if n is not None else None
+            if rate is None:
+                missing += n is not None
+                continue
+            seconds += n * len(pack) / rate[0]
+            measured_on.add(rate[1])
+        if measured_on:
+            lines.append(f"estimate on {kind}: {seconds / 3600:.2f} device-hours "
+                         f"(throughput measured on {'; '.join(sorted(measured_on))}"
+                         + (f"; {missing} packs of models without a row left out" if missing
+                            else "") + ")")
+    return "\n".join(lines)
+
+
+def default_parallelism(pack: int | None, workers: int | None, device: str | None
+                        ) -> tuple[int, int]:
+    """(pack size, worker processes) for `normlab run`: the values given, else the measured
+    defaults for the device (`default_pack`, `default_workers` over the visible GPUs)."""
+    kind = device_kind(device)
+    if workers is None:
+        gpus = 1
+        if kind == "cuda" and device is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        workers = default_workers(kind, gpus)
+    return (pack if pack is not None else default_pack(kind)), workers
