@@ -98,19 +98,24 @@ class PackedSGD:
     """The pure step of a pack over stacked state: forward, loss, backward and SGD update.
 
     State (all tensors with a leading member dimension K, updated in place so that a CUDA graph
-    can capture `step` after its first call): `params`, `buffers`, `momentum` (created by the
-    first step), and per member `momentum_coef`, `weight_decay`, `nesterov`, `active` (masked
-    members keep their weights). `projections` maps stacked indices to "tangential"/"radial".
+    can capture `step` after its first call): `flat` (K, P), every parameter of every member in
+    one buffer, with `params` its per-tensor views (K, *shape); `buffers`; `momentum` (K, P),
+    created by the first step; and per member `momentum_coef`, `weight_decay`, `nesterov`,
+    `active` (masked members keep their weights). `projections` maps stacked indices to
+    "tangential"/"radial". The flat buffer makes the SGD update a few kernels over (K, P)
+    instead of a few per parameter tensor (a step on a GPU is launch-bound at small K).
     """
 
     def __init__(self, template: nn.Module, models: Sequence[nn.Module],
                  specs: Sequence[RunSpec], autocast: str) -> None:
         params, buffers = stack_module_state(list(models))
         self.template = template
-        self.params = {n: p.detach() for n, p in params.items()}
+        self.shapes = {n: p.shape[1:] for n, p in params.items()}
+        self.flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)  # (K, P)
+        self.params = self._views(self.flat)
         self.buffers = buffers
-        self.momentum: dict[str, torch.Tensor] | None = None
-        device = next(iter(self.params.values())).device
+        self.momentum: torch.Tensor | None = None
+        device = self.flat.device
         self.momentum_coef = torch.tensor([s.momentum for s in specs], device=device)
         self.weight_decay = torch.tensor([s.weight_decay for s in specs], device=device)
         self.nesterov = torch.tensor([s.nesterov for s in specs], device=device)
@@ -120,6 +125,15 @@ class PackedSGD:
         names = {id(p): n for n, p in template.named_parameters()}
         self.projected = [names[id(w)] for w in projected_weights(template)]
         self.autocast = autocast
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-tensor views (K, *shape) of a (K, P) buffer, in parameter order."""
+        views, start = {}, 0
+        for name, shape in self.shapes.items():
+            size = shape.numel()
+            views[name] = flat[:, start:start + size].view(flat.shape[0], *shape)
+            start += size
+        return views
 
     def _member_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                      x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,28 +151,28 @@ class PackedSGD:
         with torch.no_grad():
             saved = {(k, n): self.params[n][k].clone() for k in self.projections
                      for n in self.projected}
-            first = self.momentum is None
-            if first:
-                self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
-            for (name, p), grad in zip(self.params.items(), grads, strict=True):
-                self._update(p, grad, self.momentum[name], lr, first)
+            grad = torch.cat([g.flatten(1) for g in grads], dim=1)  # (K, P)
+            self._update(grad, lr)
             for (k, name), before in saved.items():
                 part = tangential_part if self.projections[k] == "tangential" else radial_part
                 w = self.params[name][k]
                 w.copy_(before + part(w - before, before, "filter"))
         return losses.detach(), correct
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor,
-                lr: torch.Tensor, first: bool) -> None:
-        """torch.optim.SGD's update (dampening 0), per member, masked by `active`."""
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        m, active = self.momentum_coef.view(shape), self.active.view(shape)
-        d_p = grad + self.weight_decay.view(shape) * p
-        new_buf = d_p.clone() if first else m * buf + d_p
-        direction = torch.where(self.nesterov.view(shape), d_p + m * new_buf, new_buf)
+    def _update(self, grad: torch.Tensor, lr: torch.Tensor) -> None:
+        """torch.optim.SGD's update (dampening 0) of the (K, P) parameters, per member, masked
+        by `active`; the first call creates the momentum buffer as torch does (buf = d_p)."""
+        p, m, active = self.flat, self.momentum_coef[:, None], self.active[:, None]
+        d_p = grad + self.weight_decay[:, None] * p
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(p)
+            new_buf = d_p
+        else:
+            new_buf = m * self.momentum + d_p
+        direction = torch.where(self.nesterov[:, None], d_p + m * new_buf, new_buf)
         direction = torch.where(m > 0, direction, d_p)
-        buf.copy_(torch.where(active, new_buf, buf))
-        p.copy_(torch.where(active, p - lr.view(shape) * direction, p))
+        self.momentum.copy_(torch.where(active, new_buf, self.momentum))
+        p.copy_(torch.where(active, p - lr[:, None] * direction, p))
 
     @torch.no_grad()
     def evaluate(self, x_all: torch.Tensor, y_all: torch.Tensor, chunk: int
@@ -193,9 +207,12 @@ class PackedSGD:
 
     def keep(self, index: torch.Tensor) -> None:
         """Shrink the stack to the members at `index` (copies; views must be re-pointed)."""
-        for tensors in (self.params, self.buffers, self.momentum or {}):
-            for name in tensors:
-                tensors[name] = tensors[name].index_select(0, index)
+        self.flat = self.flat.index_select(0, index)
+        self.params = self._views(self.flat)
+        if self.momentum is not None:
+            self.momentum = self.momentum.index_select(0, index)
+        for name in self.buffers:
+            self.buffers[name] = self.buffers[name].index_select(0, index)
         for name in ("momentum_coef", "weight_decay", "nesterov", "active"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         positions = index.tolist()
@@ -223,8 +240,9 @@ def _attach_momentum(member: _Member, sgd: PackedSGD, k: int) -> None:
     them (read by probes such as curvature's stability threshold)."""
     if sgd.momentum is None or member.spec.momentum == 0:
         return
+    momentum = sgd._views(sgd.momentum)
     for name, p in member.model.named_parameters():
-        member.optimizer.state[p]["momentum_buffer"] = sgd.momentum[name][k]
+        member.optimizer.state[p]["momentum_buffer"] = momentum[name][k]
 
 
 def check_packable(specs: Sequence[RunSpec]) -> None:
