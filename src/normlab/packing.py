@@ -195,7 +195,7 @@ def plan_estimate(specs: Sequence[RunSpec], k: int) -> str:
             seconds += n * len(pack) / rate[0]
             measured_on.add(rate[1])
         if measured_on:
-            lines.append(f"estimate on {kind}: {seconds / 3600:.2f} device-hours "
+            lines.append(f"estimate on {kind}: {seconds / 3600:.2f} device-hours for 32x32 images "
                          f"(throughput measured on {'; '.join(sorted(measured_on))}"
                          + (f"; {missing} packs of models without a row left out" if missing
                             else "") + ")")
