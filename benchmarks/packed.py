@@ -102,7 +102,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], float]:
+    """Aggregate images/s per pack size (rows) and of the solo run; prints the table."""
     solo = args.batch / solo_seconds(args, device)
     rows = []
     for k in args.packs:
@@ -117,7 +118,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
         rate = row["images_per_s"]
         print(f"{'K = ' + str(row['pack']):<10} {rate:>10.0f} {rate / solo:>8.2f} "
               f"{rate / base:>7.2f}")
-    return rows
+    return rows, solo
 
 
 def record(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
@@ -126,15 +127,15 @@ def record(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> 
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = device_name(device) + (f" ({args.note})" if args.note else "")
     new = [{"device_kind": kind, "device": name, "model": "resnet", "depth": args.depth,
-            "norm": args.norm, "batch_size": args.batch, "kind": "packed", "pack": r["pack"],
+            "norm": args.norm, "batch_size": args.batch, "kind": r["kind"], "pack": r["pack"],
             "images_per_s": round(r["images_per_s"], 1), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/packed.py --record"} for r in rows]
-    same = {(r["pack"]) for r in new}
+    same = {(r["kind"], r["pack"]) for r in new}
     table["rows"] = [r for r in table["rows"] if not (
-        r["device_kind"] == kind and r["kind"] == "packed" and r["model"] == "resnet"
-        and r["depth"] == args.depth and r["norm"] == args.norm
-        and r["batch_size"] == args.batch and r["pack"] in same)] + new
+        r["device_kind"] == kind and r["device"] == name and (r["kind"], r["pack"]) in same
+        and r["model"] == "resnet" and r["depth"] == args.depth and r["norm"] == args.norm
+        and r["batch_size"] == args.batch)] + new
     TABLE.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     print(f"recorded {len(new)} rows in {TABLE}")
 
@@ -193,9 +194,10 @@ def main() -> None:
     if args.kernels:
         kernels(args, device)
         return
-    rows = throughput(args, device)
+    rows, solo = throughput(args, device)
     if args.record:
-        record(args, device, rows)
+        record(args, device, [{"kind": "solo", "pack": 1, "images_per_s": solo}]
+               + [{"kind": "packed", **row} for row in rows])
 
 
 if __name__ == "__main__":
