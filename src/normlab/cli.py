@@ -1,7 +1,7 @@
 """The `normlab` command: a thin layer over run_study, build_report and load_results.
 
     normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
-                      [--out DIR] [--device DEV] [--workers N] [--dry-run]
+                      [--out DIR] [--device DEV] [--workers N] [--pack K] [--dry-run]
     normlab report DIR
     normlab show DIR
     normlab verify DIR
@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default: runs/STUDY-SCALE)")
     run.add_argument("--device", default=None,
                      help="device for runs whose device is 'auto' (e.g. cpu, cuda:1)")
-    run.add_argument("--workers", type=int, default=1,
-                     help="worker processes (one per GPU when GPUs are present; default 1)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes (spread over the GPUs; default: 1 on CPU, the "
+                          "measured best per GPU, see docs/cli.md)")
+    run.add_argument("--pack", type=int, default=None, metavar="K",
+                     help="train up to K compatible runs as one computation (1: off; default: "
+                          "the measured best for the device, see docs/cli.md)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the planned runs and how many are done; run nothing")
     run.set_defaults(handler=_run)
@@ -134,6 +138,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 def _run(args: argparse.Namespace) -> int:
     from normlab.executor import LocalExecutor
     from normlab.preflight import duplicate_note, plan_problems
+    from normlab.packing import default_parallelism, plan_estimate
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
     from normlab.runner import plan_study, run_study
@@ -143,15 +148,19 @@ def _run(args: argparse.Namespace) -> int:
     from normlab.studies.base import check_scale
     from normlab.verify import damaged_runs, verify_store
 
-    study, overrides, _, _ = _all_or_problems(
+    study, overrides, *_ = _all_or_problems(
         lambda: get_study(args.study),
         lambda: parse_overrides(args.settings),
         lambda: args.device is None or _check_device(args.device),
-        lambda: check_interval("--workers", args.workers, 1, kind=int, low_open=False),
+        lambda: args.workers is None or check_interval("--workers", args.workers, 1, kind=int,
+                                                       low_open=False),
+        lambda: args.pack is None or check_interval("--pack", args.pack, 1, kind=int,
+                                                    low_open=False),
         also=lambda: _all_or_problems(
             lambda: check_scale(args.scale),
             lambda: RunSpec().with_overrides(parse_overrides(args.settings))),
     )
+    pack, workers = default_parallelism(args.pack, args.workers, args.device)
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
     problems = plan_problems(specs, out_dir, args.device)
@@ -164,10 +173,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         damaged = set(damaged_runs(verify_store(out_dir)))
         print(plan_summary(plan_table(list(dict.fromkeys(specs)), RunStore(out_dir), damaged)))
+        print(plan_estimate(list(dict.fromkeys(specs)), pack))
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device
-    executor = LocalExecutor(args.workers, _pool_devices(args.workers, args.device))
+    executor = LocalExecutor(workers, _pool_devices(workers, args.device), pack=pack)
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
                         progress=TerminalProgress(sys.stderr), preflight=False)
     print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))

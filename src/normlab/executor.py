@@ -1,7 +1,8 @@
 """Executors: how a list of RunSpecs gets run. Studies never know which one is used.
 
 An executor maps `execute_run` over specs and yields (spec, result) as runs finish. The local
-executor runs in-process, or in a pool of worker processes (one per GPU when there are GPUs).
+executor runs in-process, or in a pool of worker processes (one per GPU when there are GPUs);
+with `pack=K` it trains up to K compatible runs as one computation (`normlab.packing`).
 A Ray or SLURM executor implements the same `run` method.
 """
 
@@ -13,9 +14,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from normlab.packing import execute_group, pack_specs
 from normlab.result import RunResult
 from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, execute_run, get_task
+from normlab.tasks import ProgressFn, get_task
 
 
 class Executor(ABC):
@@ -35,33 +37,38 @@ class LocalExecutor(Executor):
     in-process.
     """
 
-    def __init__(self, workers: int = 1, devices: Sequence[str] | None = None) -> None:
+    def __init__(self, workers: int = 1, devices: Sequence[str] | None = None,
+                 pack: int = 1) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"The 'workers' setting must be an int >= 1; got {workers!r}.")
         self.workers = workers
         self.devices = list(devices) if devices else None
+        self.pack = pack  # runs trained together as one computation (normlab.packing)
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
             on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+        groups = pack_specs(specs, self.pack)  # one spec each when pack == 1
         if self.workers == 1:
-            for spec in specs:
-                yield spec, execute_run(spec, out_dir, on_progress)
+            for group in groups:
+                yield from zip(group, execute_group(group, out_dir, on_progress), strict=True)
             return
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
             pending = {}
-            for i, spec in enumerate(specs):
+            for i, group in enumerate(groups):
                 device = None
-                if self.devices and spec.device == "auto":
+                if self.devices and group[0].device == "auto":
                     device = self.devices[i % len(self.devices)]
-                task_module = get_task(spec.task).__module__
-                pending[pool.submit(_execute_on, spec, str(out_dir), device, task_module)] = spec
+                task_module = get_task(group[0].task).__module__
+                pending[pool.submit(_execute_on, group, str(out_dir), device, task_module)] = group
             for done in futures.as_completed(pending):
-                yield pending[done], done.result()
+                yield from zip(pending[done], done.result(), strict=True)
 
 
-def _execute_on(spec: RunSpec, out_dir: str, device: str | None, task_module: str) -> RunResult:
-    """Run `spec` in a worker, with "auto" meaning `device` when one is given.
+def _execute_on(group: list[RunSpec], out_dir: str, device: str | None,
+                task_module: str) -> list[RunResult]:
+    """Run a group of specs (one, or a pack) in a worker, with "auto" meaning `device` when one
+    is given.
 
     The module defining the task is imported first, so that tasks registered outside normlab
     (a user's script, a test) are known in the worker too.
@@ -72,4 +79,4 @@ def _execute_on(spec: RunSpec, out_dir: str, device: str | None, task_module: st
     importlib.import_module(task_module)
     if device is not None:
         os.environ["NORMLAB_DEVICE"] = device
-    return execute_run(spec, out_dir)
+    return execute_group(group, out_dir)

@@ -61,12 +61,20 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:
     """(train data set, test data set, training BatchIterator) on `device`."""
-    from normlab.data import BatchIterator, load
+    from normlab.data import load
 
     train_set, test_set = load(spec.data, **spec.mapping("data_options"))
-    batches = BatchIterator(train_set, spec.batch_size, shuffle=True, augment=spec.augment,
-                            drop_last=True, seed=spec.seed, device=device)
+    batches = build_batches(spec, train_set, device)
     return batches.dataset, test_set.to(device), batches
+
+
+def build_batches(spec: RunSpec, train_set: Any, device: torch.device) -> Any:
+    """The spec's training BatchIterator over `train_set` (shuffled and augmented with its seed;
+    `drop_last`, so every step sees `batch_size` examples)."""
+    from normlab.data import BatchIterator
+
+    return BatchIterator(train_set, spec.batch_size, shuffle=True, augment=spec.augment,
+                         drop_last=True, seed=spec.seed, device=device)
 
 
 def build_model(spec: RunSpec, train_set: Any, device: torch.device) -> nn.Module:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,31 +279,50 @@ class _Run:
     def read_back(self, pending: _Pending, average: _EpochAverage,
                   batch_size: int) -> Divergence | None:
         """Check and log the pending steps; the first divergence found, if any."""
-        for s, lr, loss, correct in pending.drain():
-            divergence = check_divergence(loss, s, self.spec.diverge_loss)
-            if divergence is not None or s % self.spec.log_every == 0:
-                self.context.log_metrics(json_safe({
-                    "step": s, "epoch": s / self.per_epoch, "lr": lr, "loss": loss,
-                    "acc": correct / batch_size}))
-            if divergence is not None:
-                return divergence
-            average.add(loss, correct, batch_size)
-        return None
+        return record_steps(pending.drain(), self.spec, self.context, self.per_epoch, average,
+                            batch_size)
 
     def log_eval(self, step: int, average: _EpochAverage) -> dict[str, float]:
-        test_loss, test_acc = self.evaluate()
-        train_loss, train_acc = average.values()
-        row = {"train_loss": train_loss, "train_acc": train_acc,
-               "test_loss": test_loss, "test_acc": test_acc}
-        self.context.log_metrics(json_safe({"step": step, "epoch": step / self.per_epoch,
-                                            "kind": "eval", **row}))
-        return json_safe(row)
+        return log_eval_row(self.context, step, self.per_epoch, average, *self.evaluate())
 
     def diverged(self, divergence: Divergence) -> RunResult:
-        lr = lr_at(divergence.step, self.total, self.spec)
-        return RunResult(
-            status="diverged", steps=divergence.step, diverged_step=divergence.step,
-            diverged_loss=divergence.stored_loss,
-            final={"final_lr": lr, "diverged_reason": divergence.reason,
-                   "diverged_epoch": divergence.step / self.per_epoch},
-            provenance=provenance(self.spec.run_id, str(self.device), self.spec.seed))
+        return diverged_result(self.spec, divergence, self.total, self.per_epoch, self.device)
+
+
+def record_steps(rows: Iterable[tuple[int, float, float, int]], spec: RunSpec,
+                 context: RunContext, per_epoch: int, average: _EpochAverage,
+                 batch_size: int) -> Divergence | None:
+    """Check and log (step, lr, loss, correct) rows of one run; the first divergence, if any."""
+    for s, lr, loss, correct in rows:
+        divergence = check_divergence(loss, s, spec.diverge_loss)
+        if divergence is not None or s % spec.log_every == 0:
+            context.log_metrics(json_safe({
+                "step": s, "epoch": s / per_epoch, "lr": lr, "loss": loss,
+                "acc": correct / batch_size}))
+        if divergence is not None:
+            return divergence
+        average.add(loss, correct, batch_size)
+    return None
+
+
+def log_eval_row(context: RunContext, step: int, per_epoch: int, average: _EpochAverage,
+                 test_loss: float, test_acc: float) -> dict[str, float]:
+    """Log the eval row of `step` (test numbers and the epoch's train average); return it."""
+    train_loss, train_acc = average.values()
+    row = {"train_loss": train_loss, "train_acc": train_acc,
+           "test_loss": test_loss, "test_acc": test_acc}
+    context.log_metrics(json_safe({"step": step, "epoch": step / per_epoch, "kind": "eval",
+                                   **row}))
+    return json_safe(row)
+
+
+def diverged_result(spec: RunSpec, divergence: Divergence, total: int, per_epoch: int,
+                    device: torch.device) -> RunResult:
+    """The RunResult of a run that diverged at `divergence.step` of `total` steps."""
+    lr = lr_at(divergence.step, total, spec)
+    return RunResult(
+        status="diverged", steps=divergence.step, diverged_step=divergence.step,
+        diverged_loss=divergence.stored_loss,
+        final={"final_lr": lr, "diverged_reason": divergence.reason,
+               "diverged_epoch": divergence.step / per_epoch},
+        provenance=provenance(spec.run_id, str(device), spec.seed))

@@ -1,0 +1,490 @@
+"""`train_packed(specs)`: K compatible runs trained as one computation, each exactly as alone.
+
+What is shared and what may differ is `normlab.packing.pack_key` (architecture, data, batch
+size, budget, device and numerics shared; lr, schedule, momentum, Nesterov, weight decay, init,
+seed, update projection, probes, ... per member).
+
+How: each member's model is built exactly as `train` builds it (its seed, init and gain), then
+the K models' parameters and buffers are stacked along a new leading dimension
+(`torch.func.stack_module_state`), and one step is `vmap` over `functional_call` of a template
+module: the member's own mini-batch (own data order and augmentation) through the member's own
+weights. Under vmap a convolution with batched weights and batched input becomes one grouped
+convolution, a BatchNorm normalizes each member over its own batch and updates its own running
+statistics in place (the stacked buffers are batched too), and BatchRenorm does the same with its
+r/d limits (a stacked buffer each member's module fills as in a solo run). The loss of the
+pack is the sum of the members' mean cross-entropies, so member k's gradient is exactly its own.
+SGD (momentum, Nesterov, coupled weight decay as torch.optim.SGD computes them) runs on the
+stacked tensors with per-member hyper-parameters of shape (K,), and the update projection per
+member. Per step and member this is the same arithmetic as a solo run: the numbers agree up to
+float reassociation (grouped instead of single convolutions, fused multiply-adds).
+
+Each member also has an ordinary `nn.Module` whose parameters and buffers are views into its
+slice of the stacked tensors, so callbacks and probes see the member's model as it is, with an
+`torch.optim.SGD` of the member's settings, its own batch and its own global-RNG state (seeded
+and advanced as in the solo run). A member that diverges is recorded at the step where it would
+be alone and is masked (its weights stop changing); when at least half of the stacked members
+have stopped the stack shrinks to the live ones. Cost per step: one vmapped forward and
+backward of K models (about K solo steps of arithmetic in one computation), a few elementwise
+passes over the parameters for SGD and masking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from normlab.config import ConfigError
+from normlab.packing import pack_key
+from normlab.probes._geometry import radial_part, tangential_part
+from normlab.result import RunResult, provenance
+from normlab.spec import RunSpec
+from normlab.store import RunStore
+from normlab.tasks import ProgressFn, RunContext
+from normlab.train.build import (
+    build_batches,
+    build_model,
+    build_optimizer,
+    resolve_device,
+    train_options,
+)
+from normlab.train.callbacks import Callback, TrainState, scheduled
+from normlab.train.divergence import Divergence
+from normlab.train.loop import (
+    READ_WINDOW,
+    _EpochAverage,
+    diverged_result,
+    log_eval_row,
+    record_steps,
+)
+from normlab.train.projection import projected_weights
+from normlab.train.schedules import lr_at
+
+OnDone = Callable[[int, RunResult], None]
+
+
+@dataclass
+class _Member:
+    """One run of the pack: its spec, reporting channel, model view and bookkeeping."""
+
+    spec: RunSpec
+    context: RunContext
+    callbacks: list[Callback]
+    batches: Any
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    rng: dict[str, torch.Tensor]
+    average: _EpochAverage = field(default_factory=_EpochAverage)
+    final: dict[str, Any] = field(default_factory=dict)
+    last_lr: float = 0.0
+    last_loss: float | None = None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    result: RunResult | None = None
+
+
+class PackedSGD:
+    """The pure step of a pack over stacked state: forward, loss, backward and SGD update.
+
+    State (all tensors with a leading member dimension K, updated in place so that a CUDA graph
+    can capture `step` after its first call): `flat` (K, P), every parameter of every member in
+    one buffer, with `params` its per-tensor views (K, *shape); `buffers`; `momentum` (K, P),
+    created by the first step; and per member `momentum_coef`, `weight_decay`, `nesterov`,
+    `active` (masked members keep their weights). `projections` maps stacked indices to
+    "tangential"/"radial". The flat buffer makes the SGD update a few kernels over (K, P)
+    instead of a few per parameter tensor (a step on a GPU is launch-bound at small K).
+    """
+
+    def __init__(self, template: nn.Module, models: Sequence[nn.Module],
+                 specs: Sequence[RunSpec], autocast: str) -> None:
+        params, buffers = stack_module_state(list(models))
+        self.template = template
+        self.shapes = {n: p.shape[1:] for n, p in params.items()}
+        self.flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)  # (K, P)
+        self.params = self._views(self.flat)
+        self.buffers = buffers
+        self.momentum: torch.Tensor | None = None
+        device = self.flat.device
+        self.momentum_coef = torch.tensor([s.momentum for s in specs], device=device)
+        self.weight_decay = torch.tensor([s.weight_decay for s in specs], device=device)
+        self.nesterov = torch.tensor([s.nesterov for s in specs], device=device)
+        self.active = torch.ones(len(specs), dtype=torch.bool, device=device)
+        self.projections = {k: s.update_projection for k, s in enumerate(specs)
+                            if s.update_projection != "none"}
+        names = {id(p): n for n, p in template.named_parameters()}
+        self.projected = [names[id(w)] for w in projected_weights(template)]
+        self.autocast = autocast
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-tensor views (K, *shape) of a (K, P) buffer, in parameter order."""
+        views, start = {}, 0
+        for name, shape in self.shapes.items():
+            size = shape.numel()
+            views[name] = flat[:, start:start + size].view(flat.shape[0], *shape)
+            start += size
+        return views
+
+    def _member_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _autocast(self.autocast, x.device):
+            logits = functional_call(self.template, (params, buffers), (x,)).float()
+        return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).sum()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of every member on its batch x[k], y[k] with lr[k]; returns the (K,)
+        mini-batch losses and correct counts measured before the update (train mode)."""
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        losses, correct = vmap(self._member_loss)(leaves, self.buffers, x, y)
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        with torch.no_grad():
+            saved = {(k, n): self.params[n][k].clone() for k in self.projections
+                     for n in self.projected}
+            grad = torch.cat([g.flatten(1) for g in grads], dim=1)  # (K, P)
+            self._update(grad, lr)
+            for (k, name), before in saved.items():
+                part = tangential_part if self.projections[k] == "tangential" else radial_part
+                w = self.params[name][k]
+                w.copy_(before + part(w - before, before, "filter"))
+        return losses.detach(), correct
+
+    def _update(self, grad: torch.Tensor, lr: torch.Tensor) -> None:
+        """torch.optim.SGD's update (dampening 0) of the (K, P) parameters, per member, masked
+        by `active`; the first call creates the momentum buffer as torch does (buf = d_p)."""
+        p, m, active = self.flat, self.momentum_coef[:, None], self.active[:, None]
+        d_p = grad + self.weight_decay[:, None] * p
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(p)
+            new_buf = d_p
+        else:
+            new_buf = m * self.momentum + d_p
+        direction = torch.where(self.nesterov[:, None], d_p + m * new_buf, new_buf)
+        direction = torch.where(m > 0, direction, d_p)
+        self.momentum.copy_(torch.where(active, new_buf, self.momentum))
+        p.copy_(torch.where(active, p - lr[:, None] * direction, p))
+
+    @torch.no_grad()
+    def evaluate(self, x_all: torch.Tensor, y_all: torch.Tensor, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) summed cross-entropy and correct counts on (x_all, y_all), template in eval mode
+        (BatchNorm/BatchRenorm use each member's running statistics)."""
+        self.template.eval()
+        k = self.active.numel()
+        loss_sum = torch.zeros(k, device=x_all.device)
+        correct = torch.zeros(k, device=x_all.device, dtype=torch.long)
+
+        def member(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                   x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with _autocast(self.autocast, x.device):
+                logits = functional_call(self.template, (params, buffers), (x,)).float()
+            return (F.cross_entropy(logits, y, reduction="sum"),
+                    (logits.argmax(dim=1) == y).sum())
+
+        try:
+            for start in range(0, len(y_all), chunk):
+                x, y = x_all[start:start + chunk], y_all[start:start + chunk]
+                # the chunk repeated per member: with an unbatched input and batched weights,
+                # vmap's convolution output has strides group_norm cannot query under vmap
+                x = x.unsqueeze(0).expand(k, *x.shape).contiguous()  # (K, n, C, H, W)
+                losses, hits = vmap(member, in_dims=(0, 0, 0, None))(
+                    self.params, self.buffers, x, y)
+                loss_sum += losses
+                correct += hits
+        finally:
+            self.template.train()
+        return loss_sum, correct
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Shrink the stack to the members at `index` (copies; views must be re-pointed)."""
+        self.flat = self.flat.index_select(0, index)
+        self.params = self._views(self.flat)
+        if self.momentum is not None:
+            self.momentum = self.momentum.index_select(0, index)
+        for name in self.buffers:
+            self.buffers[name] = self.buffers[name].index_select(0, index)
+        for name in ("momentum_coef", "weight_decay", "nesterov", "active"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        positions = index.tolist()
+        self.projections = {positions.index(k): kind for k, kind in self.projections.items()
+                            if k in positions}
+
+
+def _autocast(kind: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if kind == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _point_into(model: nn.Module, sgd: PackedSGD, k: int) -> None:
+    """Make `model`'s parameters, buffers and momentum buffers views of slice k of the stack."""
+    for name, p in model.named_parameters():
+        p.data = sgd.params[name][k]
+    for name in dict(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = sgd.buffers[name][k]
+
+
+def _attach_momentum(member: _Member, sgd: PackedSGD, k: int) -> None:
+    """Show the member's momentum buffers in its optimizer's state, as torch.optim.SGD keeps
+    them (read by probes such as curvature's stability threshold)."""
+    if sgd.momentum is None or member.spec.momentum == 0:
+        return
+    momentum = sgd._views(sgd.momentum)
+    for name, p in member.model.named_parameters():
+        member.optimizer.state[p]["momentum_buffer"] = momentum[name][k]
+
+
+def check_packable(specs: Sequence[RunSpec]) -> None:
+    """ConfigError unless `specs` (at least one) may be trained as one pack."""
+    if not specs:
+        raise ConfigError("A pack needs at least one RunSpec; got none.")
+    keys = {pack_key(s) for s in specs}
+    if None in keys:
+        bad = [s.run_id for s in specs if pack_key(s) is None]
+        raise ConfigError(f"Runs {bad} cannot be packed (only 'train' runs without 'compile' "
+                          "or 'channels_last' can).")
+    if len(keys) > 1:
+        raise ConfigError("The runs of a pack must share the settings "
+                          "normlab.packing.SHARED_SETTINGS; these differ in some of them.")
+
+
+def train_packed(specs: Sequence[RunSpec],
+                 callbacks: Sequence[Sequence[Callback]] | None = None,
+                 contexts: Sequence[RunContext] | None = None,
+                 on_done: OnDone | None = None) -> list[RunResult]:
+    """Train the compatible `specs` as one computation; one RunResult per spec, in order.
+
+    Each member's metric rows, probe records, divergence step and result equal those of
+    `train(spec)` up to float reassociation. `callbacks[k]` run for member k only (its spec's
+    probes are added, as in `train`). `on_done(k, result)` is called as soon as member k ends
+    (a diverged member ends before the others). BN mode: train mode for the steps, eval mode for
+    the per-epoch test evaluation, per member. The global RNG is restored afterwards.
+    """
+    check_packable(specs)
+    device = resolve_device(specs[0].device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=cuda):
+        pack = _Pack(list(specs), callbacks, contexts, device, on_done, start)
+        return pack.run()
+
+
+class _Pack:
+    """A pack in progress; `run()` executes it."""
+
+    def __init__(self, specs: list[RunSpec], callbacks: Sequence[Sequence[Callback]] | None,
+                 contexts: Sequence[RunContext] | None, device: torch.device,
+                 on_done: OnDone | None, start: float) -> None:
+        from normlab.data import load
+
+        first = specs[0]
+        options = [train_options(s) for s in specs]  # validates every member's options
+        self.device, self.on_done, self.start = device, on_done, start
+        self.eval_batch_size = options[0]["eval_batch_size"]
+        train_set, test_set = load(first.data, **first.mapping("data_options"))
+        train_set, self.test_set = train_set.to(device), test_set.to(device)
+        self.members: list[_Member] = []
+        models = []
+        for k, spec in enumerate(specs):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(spec.seed)  # the solo run's global-RNG state after its set-up
+                batches = build_batches(spec, train_set, device)
+                model = build_model(spec, batches.dataset, device)
+                rng = {"cpu": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
+            context = contexts[k] if contexts else RunContext(run_id=spec.run_id)
+            extra = list(callbacks[k]) if callbacks else []
+            self.members.append(_Member(
+                spec=spec, context=context, batches=batches, model=model, rng=rng,
+                callbacks=extra + [scheduled(**e) for e in spec.probe_schedules()],
+                optimizer=build_optimizer(spec, model, fused=False)))
+            models.append(model)
+        self.per_epoch = len(self.members[0].batches)
+        self.total = first.steps or max(1, math.ceil(first.epochs * self.per_epoch))
+        self.renorm_schedule = any(callable(getattr(m, "set_training_fraction", None))
+                                   for m in models[0].modules())
+        self.read_window = 1 if any(m.callbacks for m in self.members) else READ_WINDOW
+        template = copy.deepcopy(models[0]).train()
+        self.sgd = PackedSGD(template, models, specs, first.autocast)
+        self.stacked = list(self.members)  # members in stack order (live or masked)
+        for k, member in enumerate(self.stacked):
+            _point_into(member.model, self.sgd, k)
+        self.pending: list[tuple[int, list[float], torch.Tensor, torch.Tensor]] = []
+
+    # -- members ---------------------------------------------------------------------------------
+    def live(self) -> list[_Member]:
+        return [m for m in self.stacked if m.result is None]
+
+    def state(self, member: _Member, step: int) -> TrainState:
+        return TrainState(spec=member.spec, step=step, epoch=step / self.per_epoch,
+                          total_steps=self.total, model=member.model,
+                          optimizer=member.optimizer, loss_fn=nn.CrossEntropyLoss(),
+                          x=member.x, y=member.y, loss=member.last_loss, lr=member.last_lr,
+                          device=self.device, context=member.context,
+                          train_data=member.batches.dataset, test_data=self.test_set)
+
+    def call_back(self, member: _Member, step: int) -> None:
+        """The member's callbacks with its own global-RNG state; a crash fails that member."""
+        torch.set_rng_state(member.rng["cpu"])
+        if "cuda" in member.rng:
+            torch.cuda.set_rng_state(member.rng["cuda"], self.device)
+        for group in member.optimizer.param_groups:
+            group["lr"] = member.last_lr
+        try:
+            for callback in member.callbacks:
+                callback(self.state(member, step))
+        except Exception as err:  # a crashed member is recorded, the others go on
+            self.finish(member, RunResult(status="failed", error=f"{type(err).__name__}: "
+                                          f"{err}\n" + traceback.format_exc()))
+        member.model.train()
+        member.rng["cpu"] = torch.get_rng_state()
+        if "cuda" in member.rng:
+            member.rng["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def finish(self, member: _Member, result: RunResult) -> None:
+        k = self.stacked.index(member)
+        self.sgd.active[k] = False
+        result.wall_time_s = time.perf_counter() - self.start
+        if result.provenance:
+            result.provenance["pack_size"] = len(self.members)
+        member.result = result
+        if self.on_done is not None:
+            self.on_done(self.members.index(member), result)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> list[RunResult]:
+        step = 0
+        while step < self.total and self.live():
+            epoch = {id(m): iter(m.batches) for m in self.live()}
+            for _ in range(self.per_epoch):
+                for member in self.live():
+                    member.x, member.y = next(epoch[id(member)])
+                if step == 0:
+                    for member in self.live():
+                        member.last_lr = lr_at(0, self.total, member.spec)
+                        if member.callbacks:
+                            self.call_back(member, 0)
+                self.sgd_step(step)
+                step += 1
+                end_of_epoch = step % self.per_epoch == 0 or step == self.total
+                if len(self.pending) >= self.read_window or end_of_epoch:
+                    self.read_back(step)
+                if end_of_epoch and self.live():
+                    self.log_eval(step)
+                self.shrink()
+                if step == self.total or not self.live():
+                    break
+        for member in self.live():
+            self.finish(member, RunResult(
+                status="completed", steps=step,
+                final={**member.final, "final_lr": member.last_lr},
+                provenance=provenance(member.spec.run_id, str(self.device), member.spec.seed)))
+        return [m.result for m in self.members]  # type: ignore[misc]
+
+    def sgd_step(self, step: int) -> None:
+        lrs = []
+        for member in self.stacked:
+            lr = lr_at(step, self.total, member.spec)
+            lrs.append(lr)
+            if member.result is None:
+                member.last_lr = lr
+                if self.renorm_schedule:
+                    from normlab.nn import set_training_fraction
+
+                    set_training_fraction(member.model, step / self.total)
+        # (K, B, C, H, W), contiguous: vmap cannot query channels-last strides, which the
+        # augmentation gather can produce; masked members reuse their last batch
+        x = torch.stack([m.x for m in self.stacked]).contiguous()
+        y = torch.stack([m.y for m in self.stacked])
+        losses, correct = self.sgd.step(x, y, torch.tensor(lrs, device=self.device))
+        self.pending.append((step, lrs, losses, correct))
+        if step == 0:
+            for k, member in enumerate(self.stacked):
+                _attach_momentum(member, self.sgd, k)
+
+    def read_back(self, step: int) -> None:
+        """Log each live member's pending steps (one device-to-host copy); record divergences;
+        then the callbacks and progress of the members still live."""
+        losses = torch.stack([p[2] for p in self.pending]).float().cpu().tolist()  # (W, K)
+        correct = torch.stack([p[3] for p in self.pending]).cpu().tolist()
+        steps = [(p[0], p[1]) for p in self.pending]
+        self.pending = []
+        for k, member in enumerate(self.stacked):
+            if member.result is not None:
+                continue
+            rows = [(s, lrs[k], losses[w][k], correct[w][k]) for w, (s, lrs) in enumerate(steps)]
+            divergence = record_steps(rows, member.spec, member.context, self.per_epoch,
+                                      member.average, member.spec.batch_size)
+            if divergence is not None:
+                self.finish(member, self.diverged(member, divergence))
+                continue
+            member.last_loss = losses[-1][k]
+            if member.callbacks:
+                self.call_back(member, step)
+            member.context.progress(step / self.total, f"step {step}/{self.total}")
+
+    def diverged(self, member: _Member, divergence: Divergence) -> RunResult:
+        return diverged_result(member.spec, divergence, self.total, self.per_epoch, self.device)
+
+    def log_eval(self, step: int) -> None:
+        loss_sum, correct = self.sgd.evaluate(self.test_set.x, self.test_set.y,
+                                              self.eval_batch_size)
+        n = len(self.test_set)
+        losses, hits = loss_sum.cpu().tolist(), correct.cpu().tolist()
+        for k, member in enumerate(self.stacked):
+            if member.result is None:
+                member.final = log_eval_row(member.context, step, self.per_epoch,
+                                            member.average, losses[k] / n, hits[k] / n)
+                member.average = _EpochAverage()
+
+    def shrink(self) -> None:
+        """Re-stack the live members once at least half of the stacked ones have stopped."""
+        live = self.live()
+        if not live or len(live) > len(self.stacked) // 2:
+            return
+        index = torch.tensor([self.stacked.index(m) for m in live], device=self.device)
+        self.sgd.keep(index)
+        self.stacked = live
+        for k, member in enumerate(self.stacked):
+            _point_into(member.model, self.sgd, k)
+            _attach_momentum(member, self.sgd, k)
+
+
+def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
+                 on_progress: ProgressFn | None = None) -> list[RunResult]:
+    """Run a pack into the store at `out_dir`: each member in its own run folder, written as
+    `execute_run` writes a solo run (spec.json first, result.json atomically when the member
+    ends). A crash of the pack records its unfinished members as "failed"; an interruption
+    leaves them unfinished, so they are rerun (alone or packed) and finished ones are kept.
+    """
+    store = RunStore(out_dir)
+    contexts = [RunContext(run_id=s.run_id, run_dir=store.begin(s), on_progress=on_progress)
+                for s in specs]
+    results: list[RunResult | None] = [None] * len(specs)
+
+    def done(k: int, result: RunResult) -> None:
+        results[k] = result
+        store.finish(specs[k], result)
+
+    try:
+        train_packed(specs, contexts=contexts, on_done=done)
+    except Exception as err:  # a crashed pack is recorded per member, never lost
+        error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
+        for k, result in enumerate(results):
+            if result is None:
+                done(k, RunResult(status="failed", error=error))
+    return results  # type: ignore[return-value]
+
