@@ -19,7 +19,8 @@ def _test_device() -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise pytest.UsageError(f"NORMLAB_TEST_DEVICE={name!r} is not a torch device: {exc}") from exc
+        raise pytest.UsageError(
+            f"NORMLAB_TEST_DEVICE={name!r} is not a torch device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError(f"NORMLAB_TEST_DEVICE={name!r} but CUDA is not available here.")
     return device

@@ -1,6 +1,7 @@
 """Executors: how a list of RunSpecs gets run. Studies never know which one is used.
 
-An executor maps `execute_run` over specs and yields (spec, result) as runs finish. The local
+An executor maps `execute_run` over specs and yields (spec, result) as runs finish (result None:
+another writer holds the run, see lease.py). The local
 executor runs in-process, or in a pool of worker processes (one per GPU when there are GPUs).
 A Ray or SLURM executor implements the same `run` method.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from normlab._pool import die_with_parent, stopped_on_error
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.tasks import ProgressFn, execute_run, get_task
@@ -23,7 +26,7 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
         ...
 
 
@@ -42,13 +45,14 @@ class LocalExecutor(Executor):
         self.devices = list(devices) if devices else None
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
         if self.workers == 1:
             for spec in specs:
                 yield spec, execute_run(spec, out_dir, on_progress)
             return
         ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+        with futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent,
+                                         initargs=(os.getpid(),)) as pool, stopped_on_error(pool):
             pending = {}
             for i, spec in enumerate(specs):
                 device = None
@@ -60,7 +64,8 @@ class LocalExecutor(Executor):
                 yield pending[done], done.result()
 
 
-def _execute_on(spec: RunSpec, out_dir: str, device: str | None, task_module: str) -> RunResult:
+def _execute_on(spec: RunSpec, out_dir: str, device: str | None,
+                 task_module: str) -> RunResult | None:
     """Run `spec` in a worker, with "auto" meaning `device` when one is given.
 
     The module defining the task is imported first, so that tasks registered outside normlab

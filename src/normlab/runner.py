@@ -9,6 +9,7 @@ from typing import Any
 from normlab._atomic import atomic_write_json
 from normlab.config import ConfigError
 from normlab.executor import Executor, LocalExecutor
+from normlab.lease import run_until_settled
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.store import RunStore
@@ -51,7 +52,8 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     """Run every unfinished run of `study` into `out_dir`, then write the report.
 
     Finished runs (a result.json with status completed or diverged) are skipped, so an
-    interrupted study resumes where it stopped. Returns the study's results.
+    interrupted study resumes where it stopped; runs other writers hold are waited for (see
+    lease.run_until_settled). Returns the study's results.
     """
     study = get_study(study) if isinstance(study, str) else study
     out_dir = Path(out_dir)
@@ -65,8 +67,7 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     progress = progress or ProgressReporter()
     progress.study_start(study.name, len(specs), len(specs) - len(todo))
     executor = executor or LocalExecutor()
-    for done, (spec, result) in enumerate(executor.run(todo, out_dir, progress.run_progress), 1):
-        progress.run_end(spec, result, done, len(todo))
+    run_until_settled(executor, todo, store, progress)
     results = StudyResults.load(out_dir).subset([s.run_id for s in specs])
     if report:
         from normlab.report import build_report
