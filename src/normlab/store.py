@@ -62,6 +62,7 @@ class RunStore:
 
     def finish(self, spec: RunSpec, result: RunResult) -> None:
         atomic_write_json(self.run_dir(spec) / "result.json", result.to_dict())
+        (self.run_dir(spec) / CHECKPOINT_FILE).unlink(missing_ok=True)
 
     def run_dirs(self) -> Iterator[Path]:
         if self.runs_dir.exists():
