@@ -2,6 +2,7 @@
 
     normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
                       [--out DIR] [--device DEV] [--workers N] [--dry-run]
+                      [--executor local|slurm] [--checkpoint-every EVERY] [--slurm-...]
     normlab report DIR
     normlab show DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]
@@ -21,6 +22,7 @@ from typing import Any
 
 import normlab
 from normlab.config import ConfigError, check_choice, check_interval
+from normlab.executor_args import add_executor_arguments, executor_from_args
 from normlab.store import CorruptRecordError
 
 LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes (one per GPU when GPUs are present; default 1)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the planned runs and how many are done; run nothing")
+    add_executor_arguments(run)
     run.set_defaults(handler=_run)
 
     report = commands.add_parser("report", help="(re)write DIR/report.html")
@@ -130,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device
-    executor = LocalExecutor(args.workers, _pool_devices(args.workers, args.device))
+    executor = executor_from_args(
+        args, LocalExecutor(args.workers, _pool_devices(args.workers, args.device)))
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
                         progress=TerminalProgress(sys.stderr))
     print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))
@@ -148,6 +152,7 @@ def _report(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from normlab.report.columns import in_plan_order
     from normlab.report.terminal import summary_table
+    from normlab.run_state import states_summary
     from normlab.studies import StudyResults
     from normlab.studies.base import read_study_file
 
@@ -160,6 +165,8 @@ def _show(args: argparse.Namespace) -> int:
                                                      read_study_file(folder).get("run_ids", [])))
     results.metrics()  # reads every finished run's metrics.jsonl: a corrupt one is named
     print(summary_table(results.runs))
+    print(states_summary(folder, read_study_file(folder).get("run_ids", []) if (
+        folder / "study.json").exists() else list(results.runs.get("run_id", []))))
     return 0
 
 

@@ -104,6 +104,7 @@ class Lease:
 
     def __init__(self, path: Path, owner: Owner, heartbeat_s: float) -> None:
         self.path, self.owner, self.heartbeat_s = path, owner, heartbeat_s
+        _HELD.add(self)
         self._lost = threading.Event()
         self._released = threading.Event()
         self._verified_at = time.monotonic()
@@ -144,7 +145,9 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and remove the lease chain if it is still ours."""
         self._released.set()
-        self._thread.join()
+        _HELD.discard(self)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
         if not self.renew():
             return
         run_id, generation, _ = self.path.name.rsplit(".", 2)
@@ -156,6 +159,15 @@ class Lease:
         while not self._released.wait(self.heartbeat_s):
             if not self.renew():
                 return
+
+
+_HELD: set[Lease] = set()
+
+
+def release_held_leases() -> None:
+    """Release every lease this process holds (a SLURM task about to be requeued)."""
+    for lease in list(_HELD):
+        lease.release()
 
 
 def _read_owner(path: Path) -> Owner | None:
