@@ -25,11 +25,11 @@ class FakeGridStudy(FakeStudy):
                 for lr in (*LRS, 3.0) for seed in SEEDS]
 
 
-def study_command(out: Path, *extra: str) -> list[str]:
-    """argv of a `normlab run fake-grid` process (the test folder on its path)."""
+def study_command(out: Path, *extra: str, study: str = "fake-grid") -> list[str]:
+    """argv of a `normlab run STUDY` process (the test folder on its path)."""
     import sys
 
     tests = str(Path(__file__).parent)
     code = (f"import sys; sys.path.insert(0, {tests!r}); import fake_grid; "
             "from normlab.cli import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code, "run", "fake-grid", "--out", str(out), *extra]
+    return [sys.executable, "-c", code, "run", study, "--out", str(out), *extra]
