@@ -267,16 +267,18 @@ def run_until_settled(executor: Executor, specs: Sequence[RunSpec], store: RunSt
                       progress: ProgressReporter, poll_s: float | None = None) -> None:
     """Run `specs` through `executor`, then wait for (or take over) those other writers hold.
 
-    A run this process executed is not tried again in this call, whatever its status. A run
-    another writer held is settled once it has a result.json and no live lease; if its writer
-    dies, the lease goes stale and this process runs it. Waiting is reported on stderr.
+    Only runs nobody holds are handed to the executor. A run this process executed is not
+    tried again in this call, whatever its status. A run another writer holds is settled once
+    it has a result.json and no live lease; if its writer dies, the lease goes stale and this
+    process runs it. Waiting is reported on stderr.
     """
     heartbeat_s, _ = lease_timing()
     poll_s = heartbeat_s if poll_s is None else poll_s
     todo, done, total, told = list(specs), 0, len(specs), ""
     while todo:
-        elsewhere = []
-        for spec, result in executor.run(todo, store.root, progress.run_progress):
+        free = [s for s in todo if current_owner(store.root, s.run_id) is None]
+        elsewhere = [s for s in todo if s not in free]
+        for spec, result in executor.run(free, store.root, progress.run_progress):
             if result is None:
                 elsewhere.append(spec)
             else:
