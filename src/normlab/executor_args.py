@@ -3,7 +3,8 @@
     --executor local|slurm|ray     where the runs go (default local: in-process or --workers)
     --checkpoint-every 10min|2epochs|off
     --slurm-partition ... --slurm-array-parallelism, --slurm-config FILE   (executor_slurm.py)
-    --ray-address ADDRESS, --ray-gpus-per-run G                            (executor_ray.py)
+    --ray-address ADDRESS, --ray-gpus-per-run G, --ray-cpus-per-run C, --ray-max-retries N
+                                                                           (executor_ray.py)
 
 `add_executor_arguments(parser)` adds them; `executor_from_args(args, local)` validates them
 (ConfigError naming each bad setting) and returns the executor.
@@ -18,7 +19,7 @@ from normlab.config import ConfigError, check_choice
 from normlab.executor import Executor
 from normlab.train.checkpoint import CHECKPOINT_ENV, CheckpointEvery
 
-EXECUTORS = ("local", "slurm")
+EXECUTORS = ("local", "slurm", "ray")
 SLURM_FLAGS = {  # flag suffix -> (type, help)
     "partition": (str, "partition (queue) to submit to"),
     "gpus-per-task": (int, "GPUs per run (default 0)"),
@@ -44,6 +45,15 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm-config", default=None, metavar="FILE",
                        help="JSON file of SLURM settings (the flag names with underscores); "
                             "flags override it")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join, e.g. 'auto' or ray://head:10001 (default: "
+                            "start a local one)")
+    group.add_argument("--ray-gpus-per-run", type=float, default=0.0,
+                       help="GPU share of each run, e.g. 0.25 (default 0)")
+    group.add_argument("--ray-cpus-per-run", type=float, default=1.0,
+                       help="CPUs of each run (default 1)")
+    group.add_argument("--ray-max-retries", type=int, default=3,
+                       help="retries of a run whose worker is lost (default 3)")
 
 
 def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
@@ -60,9 +70,10 @@ def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
         except ConfigError as err:
             problems += err.problems
     executor = local
-    if args.executor == "slurm":
+    builders = {"slurm": _slurm_executor, "ray": _ray_executor}
+    if args.executor in builders:
         try:
-            executor = _slurm_executor(args)
+            executor = builders[args.executor](args)
         except ConfigError as err:
             problems += err.problems
     if problems:
@@ -80,3 +91,12 @@ def _slurm_executor(args: argparse.Namespace) -> Executor:
         for flag in SLURM_FLAGS})
     import_submitit()
     return SlurmExecutor(resources, job_name=f"normlab-{args.study}")
+
+
+def _ray_executor(args: argparse.Namespace) -> Executor:
+    from normlab.executor_ray import RayExecutor, RayResources, import_ray
+
+    resources = RayResources(args.ray_address, args.ray_gpus_per_run, args.ray_cpus_per_run,
+                             args.ray_max_retries)
+    import_ray()
+    return RayExecutor(resources)
