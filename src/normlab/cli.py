@@ -2,7 +2,7 @@
 
     normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
                       [--out DIR] [--device DEV] [--workers N] [--dry-run]
-                      [--executor local|slurm] [--checkpoint-every EVERY] [--slurm-...]
+                      [--executor local|slurm|ray] [--checkpoint-every EVERY] [--slurm-...]
     normlab report DIR
     normlab show DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]

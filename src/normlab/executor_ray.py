@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normlab._optional import import_extra
 from normlab.config import ConfigError, interval_problem
 from normlab.executor import Executor
 from normlab.result import RunResult
@@ -91,9 +92,4 @@ class RayExecutor(Executor):
 
 
 def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as err:
-        raise ConfigError("The 'executor' setting 'ray' needs Ray: "
-                          "pip install 'normlab[ray]'.") from err
-    return ray
+    return import_extra("ray", "ray")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab._atomic import atomic_write_json
+from normlab._optional import import_extra
 from normlab.config import ConfigError, interval_problem
 from normlab.executor import Executor
 from normlab.lease import release_held_leases
@@ -184,12 +185,7 @@ class SlurmExecutor(Executor):
 
 
 def import_submitit() -> Any:
-    try:
-        import submitit
-    except ImportError as err:
-        raise ConfigError("The 'executor' setting 'slurm' needs submitit: "
-                          "pip install 'normlab[slurm]'.") from err
-    return submitit
+    return import_extra("submitit", "slurm")
 
 
 def record_submission(out_dir: Path, job_ids: Mapping[str, str]) -> None:
