@@ -118,10 +118,11 @@ def test_exactly_one_of_many_claimers_wins_a_stale_lease(tmp_path):
 
 # -- whole studies ---------------------------------------------------------------------------------
 
-def check_every_run_done_exactly_once(out: Path, counter: Path, steps: int) -> None:
+def check_every_run_done_exactly_once(out: Path, counter: Path, steps: int,
+                                      runs: int = 12) -> None:
     completed = collections.Counter(counter.read_text().split())
     run_dirs = sorted(p for p in (out / "runs").iterdir())
-    assert len(run_dirs) == 12 and {p.name for p in run_dirs} == set(completed)
+    assert len(run_dirs) == runs and {p.name for p in run_dirs} == set(completed)
     assert set(completed.values()) == {1}, completed
     for run_dir in run_dirs:
         assert read_json(run_dir / "spec.json")  # no half-written folder
@@ -202,9 +203,9 @@ def alive(pid: int) -> bool:
 
 
 def start_pool_study(out: Path, options: str) -> tuple[subprocess.Popen, set[int]]:
-    """A `--workers 2` study; returns once both workers hold a run."""
+    """A `--workers 2` study of the 3-run fake study; returns once both workers hold a run."""
     process = subprocess.Popen(fake_grid.study_command(out, "--workers", "2", "--set",
-                                                       f"options={options}"),
+                                                       f"options={options}", study="fake"),
                                start_new_session=True, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
@@ -227,7 +228,7 @@ def test_ctrl_c_stops_a_process_pool_and_its_workers(tmp_path):
     options = json.dumps({"sleep": 0.5, "steps": 8, "counter": str(counter)})
     process, workers = start_pool_study(out, options)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    _, stderr = process.communicate(timeout=20)  # 12 runs x 4 s would take 24 s more
+    _, stderr = process.communicate(timeout=20)  # 3 runs x 4 s would take 8 s more
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     assert wait_until_dead(workers, 10) == set()
@@ -243,7 +244,7 @@ def test_workers_die_with_a_killed_parent_and_a_rerun_finishes_the_study(tmp_pat
     process.wait()
     assert wait_until_dead(workers, 10) == set()
     rerun = subprocess.run(fake_grid.study_command(out, "--workers", "2", "--set",
-                                                   f"options={options}"),
+                                                   f"options={options}", study="fake"),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    check_every_run_done_exactly_once(out, counter, steps=4)
+    check_every_run_done_exactly_once(out, counter, steps=4, runs=3)
