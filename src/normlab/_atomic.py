@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,3 +50,24 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def atomic_replace_dir(path: str | os.PathLike, files: dict[str, Any]) -> None:
+    """Replace the folder `path` by a new one holding `files` (name -> JSON data) at once.
+
+    The new folder is built beside `path` under a hidden name and renamed into place; an old
+    folder is first renamed aside and then deleted, so `path` is never seen half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent.parent / ".staging"
+    staging.mkdir(exist_ok=True)
+    token = secrets.token_hex(6)
+    new, old = staging / f"{path.name}.{token}.new", staging / f"{path.name}.{token}.old"
+    new.mkdir()
+    for name, data in files.items():
+        atomic_write_json(new / name, data)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)

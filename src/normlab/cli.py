@@ -2,6 +2,7 @@
 
     normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
                       [--out DIR] [--device DEV] [--workers N] [--pack K] [--dry-run]
+                      [--executor local|slurm|ray] [--checkpoint-every EVERY] [--slurm-...]
     normlab report DIR
     normlab show DIR
     normlab verify DIR
@@ -26,6 +27,7 @@ from typing import Any
 
 import normlab
 from normlab.config import ConfigError, check_choice, check_interval
+from normlab.executor_args import add_executor_arguments, executor_from_args
 from normlab.store import CorruptRecordError
 from normlab.verify import DamagedStoreError
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the measured best for the device, see docs/cli.md)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the planned runs and how many are done; run nothing")
+    add_executor_arguments(run)
     run.set_defaults(handler=_run)
 
     report = commands.add_parser("report", help="(re)write DIR/report.html")
@@ -177,7 +180,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device
-    executor = LocalExecutor(workers, _pool_devices(workers, args.device), pack=pack)
+    executor = executor_from_args(
+        args, LocalExecutor(workers, _pool_devices(workers, args.device), pack=pack))
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
                         progress=TerminalProgress(sys.stderr), preflight=False)
     print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))
@@ -200,6 +204,7 @@ def _report(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from normlab.report.columns import in_plan_order
     from normlab.report.terminal import summary_table
+    from normlab.run_state import states_summary
     from normlab.studies import StudyResults
     from normlab.studies.base import read_study_file
 
@@ -210,6 +215,8 @@ def _show(args: argparse.Namespace) -> int:
         results = StudyResults(folder, in_plan_order(results.runs,
                                                      read_study_file(folder).get("run_ids", [])))
     print(summary_table(results.runs))
+    print(states_summary(folder, read_study_file(folder).get("run_ids", []) if (
+        folder / "study.json").exists() else list(results.runs.get("run_id", []))))
     return 0
 
 

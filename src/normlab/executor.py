@@ -1,8 +1,9 @@
 """Executors: how a list of RunSpecs gets run. Studies never know which one is used.
 
-An executor maps `execute_run` over specs and yields (spec, result) as runs finish. The local
-executor runs in-process, or in a pool of worker processes (one per GPU when there are GPUs);
-with `pack=K` it trains up to K compatible runs as one computation (`normlab.packing`).
+An executor maps `execute_run` over specs and yields (spec, result) as runs finish (result None:
+another writer holds the run, see lease.py). The local executor runs in-process, or in a pool
+of worker processes (one per GPU when there are GPUs); with `pack=K` it trains up to K
+compatible runs as one computation (`normlab.packing`).
 A Ray or SLURM executor implements the same `run` method.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from normlab._pool import die_with_parent, stopped_on_error
 from normlab.packing import execute_group, pack_specs
 from normlab.result import RunResult
 from normlab.spec import RunSpec
@@ -25,7 +28,7 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
         ...
 
 
@@ -46,14 +49,16 @@ class LocalExecutor(Executor):
         self.pack = pack  # runs trained together as one computation (normlab.packing)
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult]]:
+            on_progress: ProgressFn | None = None
+            ) -> Iterator[tuple[RunSpec, RunResult | None]]:
         groups = pack_specs(specs, self.pack)  # one spec each when pack == 1
         if self.workers == 1:
             for group in groups:
                 yield from zip(group, execute_group(group, out_dir, on_progress), strict=True)
             return
         ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+        with futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent,
+                                         initargs=(os.getpid(),)) as pool, stopped_on_error(pool):
             pending = {}
             for i, group in enumerate(groups):
                 device = None
@@ -66,9 +71,9 @@ class LocalExecutor(Executor):
 
 
 def _execute_on(group: list[RunSpec], out_dir: str, device: str | None,
-                task_module: str) -> list[RunResult]:
+                task_module: str) -> list[RunResult | None]:
     """Run a group of specs (one, or a pack) in a worker, with "auto" meaning `device` when one
-    is given.
+    is given (None for a run another writer holds).
 
     The module defining the task is imported first, so that tasks registered outside normlab
     (a user's script, a test) are known in the worker too.

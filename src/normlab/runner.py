@@ -9,6 +9,7 @@ from typing import Any
 from normlab._atomic import atomic_write_json
 from normlab.config import ConfigError
 from normlab.executor import Executor, LocalExecutor
+from normlab.lease import run_until_settled
 from normlab.preflight import duplicate_note, plan_problems
 from normlab.result import RunResult
 from normlab.spec import RunSpec
@@ -72,8 +73,8 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     Before any run: the whole plan is checked (`normlab.preflight`; skip with `preflight=False`
     when the caller has just done it), and damaged runs in `out_dir` (`normlab.verify`) are moved
     to `out_dir/damaged/` to be redone. Finished runs (a result.json with status completed or
-    diverged) are skipped, so an interrupted study resumes where it stopped. Returns the study's
-    results.
+    diverged) are skipped, so an interrupted study resumes where it stopped; runs other writers
+    hold are waited for (see lease.run_until_settled). Returns the study's results.
     """
     study = get_study(study) if isinstance(study, str) else study
     out_dir = Path(out_dir)
@@ -101,9 +102,7 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     executor = executor or LocalExecutor()
     try:
         progress.study_start(study.name, planned, todo)
-        for done, (spec, result) in enumerate(executor.run(todo, out_dir, progress.run_progress),
-                                              1):
-            progress.run_end(spec, result, done, len(todo))
+        run_until_settled(executor, todo, store, progress)
     finally:
         progress.study_end()
     results = StudyResults.load(out_dir).subset([s.run_id for s in specs])

@@ -8,24 +8,26 @@ Layout of `<out>/runs/<run_id>/`:
     result.json     the RunResult, written atomically and last: its presence means "done";
                     it also records the size and line count of the two JSON-lines files
                     ("files"), so that a file deleted or truncated later is detected
+    checkpoint.pt   the state of an unfinished run, written atomically (train/checkpoint.py)
 
-A run folder without a valid result.json is unfinished; starting the run again clears it.
+A run folder without a valid result.json is unfinished; starting the run again resumes it from
+its checkpoint, or else replaces it by a fresh folder. Writers claim a run first (lease.py).
 `normlab.verify` checks a folder; damaged runs are moved to `<out>/damaged/` by `set_aside`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from normlab._atomic import _jsonable, atomic_write_json
+from normlab._atomic import _jsonable, atomic_replace_dir, atomic_write_json
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 
 DONE_STATUSES = ("completed", "diverged")
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class CorruptRecordError(RuntimeError):
@@ -53,12 +55,12 @@ class RunStore:
         return read_result(path).status in DONE_STATUSES
 
     def begin(self, spec: RunSpec) -> Path:
-        """Start (or restart) a run: clear any unfinished attempt and write spec.json."""
+        """Start (or restart) a run: keep a checkpointed attempt, else a fresh folder."""
         run_dir = self.run_dir(spec)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        atomic_write_json(run_dir / "spec.json", spec.to_dict())
+        if (run_dir / CHECKPOINT_FILE).exists() and \
+                read_json(run_dir / "spec.json") == spec.to_dict():
+            return run_dir
+        atomic_replace_dir(run_dir, {"spec.json": spec.to_dict()})
         return run_dir
 
     def finish(self, spec: RunSpec, result: RunResult) -> None:
@@ -67,6 +69,7 @@ class RunStore:
         run_dir = self.run_dir(spec)
         atomic_write_json(run_dir / "result.json",
                           {**result.to_dict(), FILES_KEY: files_record(run_dir)})
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
     def run_dirs(self) -> Iterator[Path]:
         if self.runs_dir.is_dir():

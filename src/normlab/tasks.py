@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normlab._plugins import import_submodules
 from normlab._registry import Registry
@@ -20,6 +20,9 @@ from normlab.config import ConfigError
 from normlab.result import RunResult
 from normlab.spec import RunSpec
 from normlab.store import RunStore, append_jsonl
+
+if TYPE_CHECKING:
+    from normlab.lease import Lease
 
 Task = Callable[[RunSpec, "RunContext"], RunResult]
 ProgressFn = Callable[[str, float, str], None]  # (run_id, fraction done, message)
@@ -71,6 +74,7 @@ class RunContext:
     """The channel from a running task to its run folder (and to the progress display).
 
     Without a `run_dir` (a task called directly, outside a study) rows are kept in memory only.
+    With a `lease`, every write first checks that the run is still this writer's.
     """
 
     run_id: str = "adhoc"
@@ -78,11 +82,13 @@ class RunContext:
     on_progress: ProgressFn | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    lease: Lease | None = None
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         """One metric row (must contain 'step'); appended to metrics.jsonl at once."""
         self.metrics.append(row)
         if self.run_dir is not None:
+            self.check_lease()
             append_jsonl(self.run_dir / "metrics.jsonl", [row])
 
     def log_records(self, probe: str, rows: list[dict[str, Any]], **context: Any) -> None:
@@ -90,7 +96,13 @@ class RunContext:
         tagged = [{"probe": probe, **context, **row} for row in rows]
         self.records.extend(tagged)
         if self.run_dir is not None:
+            self.check_lease()
             append_jsonl(self.run_dir / "records.jsonl", tagged)
+
+    def check_lease(self) -> None:
+        """Raise LeaseLostError when another writer took this run over."""
+        if self.lease is not None:
+            self.lease.check()
 
     def progress(self, fraction: float, message: str = "") -> None:
         if self.on_progress is not None:
@@ -98,22 +110,32 @@ class RunContext:
 
 
 def execute_run(spec: RunSpec, out_dir: str | Path,
-                on_progress: ProgressFn | None = None) -> RunResult:
+                on_progress: ProgressFn | None = None) -> RunResult | None:
     """Run one spec into the store at `out_dir`: a pure function of the spec, safe in a worker.
 
-    An exception inside the task is recorded as status "failed" (with the traceback) rather than
-    raised, so a study goes on; KeyboardInterrupt propagates and leaves the run unfinished.
+    The run is claimed first (normlab.lease): None means another writer holds it or it is
+    already done, and nothing was touched. An exception inside the task is recorded as status
+    "failed" (with the traceback) rather than raised, so a study goes on; KeyboardInterrupt
+    propagates and leaves the run unfinished.
     """
+    from normlab.lease import claimed
+
     store = RunStore(out_dir)
-    run_dir = store.begin(spec)
-    context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress)
-    start = time.perf_counter()
-    try:
-        result = get_task(spec.task)(spec, context)
-    except Exception as err:  # a crashed run is recorded, never lost
-        result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
-                           + traceback.format_exc())
-    if not result.wall_time_s:
-        result.wall_time_s = time.perf_counter() - start
-    store.finish(spec, result)
-    return result
+    with claimed(store, spec) as lease:
+        if lease is None:
+            return None
+        run_dir = store.begin(spec)
+        context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress,
+                             lease=lease)
+        start = time.perf_counter()
+        try:
+            result = get_task(spec.task)(spec, context)
+        except Exception as err:  # a crashed run is recorded, never lost
+            result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
+                               + traceback.format_exc())
+        if not lease.held:
+            return None  # taken over while paused: the new owner writes the result
+        if not result.wall_time_s:
+            result.wall_time_s = time.perf_counter() - start
+        store.finish(spec, result)
+        return result

@@ -52,6 +52,11 @@ class BatchIterator:
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of batch orders and augmentation (its state is the data position)."""
+        return self._generator
+
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -20,6 +20,8 @@ Conventions:
 - Determinism: the run draws all randomness from `spec.seed` (model init, batch order and
   augmentation, anything else through a forked global RNG that is restored afterwards), so the
   same spec on the same CPU gives the same numbers.
+- Preemption: the run checkpoints its state into its folder (train/checkpoint.py) and a
+  restarted run continues from it, with the same numbers as an uninterrupted run.
 - Callbacks (and `spec.probes`, built by `callbacks.scheduled`) are called with a `TrainState`
   at step 0 (first mini-batch, before any update) and after every optimizer step.
 - On CUDA the step and the evaluation are replayed from CUDA graphs unless `options.cuda_graph`
@@ -55,6 +57,7 @@ from normlab.train.build import (
     train_options,
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
+from normlab.train.checkpoint import Checkpointer
 from normlab.train.divergence import Divergence, check_divergence, json_safe
 from normlab.train.graphed import CapturedCall, GraphedStep, StaticStep, cuda_graph_path
 from normlab.train.projection import UpdateProjection
@@ -249,8 +252,10 @@ class _Run:
         step, last_lr = 0, self.spec.lr
         divergence: Divergence | None = None
         final: dict[str, Any] = {}
+        checkpoints = Checkpointer(self)
+        step, last_lr, average, final = checkpoints.restore(step, last_lr, average, final)
         while step < self.total and divergence is None:
-            for x, y in self.batches:
+            for x, y in checkpoints.epoch(self.batches):
                 x = self.prepare(x)
                 if step == 0 and self.callbacks:
                     self.call_back(self.state(0, x, y, None, lr_at(0, self.total, self.spec)))
@@ -270,6 +275,8 @@ class _Run:
                     average = _EpochAverage()
                 if step == self.total:
                     break
+                if not pending.steps:
+                    checkpoints.maybe_save(step, last_lr, average, final)
         if divergence is not None:
             return self.diverged(divergence)
         return RunResult(status="completed", steps=step, final={**final, "final_lr": last_lr},

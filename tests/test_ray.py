@@ -1,0 +1,69 @@
+"""`--executor ray` against a real local Ray cluster with two workers, one killed mid-study."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import fake_grid
+from normlab.config import ConfigError
+from normlab.executor_ray import RayExecutor, RayResources
+from normlab.runner import run_study
+from normlab.store import read_json, read_jsonl
+
+TESTS = str(Path(__file__).parent)
+
+
+def test_ray_resources_reject_bad_values_naming_each_setting():
+    with pytest.raises(ConfigError) as err:
+        RayResources(gpus_per_run=-0.5, max_retries=-1)
+    text = "\n".join(err.value.problems)
+    assert "'ray gpus_per_run'" in text and "'ray max_retries'" in text
+
+
+def kill_first_worker(out: Path, killed: list) -> None:
+    """SIGKILL the worker process of the first run that holds a lease."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for lease in (out / "leases").glob("*.lease") if (out / "leases").exists() else ():
+            try:
+                owner = json.loads(lease.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            os.kill(owner["pid"], signal.SIGKILL)
+            killed.append(lease.name.split(".")[0])
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_study_has_its_run_retried_and_every_run_done_once(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'normlab[ray]'")
+    out, counter = tmp_path / "study", tmp_path / "completed.txt"
+    options = {"sleep": 0.3, "steps": 5, "counter": str(counter)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}})
+    killed: list[str] = []
+    killer = threading.Thread(target=kill_first_worker, args=(out, killed), daemon=True)
+    killer.start()
+    try:
+        run_study(fake_grid.FakeGridStudy(), out, overrides={"options": options},
+                  executor=RayExecutor(RayResources(max_retries=2)), report=False)
+    finally:
+        ray.shutdown()
+    killer.join()
+    assert len(killed) == 1
+    completed = collections.Counter(counter.read_text().split())
+    run_dirs = sorted((out / "runs").iterdir())
+    assert len(run_dirs) == 12 and {p.name for p in run_dirs} == set(completed)
+    assert set(completed.values()) == {1}  # the killed run too: retried, done once
+    for run_dir in run_dirs:
+        assert read_json(run_dir / "result.json")["status"] == "completed"
+        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 6))
