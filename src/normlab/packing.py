@@ -75,7 +75,7 @@ def pack_specs(specs: Sequence[RunSpec], k: int) -> list[list[RunSpec]]:
 
 
 def execute_group(specs: Sequence[RunSpec], out_dir: str | Path,
-                  on_progress: ProgressFn | None = None) -> list[RunResult]:
+                  on_progress: ProgressFn | None = None) -> list[RunResult | None]:
     """A group from `pack_specs` into the store at `out_dir`: one spec runs alone
     (`execute_run`), several as a pack (`normlab.train.packed.execute_pack`)."""
     if len(specs) == 1:

@@ -464,27 +464,39 @@ class _Pack:
 
 
 def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
-                 on_progress: ProgressFn | None = None) -> list[RunResult]:
+                 on_progress: ProgressFn | None = None) -> list[RunResult | None]:
     """Run a pack into the store at `out_dir`: each member in its own run folder, written as
-    `execute_run` writes a solo run (spec.json first, result.json atomically when the member
-    ends). A crash of the pack records its unfinished members as "failed"; an interruption
-    leaves them unfinished, so they are rerun (alone or packed) and finished ones are kept.
+    `execute_run` writes a solo run (claimed first with a lease, spec.json first, result.json
+    atomically when the member ends). A member that another writer holds or has finished is
+    left out of the pack and gets None, as does one whose lease was taken over meanwhile. A
+    crash of the pack records its unfinished members as "failed"; an interruption leaves them
+    unfinished, so they are rerun (alone or packed) and finished ones are kept.
     """
+    from normlab.lease import claimed
+
     store = RunStore(out_dir)
-    contexts = [RunContext(run_id=s.run_id, run_dir=store.begin(s), on_progress=on_progress)
-                for s in specs]
     results: list[RunResult | None] = [None] * len(specs)
+    with contextlib.ExitStack() as stack:
+        leases = [stack.enter_context(claimed(store, s)) for s in specs]
+        members = [k for k, lease in enumerate(leases) if lease is not None]
+        if not members:
+            return results
+        contexts = [RunContext(run_id=specs[k].run_id, run_dir=store.begin(specs[k]),
+                               on_progress=on_progress, lease=leases[k]) for k in members]
+        ended: set[int] = set()
 
-    def done(k: int, result: RunResult) -> None:
-        results[k] = result
-        store.finish(specs[k], result)
+        def done(i: int, result: RunResult) -> None:
+            k = members[i]
+            ended.add(k)
+            if leases[k].held:
+                results[k] = result
+                store.finish(specs[k], result)
 
-    try:
-        train_packed(specs, contexts=contexts, on_done=done)
-    except Exception as err:  # a crashed pack is recorded per member, never lost
-        error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
-        for k, result in enumerate(results):
-            if result is None:
-                done(k, RunResult(status="failed", error=error))
-    return results  # type: ignore[return-value]
-
+        try:
+            train_packed([specs[k] for k in members], contexts=contexts, on_done=done)
+        except Exception as err:  # a crashed pack is recorded per member, never lost
+            error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
+            for i, k in enumerate(members):
+                if k not in ended:
+                    done(i, RunResult(status="failed", error=error))
+    return results
