@@ -132,12 +132,6 @@ def batch_loss(loss_fn: Callable, output: torch.Tensor, y: torch.Tensor) -> torc
                       f"per example; got shape {tuple(loss.shape)}.")
 
 
-def reduction_of(loss_fn: object) -> str:
-    """'mean' or 'sum': how the batch loss combines the ell_i ('mean' for per-example
-    callables)."""
-    return _reduction(loss_fn) or "mean"
-
-
 # -- old call forms -------------------------------------------------------------------------------
 
 def _deprecated(message: str) -> None:
