@@ -140,8 +140,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     from normlab.executor import LocalExecutor
-    from normlab.preflight import duplicate_note, plan_problems
     from normlab.packing import default_parallelism, plan_estimate
+    from normlab.preflight import duplicate_note, plan_problems
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
     from normlab.runner import plan_study, run_study

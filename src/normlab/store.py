@@ -18,6 +18,7 @@ its checkpoint, or else replaces it by a fresh folder. Writers claim a run first
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
