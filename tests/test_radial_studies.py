@@ -104,15 +104,16 @@ def test_tiny_studies_run_end_to_end(tmp_path):
 
 
 def test_every_declared_task_option_refuses_a_bad_value():
-    from normlab.studies._options import _SCHEMAS, option_problems
+    from normlab.studies._options import _SCHEMAS
+    from normlab.tasks import task_problems
 
     assert {"gradients", "radial-probes", "curvature-probes", "lr-range", "rmt-product",
             "jacobian-spectrum", "sgd-noise"} <= set(_SCHEMAS)
     for task, schema in _SCHEMAS.items():
-        assert option_problems(RunSpec(task=task, steps=2, norm="none")) == []
+        assert task_problems(RunSpec(task=task, steps=2, norm="none")) == []
         for key, option in schema.options.items():
             bad = 3 if option.kind == "str" else "bad"
-            problems = option_problems(RunSpec(task=task, steps=2, norm="none",
-                                               options={key: bad}))
+            problems = task_problems(RunSpec(task=task, steps=2, norm="none",
+                                             options={key: bad}))
             assert any(f"'options.{key}' setting must be" in p and repr(bad) in p
                        for p in problems), (task, key, problems)

@@ -3,8 +3,8 @@
 A task declares `declare_options(TASK, key=Option(...), ...)` next to its code and reads its
 options with `read_options(spec)`: `spec.options` laid over the defaults, every unknown key and
 every bad value reported together in one ConfigError ("The 'options.points' setting must be an
-int in [2, inf); got 1."). `option_problems(spec)` returns the same sentences without raising,
-so a whole plan can be checked before its first run.
+int in [2, inf); got 1."). `read_options` is also registered as the task's check
+(`tasks.register_task_check`), so `normlab run` checks a whole plan before its first run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from normlab.config import ConfigError, choice_problem, interval_problem
 from normlab.spec import RunSpec
+from normlab.tasks import register_task_check
 
 KINDS = ("int", "float", "bool", "int_list", "str")
 
@@ -98,6 +99,7 @@ def declare_options(task: str, *checks: Check, **options: Option) -> TaskOptions
     if task in _SCHEMAS:
         raise ValueError(f"The options of task {task!r} are already declared.")
     _SCHEMAS[task] = TaskOptions(task, options, checks)
+    register_task_check(task)(read_options)  # so `normlab run` checks them before any run
     return _SCHEMAS[task]
 
 
@@ -107,9 +109,3 @@ def read_options(spec: RunSpec) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return options
-
-
-def option_problems(spec: RunSpec) -> list[str]:
-    """Every problem with `spec.options` for its task ([] for a task without declared options)."""
-    schema = _SCHEMAS.get(spec.task)
-    return schema.read(spec)[1] if schema else []
