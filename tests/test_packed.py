@@ -305,3 +305,29 @@ def test_cli_pack_option(tmp_path, capsys):
     assert main(["run", "lr-sweep", "--out", str(tmp_path), "--pack", "4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "packs of at most 4 runs (--pack 4)" in out and "training images in the plan" in out
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_a_pack_without_callbacks_equals_solo_runs_on_the_test_device(norm, device):
+    """On CUDA the pack's step is captured in a CUDA graph (recorded as "cuda_graph"); on a CPU it
+    runs eagerly. Either way each member equals its solo run on the same device."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        base = base_spec(norm, device=str(device), steps=9)
+        specs = [base.replace(seed=1), base.replace(seed=2, lr=0.02, init="xavier_normal"),
+                 base.replace(seed=3, lr=0.03, nesterov=True, schedule="cosine")]
+        contexts = [RunContext(run_id=s.run_id) for s in specs]
+        results = train_packed(specs, contexts=contexts)
+        expected = "cuda_graph" if device.type == "cuda" else "step_function"
+        for spec, result, context in zip(specs, results, contexts, strict=True):
+            assert result.provenance["train_step"] == expected
+            solo_context = RunContext(run_id=spec.run_id)
+            solo = train(spec, context=solo_context)
+            where = f"{norm} seed {spec.seed}"
+            assert (result.status, result.steps) == (solo.status, solo.steps), where
+            assert_close(result.final, solo.final, f"{where} final")
+            assert_close(context.metrics, solo_context.metrics, f"{where} metrics")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

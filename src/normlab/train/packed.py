@@ -61,6 +61,7 @@ from normlab.train.build import (
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
 from normlab.train.divergence import Divergence
+from normlab.train.graphed import WARMUP_STEPS, CapturedCall, cuda_graph_path
 from normlab.train.loop import (
     READ_WINDOW,
     _EpochAverage,
@@ -220,6 +221,36 @@ class PackedSGD:
                             if k in positions}
 
 
+class PackStep:
+    """`PackedSGD.step` on static inputs, recorded in a CUDA graph and replayed when `capture`
+    (the same function eagerly otherwise, so a captured pack is exact by construction).
+
+    Each call copies the batch (K, B, ...) and the lrs (K,) into fixed buffers, runs the step
+    (the first `WARMUP_STEPS` eagerly on a side stream, which also creates the momentum buffer,
+    then one capture, then replays) and returns copies of the (K,) losses and correct counts,
+    which later replays overwrite. A pack that shrinks re-stacks its state, so it needs a new
+    `PackStep`. Cost per step: three copies in, two out, and one graph launch.
+    """
+
+    def __init__(self, sgd: PackedSGD, *, capture: bool) -> None:
+        self.sgd = sgd
+        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.call = CapturedCall(self._step, capture=capture, warmup=WARMUP_STEPS)
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.inputs is not None
+        return self.sgd.step(*self.inputs)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inputs is None:
+            self.inputs = (torch.empty_like(x), torch.empty_like(y), torch.empty_like(lr))
+        for fixed, value in zip(self.inputs, (x, y, lr), strict=True):
+            fixed.copy_(value)
+        losses, correct = self.call()
+        return losses.clone(), correct.clone()
+
+
 def _autocast(kind: str, device: torch.device) -> contextlib.AbstractContextManager:
     if kind == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -319,6 +350,13 @@ class _Pack:
         self.read_window = 1 if any(m.callbacks for m in self.members) else READ_WINDOW
         template = copy.deepcopy(models[0]).train()
         self.sgd = PackedSGD(template, models, specs, first.autocast)
+        # a graph when every member would take one alone (train/graphed.py's rule)
+        paths = {cuda_graph_path(o["cuda_graph"], device, callbacks=bool(m.callbacks),
+                                 update_projection=m.spec.update_projection,
+                                 compile=m.spec.compile)
+                 for o, m in zip(options, self.members, strict=True)}
+        self.step_path = "cuda_graph" if paths == {"cuda_graph"} else "step_function"
+        self.pack_step = PackStep(self.sgd, capture=self.step_path == "cuda_graph")
         self.stacked = list(self.members)  # members in stack order (live or masked)
         for k, member in enumerate(self.stacked):
             _point_into(member.model, self.sgd, k)
@@ -360,6 +398,7 @@ class _Pack:
         result.wall_time_s = time.perf_counter() - self.start
         if result.provenance:
             result.provenance["pack_size"] = len(self.members)
+            result.provenance["train_step"] = self.step_path
         member.result = result
         if self.on_done is not None:
             self.on_done(self.members.index(member), result)
@@ -409,7 +448,7 @@ class _Pack:
         # augmentation gather can produce; masked members reuse their last batch
         x = torch.stack([m.x for m in self.stacked]).contiguous()
         y = torch.stack([m.y for m in self.stacked])
-        losses, correct = self.sgd.step(x, y, torch.tensor(lrs, device=self.device))
+        losses, correct = self.pack_step(x, y, torch.tensor(lrs, device=self.device))
         self.pending.append((step, lrs, losses, correct))
         if step == 0:
             for k, member in enumerate(self.stacked):
@@ -457,6 +496,7 @@ class _Pack:
             return
         index = torch.tensor([self.stacked.index(m) for m in live], device=self.device)
         self.sgd.keep(index)
+        self.pack_step = PackStep(self.sgd, capture=self.step_path == "cuda_graph")
         self.stacked = live
         for k, member in enumerate(self.stacked):
             _point_into(member.model, self.sgd, k)
