@@ -277,7 +277,7 @@ def test_default_pack_is_the_measured_best_or_off(monkeypatch):
     assert default_pack("cuda") == 8
     assert default_pack("cpu") == 1  # 3 % faster is within noise: off
     solo = {**rows("cpu", {1: 0.0})[0], "kind": "solo", "images_per_s": 80.0}
-    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table + [solo])
+    monkeypatch.setattr("normlab.packing.throughput_table", lambda: [*table, solo])
     assert default_pack("cpu") == 2  # compared with the solo run's 80 images/s
 
 
