@@ -118,12 +118,14 @@ def test_exactly_one_of_many_claimers_wins_a_stale_lease(tmp_path):
 
 # -- whole studies ---------------------------------------------------------------------------------
 
-def check_every_run_done_exactly_once(out: Path, counter: Path, steps: int,
-                                      runs: int = 12) -> None:
+def check_every_run_done_exactly_once(out: Path, counter: Path, steps: int, runs: int = 12,
+                                      killed: bool = False) -> None:
+    """Every run ran once and is recorded once. With `killed`, a run whose writer was killed
+    after its task ended but before its result.json was written ran twice (recorded once)."""
     completed = collections.Counter(counter.read_text().split())
     run_dirs = sorted(p for p in (out / "runs").iterdir())
     assert len(run_dirs) == runs and {p.name for p in run_dirs} == set(completed)
-    assert set(completed.values()) == {1}, completed
+    assert set(completed.values()) <= ({1, 2} if killed else {1}), completed
     for run_dir in run_dirs:
         assert read_json(run_dir / "spec.json")  # no half-written folder
         assert read_json(run_dir / "result.json")["status"] == "completed"
@@ -238,7 +240,7 @@ def test_ctrl_c_stops_a_process_pool_and_its_workers(tmp_path):
 @pytest.mark.slow
 def test_workers_die_with_a_killed_parent_and_a_rerun_finishes_the_study(tmp_path):
     out, counter = tmp_path / "study", tmp_path / "completed.txt"
-    options = json.dumps({"sleep": 0.1, "steps": 4, "counter": str(counter)})
+    options = json.dumps({"sleep": 0.3, "steps": 4, "counter": str(counter)})
     process, workers = start_pool_study(out, options)
     process.kill()  # SIGKILL: no chance to clean up
     process.wait()
@@ -247,4 +249,4 @@ def test_workers_die_with_a_killed_parent_and_a_rerun_finishes_the_study(tmp_pat
                                                    f"options={options}", study="fake"),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    check_every_run_done_exactly_once(out, counter, steps=4, runs=3)
+    check_every_run_done_exactly_once(out, counter, steps=4, runs=3, killed=True)
