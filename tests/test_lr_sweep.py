@@ -90,7 +90,7 @@ E1_MATCHED = "At a matched small learning rate (1e-4) BN gives no advantage"
 def test_r1_agrees_when_bn_is_stable_at_larger_rates(tmp_path):
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (0.1, 0.7)})), tmp_path)
     assert found[R1].verdict == AGREES
-    assert "BN 1," in found[R1].ours and "none 0.1" in found[R1].ours
+    assert "BN: 1, no norm: 0.1;" in found[R1].ours
 
 
 def test_r1_uses_the_divergence_criterion_not_accuracy(tmp_path):
@@ -98,13 +98,13 @@ def test_r1_uses_the_divergence_criterion_not_accuracy(tmp_path):
     # by the paper's criterion the gap it reports is not there
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (1.0, 0.1)})), tmp_path)
     assert found[R1].verdict == DIFFERS and "depth 8" in found[R1].reason
-    assert "largest that trains: BN 1, none none of the grid" in found[R1].ours
+    assert "largest that trains: BN: 1, no norm: no lr of the grid" in found[R1].ours
 
 
 def test_r1_is_not_testable_when_both_are_stable_at_the_grids_end(tmp_path):
     found = _findings(_runs(_sweep({"batch": (10.0, 0.9), "none": (10.0, 0.1)})), tmp_path)
     assert found[R1].verdict == NOT_TESTABLE and "(10)" in found[R1].reason
-    assert "BN >= 10, none >= 10" in found[R1].ours
+    assert "BN: >= 10, no norm: >= 10" in found[R1].ours
 
 
 def test_e1_agrees_and_differs_on_fitted_runs(tmp_path):
@@ -137,6 +137,11 @@ def test_e10_reads_censored_limits_as_lower_bounds(tmp_path):
     assert found[E10].verdict == NOT_TESTABLE and "deepest" in found[E10].reason
     rows = _sweep({"none": (0.1, 0.5)}) + _sweep({"none": (1.0, 0.5)}, depth=20, group="E10")
     assert _findings(_runs(rows), tmp_path)[E10].verdict == DIFFERS
+    # the shallow limit lies at or above 1, the deep one is 1: the comparison is open
+    rows = _sweep({"none": (1.0, 0.5)}, lrs=(0.1, 1.0)) + _sweep({"none": (1.0, 0.5)}, depth=20,
+                                                                  group="E10")
+    found = _findings(_runs(rows), tmp_path)[E10]
+    assert found.verdict == NOT_TESTABLE and "shallowest" in found.reason
 
 
 def test_the_e10_figure_data_marks_censored_limits(tmp_path):

@@ -75,7 +75,7 @@ def stable_and_trained(runs: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
 
 
 def lr_text(value: float, censored: bool = False) -> str:
-    """An lr limit for a findings table: '>= 3' when censored, 'none of the grid' when NaN."""
+    """An lr limit for a findings table: '>= 3' when censored, 'no lr of the grid' when NaN."""
     if np.isnan(value):
-        return "none of the grid"
+        return "no lr of the grid"
     return f">= {value:g}" if censored else f"{value:g}"

@@ -99,8 +99,9 @@ class GradientsScale(ScaleConfig):
 # The experiments are at initialization (E4 at mini-batches 1, 4, 7), so every scale uses the
 # paper's ResNet-110: at depth 8-20 the effects of E3, E6 and E8 do not show.
 SCALES = {
-    # digits, CPU: measured at initialization (and E4 over 6 steps) only
-    "smoke": GradientsScale(depth=110, steps=6, batch_size=64, probe_batch=16, anatomy_points=10,
+    # digits, CPU: measured at initialization (and E4 over 6 steps) only; 8 per-example
+    # gradients (exact ones under BN cost one backward each through 110 layers)
+    "smoke": GradientsScale(depth=110, steps=6, batch_size=64, probe_batch=8, anatomy_points=10,
                             measure_trained=False),
     "reduced": GradientsScale(depth=110, steps=50, batch_size=128, probe_batch=64,
                               anatomy_points=30),

@@ -153,8 +153,8 @@ def _stable_lr_findings(runs) -> list[Finding]:
     if not {"none", "batch"} <= set(table.index):
         return []
     bn, none = table.loc["batch"], table.loc["none"]
-    ours = (f"largest lr without divergence: BN {_stable(bn)}, none {_stable(none)}; largest "
-            f"that trains: BN {_trained(bn)}, none {_trained(none)}")
+    ours = (f"largest lr without divergence: BN: {_stable(bn)}, no norm: {_stable(none)}; "
+            f"largest that trains: BN: {_trained(bn)}, no norm: {_trained(none)}")
     top = bn["largest_lr_tried"]
     if bn["stable_censored"] and none["stable_censored"]:
         judged, reason = NOT_TESTABLE, (f"both are stable up to the largest lr of the grid "
@@ -174,8 +174,8 @@ def _stable_lr_findings(runs) -> list[Finding]:
         row = table.loc[norm]
         out.append(Finding("R1", f"{norm} allows a learning rate as large as BN's",
                            "not tested in the paper (the review asks)",
-                           f"largest lr without divergence: {norm} {_stable(row)}, BN "
-                           f"{_stable(bn)}; largest that trains: {norm} {_trained(row)}, BN "
+                           f"largest lr without divergence: {norm}: {_stable(row)}, BN: "
+                           f"{_stable(bn)}; largest that trains: {norm}: {_trained(row)}, BN: "
                            f"{_trained(bn)}"))
     return out
 
@@ -236,6 +236,9 @@ def _depth_findings(runs) -> list[Finding]:
     elif censored[-1]:
         judged, reason = NOT_TESTABLE, ("the deepest network is stable up to the largest lr of "
                                         "the grid, so its limit is not measured")
+    elif censored[0] and values[-1] >= values[0]:
+        judged, reason = NOT_TESTABLE, ("the shallowest network is stable up to the largest lr "
+                                        "it tried, no larger than the deepest one's limit")
     else:
         filled = np.nan_to_num(values, nan=0.0)
         judged = verdict(bool(np.all(np.diff(filled) <= 0) and filled[-1] < filled[0]))
