@@ -19,6 +19,7 @@ from normlab.tasks import RunContext
 from normlab.train import train
 from normlab.train.graphed import (
     WARMUP_STEPS,
+    CapturedCall,
     GraphedStep,
     StaticStep,
     cuda_graph_path,
@@ -276,3 +277,20 @@ def test_the_captured_step_equals_torch_sgd_on_the_device(device, norm):
     torch.testing.assert_close(losses, expected, **tolerance)
     for name, tensor in plain_model.state_dict().items():
         torch.testing.assert_close(ours_model.state_dict()[name], tensor, **tolerance)
+
+
+@pytest.mark.device
+def test_a_step_cuda_refuses_to_capture_runs_eagerly_and_says_why(device):
+    if device.type != "cuda":
+        pytest.skip("only CUDA captures graphs; on a CPU every step runs eagerly anyway")
+    counter = torch.zeros((), device=device)
+
+    def step() -> float:
+        counter.add_(1)
+        return counter.item()  # a host synchronization, which CUDA cannot record
+
+    call = CapturedCall(step, capture=True, warmup=1)
+    with pytest.warns(RuntimeWarning, match="refused"):
+        values = [call() for _ in range(3)]
+    assert values == [1.0, 2.0, 3.0]  # the refused capture ran nothing; each call ran once
+    assert call.graph is None and call.refused

@@ -26,6 +26,7 @@ training steps, on a side stream as torch's CUDA-graph docs require) and one cap
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -143,6 +144,9 @@ class CapturedCall:
     `fn` once and replays it; later calls replay. Warm-up and capture run with cuDNN's
     autotuning on (`cudnn_autotuned`). The value returned after capture is the one
     `fn` returned while being recorded: the same tensors, refilled by each replay.
+    Where CUDA refuses the capture (an operation that cannot be recorded, such as a host
+    synchronization), nothing has run yet: the call runs `fn` eagerly, as do all later calls,
+    and `refused` keeps the reason (recorded in the run's provenance).
     """
 
     def __init__(self, fn: Callable[[], Any], *, capture: bool, warmup: int) -> None:
@@ -150,6 +154,7 @@ class CapturedCall:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
+        self.refused: str | None = None
 
     def __call__(self) -> Any:
         if not self.capture:
@@ -166,9 +171,16 @@ class CapturedCall:
                     out = self.fn()
                 torch.cuda.current_stream().wait_stream(side)
                 return out
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.fn()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.outputs = self.fn()
+            except RuntimeError as err:  # recorded, not run: the state is as before the call
+                self.capture, self.refused = False, f"{type(err).__name__}: {err}"
+                warnings.warn(f"CUDA refused to capture the step in a graph; it runs eagerly "
+                              f"instead ({self.refused})", RuntimeWarning, stacklevel=2)
+                return self.fn()
+            self.graph = graph
         self.graph.replay()
         return self.outputs
 

@@ -127,7 +127,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = (),
         torch.manual_seed(spec.seed)
         run = _Run(spec, list(callbacks), context, device)
         result = run.run()
-    result.provenance["train_step"] = run.step_path
+    result.provenance.update(run.step_taken())
     result.wall_time_s = time.perf_counter() - start
     return result
 
@@ -246,6 +246,15 @@ class _Run:
                            capture=self.step_path == "cuda_graph")
 
     # -- the loop --------------------------------------------------------------------------------
+    def step_taken(self) -> dict[str, str]:
+        """Provenance of the step that ran: `step_path`, or "step_function" where CUDA refused
+        to capture the step or the evaluation (with the reason)."""
+        calls = [self.eval_sums] + ([self.graphed.call] if self.graphed else [])
+        refused = [c.refused for c in calls if c.refused]
+        if not refused:
+            return {"train_step": self.step_path}
+        return {"train_step": "step_function", "cuda_graph_refused": refused[0]}
+
     def run(self) -> RunResult:
         self.model.train()
         pending, average = _Pending(), _EpochAverage()

@@ -398,7 +398,10 @@ class _Pack:
         result.wall_time_s = time.perf_counter() - self.start
         if result.provenance:
             result.provenance["pack_size"] = len(self.members)
-            result.provenance["train_step"] = self.step_path
+            refused = self.pack_step.call.refused
+            result.provenance["train_step"] = "step_function" if refused else self.step_path
+            if refused:
+                result.provenance["cuda_graph_refused"] = refused
         member.result = result
         if self.on_done is not None:
             self.on_done(self.members.index(member), result)
