@@ -245,7 +245,7 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         "Top Hessian eigenvalue of the mean training loss on fixed batches "
                         "(train-mode BN: batch statistics are part of the function; Lanczos, "
                         "1e-3 relative) at the end of constant-lr training, against the "
-                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip at the "
+                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip above the "
                         "top: diverged runs (no lambda_max).")
 
 
