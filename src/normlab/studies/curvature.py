@@ -246,7 +246,7 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         "(train-mode BN: batch statistics are part of the function; Lanczos, "
                         "1e-3 relative) at the end of constant-lr training, against the "
                         "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip above the "
-                        "top: diverged runs (no lambda_max).")
+                        "panel: diverged runs (no lambda_max).")
 
 
 def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
