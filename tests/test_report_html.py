@@ -42,3 +42,14 @@ def test_run_table_scrolls_inside_its_box_with_key_columns_first():
     order = [head.index(f"<th>{c}</th>") for c in ("run_id", "norm", "status", "test_acc",
                                                     "steps_done", "wall_time_s", "lambda_max")]
     assert order == sorted(order)
+
+
+def test_a_largest_lr_figure_draws_when_no_lr_trained(tmp_path):
+    from normlab.report.figures import largest_lr_figure, save_figure
+
+    table = pd.DataFrame({"norm": ["batch", "batch"], "batch_size": [2, 16],
+                          "largest_trained_lr": [float("nan")] * 2,
+                          "trained_censored": [False, False]})
+    fig = largest_lr_figure(table, "batch_size", "batch size", log_base=2)
+    paths = save_figure(fig, tmp_path, "nothing_trained", table)
+    assert paths["png"].stat().st_size > 0

@@ -227,6 +227,9 @@ def largest_lr_lines(ax: Any, table: pd.DataFrame, x: str, by: str, *,
             elif bool(row[censored]):
                 mark_censored(ax, row[x], row[column], color)
                 used.add(CENSORED)
+    xs = pd.to_numeric(table[x], errors="coerce").dropna().to_numpy(dtype=float)
+    ax.dataLim.update_from_data_x(xs, ignore=False)  # the x range even where no lr qualified
+    ax.autoscale_view()
     log_y_if_positive(ax, table[column])
     ax.margins(x=0.08, y=0.12)  # room for the ">=" marks
     return used

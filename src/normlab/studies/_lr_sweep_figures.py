@@ -82,7 +82,7 @@ def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     return saved_figure(fig, fig_dir, sweep[columns], "R1", "accuracy_vs_lr",
                         "Final test accuracy vs learning rate per norm",
                         f"Final {_EVAL_MODE} after the full schedule, vs the peak learning rate; "
-                        f"mean over seeds, band min-max. x in the strip at the top: the run "
+                        f"mean over seeds, band min-max. x in the strip above the panel: the run "
                         f"diverged (a mini-batch loss non-finite or above diverge_loss), one row "
                         f"per norm ('xN': N seeds). Dotted: the 'trains' threshold. "
                         f"{_setup(sweep)}.")

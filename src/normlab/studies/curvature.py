@@ -245,8 +245,8 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         "Top Hessian eigenvalue of the mean training loss on fixed batches "
                         "(train-mode BN: batch statistics are part of the function; Lanczos, "
                         "1e-3 relative) at the end of constant-lr training, against the "
-                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip at the "
-                        "top: diverged runs (no lambda_max).")
+                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip above the "
+                        "panel: diverged runs (no lambda_max).")
 
 
 def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
