@@ -235,7 +235,7 @@ def test_an_interrupted_pack_resumes_per_member(tmp_path):
 
 
 def test_the_executor_runs_unpackable_specs_alone(tmp_path):
-    import tests.fake_study  # noqa: F401  (registers the "fake" task)
+    import fake_study  # noqa: F401  (registers the "fake" task, as the other tests import it)
 
     specs = [RunSpec(task="fake", lr=lr, seed=0) for lr in (0.01, 0.1)]
     ran = dict(LocalExecutor(pack=4).run(specs, tmp_path))
@@ -251,7 +251,7 @@ def test_pack_specs_groups_compatible_runs_in_plan_order():
     plan = [a[0], b[0], a[1], alone, a[2], b[1], a[3], a[4]]
     assert pack_specs(plan, 3) == [[a[0], a[1], a[2]], [b[0], b[1]], [alone], [a[3], a[4]]]
     assert pack_specs(plan, 1) == [[s] for s in plan]
-    import tests.fake_study  # noqa: F401  (registers the "fake" task)
+    import fake_study  # noqa: F401  (registers the "fake" task, as the other tests import it)
 
     fake = [RunSpec(task="fake", seed=s) for s in range(2)]
     assert pack_specs(fake, 4) == [[fake[0]], [fake[1]]]
