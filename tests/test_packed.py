@@ -235,7 +235,7 @@ def test_an_interrupted_pack_resumes_per_member(tmp_path):
 
 
 def test_the_executor_runs_unpackable_specs_alone(tmp_path):
-    import fake_study  # noqa: F401  (registers the "fake" task)
+    import fake_study  # noqa: F401  (registers the "fake" task, as the other tests import it)
 
     specs = [RunSpec(task="fake", lr=lr, seed=0) for lr in (0.01, 0.1)]
     ran = dict(LocalExecutor(pack=4).run(specs, tmp_path))
@@ -251,7 +251,7 @@ def test_pack_specs_groups_compatible_runs_in_plan_order():
     plan = [a[0], b[0], a[1], alone, a[2], b[1], a[3], a[4]]
     assert pack_specs(plan, 3) == [[a[0], a[1], a[2]], [b[0], b[1]], [alone], [a[3], a[4]]]
     assert pack_specs(plan, 1) == [[s] for s in plan]
-    import fake_study  # noqa: F401  (registers the "fake" task)
+    import fake_study  # noqa: F401  (registers the "fake" task, as the other tests import it)
 
     fake = [RunSpec(task="fake", seed=s) for s in range(2)]
     assert pack_specs(fake, 4) == [[fake[0]], [fake[1]]]
@@ -305,29 +305,3 @@ def test_cli_pack_option(tmp_path, capsys):
     assert main(["run", "lr-sweep", "--out", str(tmp_path), "--pack", "4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "packs of at most 4 runs (--pack 4)" in out and "training images in the plan" in out
-
-
-@pytest.mark.device
-@pytest.mark.parametrize("norm", ["batch", "none"])
-def test_a_pack_without_callbacks_equals_solo_runs_on_the_test_device(norm, device):
-    """On CUDA the pack's step is captured in a CUDA graph (recorded as "cuda_graph"); on a CPU it
-    runs eagerly. Either way each member equals its solo run on the same device."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        base = base_spec(norm, device=str(device), steps=9)
-        specs = [base.replace(seed=1), base.replace(seed=2, lr=0.02, init="xavier_normal"),
-                 base.replace(seed=3, lr=0.03, nesterov=True, schedule="cosine")]
-        contexts = [RunContext(run_id=s.run_id) for s in specs]
-        results = train_packed(specs, contexts=contexts)
-        expected = "cuda_graph" if device.type == "cuda" else "step_function"
-        for spec, result, context in zip(specs, results, contexts, strict=True):
-            assert result.provenance["train_step"] == expected
-            solo_context = RunContext(run_id=spec.run_id)
-            solo = train(spec, context=solo_context)
-            where = f"{norm} seed {spec.seed}"
-            assert (result.status, result.steps) == (solo.status, solo.steps), where
-            assert_close(result.final, solo.final, f"{where} final")
-            assert_close(context.metrics, solo_context.metrics, f"{where} metrics")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
