@@ -297,6 +297,24 @@ def test_the_dry_run_estimate_counts_training_images():
     assert f"training images in the plan: {(3 * 8 + 4) * 32:,}" in text
 
 
+def test_the_dry_run_estimate_is_images_over_the_measured_rate_of_each_pack(monkeypatch):
+    table = [{"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 8,
+              "kind": "packed", "pack": k, "images_per_s": v}
+             for k, v in {1: 100.0, 2: 150.0, 4: 240.0}.items()]
+    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
+    specs = [base_spec(seed=s, steps=900) for s in range(4)]  # 900 x 32 images each
+    images = 4 * 900 * 32
+    # --pack 2: two packs of 2 at 150 images/s (768 s)
+    assert f"estimate on cuda (packs of at most 2): {images / 150 / 3600:.2f} device-hours" \
+        in plan_estimate(specs, 2)
+    # no --pack: the device's own default, the best measured pack (4 at 240 images/s; 480 s)
+    assert f"estimate on cuda (packs of at most 4): {images / 240 / 3600:.2f} device-hours" \
+        in plan_estimate(specs, 1, fixed=False)
+    short = [s.replace(steps=450) for s in specs]  # under 6 minutes: in minutes
+    assert f"estimate on cuda (packs of at most 4): {images / 2 / 240 / 60:.1f} device-minutes" \
+        in plan_estimate(short, 1, fixed=False)
+
+
 def test_cli_pack_option(tmp_path, capsys):
     from normlab.cli import main
 

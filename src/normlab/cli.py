@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         damaged = set(damaged_runs(verify_store(out_dir)))
         print(plan_summary(plan_table(list(dict.fromkeys(specs)), RunStore(out_dir), damaged)))
-        print(plan_estimate(list(dict.fromkeys(specs)), pack))
+        print(plan_estimate(list(dict.fromkeys(specs)), pack, fixed=args.pack is not None))
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device

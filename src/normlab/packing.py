@@ -171,9 +171,11 @@ def train_images(spec: RunSpec, sizes: dict[tuple[Any, ...], int]) -> int | None
     return steps * spec.batch_size
 
 
-def plan_estimate(specs: Sequence[RunSpec], k: int) -> str:
-    """`normlab run --dry-run --pack K`: the packs, and the device-hours of the plan's training
-    runs on each device kind of the throughput table (with the device each was measured on)."""
+def plan_estimate(specs: Sequence[RunSpec], k: int, *, fixed: bool = True) -> str:
+    """`normlab run --dry-run`: the packs of at most `k` runs, and the device-hours of the plan's
+    training runs on each device kind of the throughput table (with the device each was
+    measured on), packed by `k` when `fixed` (the user chose it), else by each device kind's
+    own default (`default_pack`)."""
     packs = pack_specs(specs, k)
     sizes: dict[tuple[Any, ...], int] = {}
     lines = [f"{len(packs)} packs of at most {k} runs (--pack {k}):"]
@@ -183,23 +185,28 @@ def plan_estimate(specs: Sequence[RunSpec], k: int) -> str:
                 if first.task == "train" else f"task {first.task}")
         ids = ", ".join(s.run_id for s in pack)
         lines.append(f"  pack {i:>3}: {len(pack):>2} x {what}: {ids}")
-    images = [(pack, train_images(pack[0], sizes)) for pack in packs]
-    other = sum(len(p) for p, n in images if n is None)
-    total = sum(n * len(p) for p, n in images if n is not None)
+    images = [(spec, train_images(spec, sizes)) for spec in specs]
+    other = sum(n is None for _, n in images)
+    total = sum(n for _, n in images if n is not None)
     lines.append(f"training images in the plan: {total:,}"
                  + (f" (plus {other} runs of other tasks, not estimated)" if other else ""))
     for kind in sorted({r["device_kind"] for r in throughput_table()}):
+        size = k if fixed else default_pack(kind)
         seconds, measured_on, missing = 0.0, set(), 0
-        for pack, n in images:
-            rate = images_per_s(pack[0], kind, len(pack)) if n is not None else None
-            if rate is None:
-                missing += n is not None
+        for pack in pack_specs([s for s, n in images if n is not None], size):
+            n = train_images(pack[0], sizes)
+            rate = images_per_s(pack[0], kind, len(pack))
+            if rate is None or n is None:
+                missing += 1
                 continue
             seconds += n * len(pack) / rate[0]
             measured_on.add(rate[1])
         if measured_on:
-            lines.append(f"estimate on {kind}: {seconds / 3600:.2f} device-hours for 32x32 images "
-                         f"(throughput measured on {'; '.join(sorted(measured_on))}"
+            amount = (f"{seconds / 3600:.2f} device-hours" if seconds >= 360
+                      else f"{seconds / 60:.1f} device-minutes")
+            lines.append(f"estimate on {kind} (packs of at most {size}): {amount} "
+                         f"for 32x32 images (throughput measured on "
+                         f"{'; '.join(sorted(measured_on))}"
                          + (f"; {missing} packs of models without a row left out" if missing
                             else "") + ")")
     return "\n".join(lines)
