@@ -13,7 +13,7 @@
 #   packed, packed110   benchmarks/packed.py for ResNet-20 (K = 1 2 4 8 16) and ResNet-110; the
 #               rows are recorded in src/normlab/packing_throughput.json (a copy goes to OUTDIR)
 #   paper       normlab run paper --scale smoke --device cuda, with the time that is left of the
-#               8 minutes less 110 s (the store keeps finished runs: rerunning resumes it)
+#               8 minutes less 95 s (the store keeps finished runs: rerunning resumes it)
 #   per_example, hessian, thr_nhwc   the probe benchmarks with --quick, and ResNet-20's
 #               throughput with --channels-last
 # Everything goes to OUTDIR: one log per part and summary.txt (status and wall time per part).
@@ -70,21 +70,21 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     # pytest-xdist, where installed, spreads the tests over processes sharing the GPU
     workers=()
     if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
-    part tests 150 env NORMLAB_TEST_DEVICE=cuda "$PY" -m pytest -m device -q "${workers[@]}" \
+    part tests 120 env NORMLAB_TEST_DEVICE=cuda "$PY" -m pytest -m device -q "${workers[@]}" \
         --continue-on-collection-errors -p no:cacheprovider
 else
     skip tests "pytest is not importable here; nothing is installed from the network"
 fi
 
-part throughput 90 "$PY" benchmarks/train_throughput.py --quick --device cuda
+part throughput 80 "$PY" benchmarks/train_throughput.py --quick --device cuda
 # packed rows are recorded in src/normlab/packing_throughput.json (copied to OUTDIR)
-part packed 90 "$PY" benchmarks/packed.py --device cuda --packs 1 2 4 8 16 --steps 10 \
+part packed 70 "$PY" benchmarks/packed.py --device cuda --packs 1 2 4 8 16 --steps 10 \
     --repeats 2 --record
-part packed110 70 "$PY" benchmarks/packed.py --device cuda --depth 110 --packs 1 4 8 16 \
+part packed110 50 "$PY" benchmarks/packed.py --device cuda --depth 110 --packs 1 4 8 16 \
     --steps 5 --warmup 5 --repeats 1 --record
 cp src/normlab/packing_throughput.json "$OUT/"
 
-AFTER_PAPER_S=110  # per_example, hessian and the channels-last throughput run after the study
+AFTER_PAPER_S=95  # per_example, hessian and the channels-last throughput run after the study
 left=$(( BUDGET_S - ($(date +%s) - START) - AFTER_PAPER_S ))
 if [ "$left" -lt 30 ]; then
     skip paper "only ${left}s of the ${BUDGET_S}s budget left"
@@ -96,9 +96,9 @@ else
         | tee -a "$OUT/paper.log"
 fi
 
-part per_example 40 "$PY" benchmarks/per_example.py --quick --device cuda
-part hessian 35 "$PY" benchmarks/hessian.py --quick --device cuda
-part thr_nhwc 35 "$PY" benchmarks/train_throughput.py --quick --device cuda --depth 20 \
+part per_example 35 "$PY" benchmarks/per_example.py --quick --device cuda
+part hessian 30 "$PY" benchmarks/hessian.py --quick --device cuda
+part thr_nhwc 30 "$PY" benchmarks/train_throughput.py --quick --device cuda --depth 20 \
     --channels-last
 
 {
