@@ -205,6 +205,10 @@ def test_runs_are_labelled_by_the_settings_that_vary():
     assert list(run_labels(seeds).values()) == [
         "lr=0.01 seed=0", "lr=0.01 seed=1", "lr=0.1 seed=0", "lr=0.1 seed=1"]
     assert run_labels(specs[:1]) == {specs[0].run_id: specs[0].run_id}  # nothing varies
+    mixed = [specs[0].replace(group="a", width=8), specs[1].replace(group="b", norm="batch")]
+    # norm and lr first, so that a label cut short still shows them
+    assert list(run_labels(mixed, width=20).values()) == ["norm=none lr=0.01 g…",
+                                                          "norm=batch lr=0.1 g…"]
 
 
 def test_progress_draws_live_bars_on_a_terminal():

@@ -80,13 +80,19 @@ def plan_summary(plan: pd.DataFrame) -> str:
     return table + "\n\n" + line
 
 
+# The settings a sweep most often varies come first in a label, so that a label cut to its width
+# keeps them; other varying settings follow in the table's order.
+LABEL_FIRST = ("norm", "lr", "depth", "batch_size", "init", "seed", "weight_decay", "schedule")
+
+
 def run_labels(specs: Sequence[RunSpec], width: int = 60) -> dict[str, str]:
     """Run id -> the settings that vary across `specs`, e.g. "norm=batch lr=0.1 seed=0" (the run
-    id where nothing varies), cut to `width` characters."""
+    id where nothing varies), `LABEL_FIRST` first, cut to `width` characters."""
     if not specs:
         return {}
     table = pd.DataFrame([_spec_columns(s.to_dict()) for s in specs])
-    varying = varying_settings(table)
+    varying = sorted(varying_settings(table),
+                     key=lambda c: LABEL_FIRST.index(c) if c in LABEL_FIRST else len(LABEL_FIRST))
     labels = {}
     for spec, (_, row) in zip(specs, table.iterrows(), strict=True):
         text = " ".join(f"{c}={format_value(row[c])}" for c in varying)
