@@ -2,7 +2,7 @@
 
 An executor maps `execute_run` over specs and yields (spec, result) as runs finish (result None:
 another writer holds the run, see lease.py). The local executor runs in-process, or in a pool
-of worker processes (one per GPU when there are GPUs); with `pack=K` it trains up to K
+of worker processes (spread over the GPUs when there are GPUs); with `pack=K` it trains up to K
 compatible runs as one computation (`normlab.packing`).
 A Ray or SLURM executor implements the same `run` method.
 """
@@ -79,7 +79,6 @@ def _execute_on(group: list[RunSpec], out_dir: str, device: str | None,
     (a user's script, a test) are known in the worker too.
     """
     import importlib
-    import os
 
     importlib.import_module(task_module)
     if device is not None:
