@@ -185,6 +185,15 @@ class CapturedCall:
         return self.outputs
 
 
+def step_provenance(step_path: str, calls: list[CapturedCall]) -> dict[str, str]:
+    """Provenance of the step a run took: `step_path`, or "step_function" where CUDA refused to
+    capture one of `calls` (with the first reason, as "cuda_graph_refused")."""
+    refused = [c.refused for c in calls if c.refused]
+    if not refused:
+        return {"train_step": step_path}
+    return {"train_step": "step_function", "cuda_graph_refused": refused[0]}
+
+
 @contextlib.contextmanager
 def cudnn_autotuned() -> Iterator[None]:
     """cuDNN times its convolution algorithms for each shape and keeps the fastest

@@ -59,7 +59,13 @@ from normlab.train.build import (
 from normlab.train.callbacks import Callback, TrainState, scheduled
 from normlab.train.checkpoint import Checkpointer
 from normlab.train.divergence import Divergence, check_divergence, json_safe
-from normlab.train.graphed import CapturedCall, GraphedStep, StaticStep, cuda_graph_path
+from normlab.train.graphed import (
+    CapturedCall,
+    GraphedStep,
+    StaticStep,
+    cuda_graph_path,
+    step_provenance,
+)
 from normlab.train.projection import UpdateProjection
 from normlab.train.schedules import lr_at
 
@@ -247,13 +253,10 @@ class _Run:
 
     # -- the loop --------------------------------------------------------------------------------
     def step_taken(self) -> dict[str, str]:
-        """Provenance of the step that ran: `step_path`, or "step_function" where CUDA refused
-        to capture the step or the evaluation (with the reason)."""
+        """Provenance of the step that ran (`graphed.step_provenance`): the step's and the
+        evaluation's captures."""
         calls = [self.eval_sums] + ([self.graphed.call] if self.graphed else [])
-        refused = [c.refused for c in calls if c.refused]
-        if not refused:
-            return {"train_step": self.step_path}
-        return {"train_step": "step_function", "cuda_graph_refused": refused[0]}
+        return step_provenance(self.step_path, calls)
 
     def run(self) -> RunResult:
         self.model.train()

@@ -61,7 +61,12 @@ from normlab.train.build import (
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
 from normlab.train.divergence import Divergence
-from normlab.train.graphed import WARMUP_STEPS, CapturedCall, cuda_graph_path
+from normlab.train.graphed import (
+    WARMUP_STEPS,
+    CapturedCall,
+    cuda_graph_path,
+    step_provenance,
+)
 from normlab.train.loop import (
     READ_WINDOW,
     _EpochAverage,
@@ -398,10 +403,7 @@ class _Pack:
         result.wall_time_s = time.perf_counter() - self.start
         if result.provenance:
             result.provenance["pack_size"] = len(self.members)
-            refused = self.pack_step.call.refused
-            result.provenance["train_step"] = "step_function" if refused else self.step_path
-            if refused:
-                result.provenance["cuda_graph_refused"] = refused
+            result.provenance.update(step_provenance(self.step_path, [self.pack_step.call]))
         member.result = result
         if self.on_done is not None:
             self.on_done(self.members.index(member), result)
