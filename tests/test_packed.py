@@ -20,6 +20,7 @@ from normlab.config import ConfigError
 from normlab.executor import LocalExecutor
 from normlab.packing import (
     default_pack,
+    default_parallelism,
     default_workers,
     pack_specs,
     plan_estimate,
@@ -323,3 +324,15 @@ def test_cli_pack_option(tmp_path, capsys):
     assert main(["run", "lr-sweep", "--out", str(tmp_path), "--pack", "4", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "packs of at most 4 runs (--pack 4)" in out and "training images in the plan" in out
+
+
+def test_the_defaults_follow_the_device_the_runs_will_use(monkeypatch):
+    """Without --device, the runs' "auto" honours $NORMLAB_DEVICE, and so do the defaults."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("NORMLAB_DEVICE", "cpu")
+    assert default_parallelism(None, None, None) == (default_pack("cpu"), default_workers("cpu"))
+    monkeypatch.delenv("NORMLAB_DEVICE")
+    assert default_parallelism(None, None, None) == (default_pack("cuda"),
+                                                     default_workers("cuda"))
+    assert default_parallelism(None, None, "cuda:0")[0] == default_pack("cuda")

@@ -141,12 +141,11 @@ def default_workers(device_kind: str, devices: int = 1) -> int:
 
 
 def device_kind(device: str | None) -> str:
-    """'cuda' or 'cpu' for a --device value (None: CUDA when available)."""
-    if device is not None:
-        return "cuda" if device.startswith("cuda") else "cpu"
-    import torch
+    """The device type ("cuda", "cpu", "mps") the runs will use for a --device value; None
+    means what the runs' "auto" resolves to ($NORMLAB_DEVICE, else CUDA when available)."""
+    from normlab.train.build import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device or "auto").type
 
 
 def train_images(spec: RunSpec, sizes: dict[tuple[Any, ...], int]) -> int | None:
