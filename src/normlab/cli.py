@@ -163,12 +163,12 @@ def _run(args: argparse.Namespace) -> int:
             lambda: check_scale(args.scale),
             lambda: RunSpec().with_overrides(parse_overrides(args.settings))),
     )
-    pack, workers = default_parallelism(args.pack, args.workers, args.device)
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
     problems = plan_problems(specs, out_dir, args.device)
     if problems:
         raise ConfigError(problems)
+    pack, workers = default_parallelism(args.pack, args.workers, args.device)  # devices checked
     if args.dry_run:
         print(f"{study.name} at {args.scale} scale into {out_dir}")
         note = duplicate_note(specs)
