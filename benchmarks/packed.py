@@ -4,6 +4,7 @@
     python benchmarks/packed.py --quick              # K = 1 2 4, a few steps: a fast check
     python benchmarks/packed.py --device cuda --record   # and write the rows to the table
     python benchmarks/packed.py --kernels            # grouped conv vs vmap vs a loop, one layer
+    python benchmarks/packed.py --batch 2 8 32 128   # one table (and recorded rows) per batch
 
 Measured in one process on CIFAR-shaped synthetic data (3x32x32, no download), steps only (no
 evaluation), with `--warmup` steps first and the device synchronized around each timing:
@@ -177,7 +178,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--norm", default="batch")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[128],
+                        help="batch size per member; several: one table (and rows) each")
     parser.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=6,
@@ -192,13 +194,16 @@ def main() -> None:
         args.packs, args.steps, args.warmup, args.repeats = [1, 2, 4], 3, 5, 1
     device = resolve_device(args.device)
     warnings.filterwarnings("ignore", message="There is a performance drop")
-    if args.kernels:
-        kernels(args, device)
-        return
-    rows, solo = throughput(args, device)
-    if args.record:
-        record(args, device, [{"kind": "solo", "pack": 1, "images_per_s": solo}]
-               + [{"kind": "packed", **row} for row in rows])
+    batches = args.batch
+    for batch in batches:
+        args.batch = batch
+        if args.kernels:
+            kernels(args, device)
+            continue
+        rows, solo = throughput(args, device)
+        if args.record:
+            record(args, device, [{"kind": "solo", "pack": 1, "images_per_s": solo}]
+                   + [{"kind": "packed", **row} for row in rows])
 
 
 if __name__ == "__main__":

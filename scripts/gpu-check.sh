@@ -10,8 +10,9 @@
 #               when pytest is not importable)
 #   throughput  benchmarks/train_throughput.py --quick (plain loop, normlab eager, CUDA graph;
 #               ResNet-20 and ResNet-110 at batch 128)
-#   packed, packed110   benchmarks/packed.py for ResNet-20 (K = 1 2 4 8 16) and ResNet-110; the
-#               rows are recorded in src/normlab/packing_throughput.json (a copy goes to OUTDIR)
+#   packed, packed110, packed_small   benchmarks/packed.py for ResNet-20 (K = 1 2 4 8 16),
+#               ResNet-110, and ResNet-20 at batch 2, 8 and 32; the rows are recorded in
+#               src/normlab/packing_throughput.json (a copy goes to OUTDIR)
 #   paper       normlab run paper --scale smoke --device cuda, with the time that is left of the
 #               8 minutes less 95 s (the store keeps finished runs: rerunning resumes it)
 #   per_example, hessian, thr_nhwc   the probe benchmarks with --quick, and ResNet-20's
@@ -82,6 +83,9 @@ part packed 70 "$PY" benchmarks/packed.py --device cuda --packs 1 2 4 8 16 --ste
     --repeats 2 --record
 part packed110 50 "$PY" benchmarks/packed.py --device cuda --depth 110 --packs 1 4 8 16 \
     --steps 5 --warmup 5 --repeats 1 --record
+# the small batch sizes of the batch-size study (R1), which dominate the plan's device-hours
+part packed_small 60 "$PY" benchmarks/packed.py --device cuda --batch 2 8 32 --packs 1 8 16 \
+    --steps 20 --repeats 1 --record
 cp src/normlab/packing_throughput.json "$OUT/"
 
 AFTER_PAPER_S=95  # per_example, hessian and the channels-last throughput run after the study

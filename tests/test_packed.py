@@ -22,6 +22,7 @@ from normlab.packing import (
     default_pack,
     default_parallelism,
     default_workers,
+    images_per_s,
     pack_specs,
     plan_estimate,
     throughput_table,
@@ -268,12 +269,15 @@ def test_bad_pack_settings_are_refused():
 
 
 def test_default_pack_is_the_measured_best_or_off(monkeypatch):
-    def rows(kind: str, rates: dict[int, float]) -> list[dict]:
+    def rows(kind: str, rates: dict[int, float], batch: int = 128) -> list[dict]:
         return [{"device_kind": kind, "device": "x", "model": "resnet", "depth": 20,
-                 "kind": "packed", "pack": k, "images_per_s": v} for k, v in rates.items()]
+                 "batch_size": batch, "kind": "packed", "pack": k, "images_per_s": v}
+                for k, v in rates.items()]
 
     table = rows("cuda", {1: 100.0, 4: 300.0, 8: 420.0, 16: 400.0}) + \
         rows("cpu", {1: 100.0, 2: 103.0, 4: 90.0})
+    # rows at another batch size do not set the default (the best there is 16)
+    table += rows("cuda", {1: 10.0, 16: 100.0}, batch=8)
     monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
     assert default_pack("cuda") == 8
     assert default_pack("cpu") == 1  # 3 % faster is within noise: off
@@ -300,20 +304,47 @@ def test_the_dry_run_estimate_counts_training_images():
 
 def test_the_dry_run_estimate_is_images_over_the_measured_rate_of_each_pack(monkeypatch):
     table = [{"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 8,
-              "kind": "packed", "pack": k, "images_per_s": v}
+              "batch_size": 128, "kind": "packed", "pack": k, "images_per_s": v}
              for k, v in {1: 100.0, 2: 150.0, 4: 240.0}.items()]
     monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
-    specs = [base_spec(seed=s, steps=900) for s in range(4)]  # 900 x 32 images each
-    images = 4 * 900 * 32
-    # --pack 2: two packs of 2 at 150 images/s (768 s)
+    specs = [base_spec(seed=s, steps=900, batch_size=128) for s in range(4)]  # 900 x 128 each
+    images = 4 * 900 * 128
+    # --pack 2: two packs of 2 at 150 images/s
     assert f"estimate on cuda (packs of at most 2): {images / 150 / 3600:.2f} device-hours" \
         in plan_estimate(specs, 2)
-    # no --pack: the device's own default, the best measured pack (4 at 240 images/s; 480 s)
+    # no --pack: the device's own default, the best measured pack (4 at 240 images/s)
     assert f"estimate on cuda (packs of at most 4): {images / 240 / 3600:.2f} device-hours" \
         in plan_estimate(specs, 1, fixed=False)
-    short = [s.replace(steps=450) for s in specs]  # under 6 minutes: in minutes
-    assert f"estimate on cuda (packs of at most 4): {images / 2 / 240 / 60:.1f} device-minutes" \
+    short = [s.replace(steps=100) for s in specs]  # under 6 minutes: in minutes
+    assert f"estimate on cuda (packs of at most 4): {images / 9 / 240 / 60:.1f} device-minutes" \
         in plan_estimate(short, 1, fixed=False)
+
+
+def test_unmeasured_batch_sizes_are_bounded_by_the_next_larger_measured_one(monkeypatch):
+    """A step on fewer images takes no longer: batch b < measured B counts B's step time, i.e.
+    B's images/s x b / B; above every measured batch size the largest one's images/s."""
+    table = [{"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 8,
+              "batch_size": b, "kind": "packed", "pack": 1, "images_per_s": v}
+             for b, v in {16: 400.0, 64: 1000.0}.items()]
+    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
+
+    def rate(batch: int) -> float:
+        got = images_per_s(base_spec(batch_size=batch), "cuda", 1)
+        assert got is not None and got.device == "GPU-X"
+        return got.images_per_s
+
+    assert rate(16) == 400.0 and rate(64) == 1000.0  # measured: as recorded
+    assert rate(4) == pytest.approx(400.0 * 4 / 16)  # bounded by batch 16's step time
+    assert rate(32) == pytest.approx(1000.0 * 32 / 64)  # by batch 64's, the next larger
+    assert rate(256) == 1000.0  # above: the largest measured batch's images/s
+    specs = [base_spec(batch_size=4, steps=900)]
+    text = plan_estimate(specs, 1)
+    assert f"(packs of at most 1): at most {900 * 4 / 100.0 / 60:.1f} device-minutes" in text
+    assert "batch sizes 4 not measured: each counted at the step time of the next larger" in text
+    measured = plan_estimate([base_spec(batch_size=16, steps=900)], 1)
+    assert "): at most" not in measured and "not measured" not in measured
+    above = plan_estimate([base_spec(batch_size=256, steps=900)], 1)
+    assert "batch sizes 256 not measured: counted at the images/s of the largest" in above
 
 
 def test_cli_pack_option(tmp_path, capsys):

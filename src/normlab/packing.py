@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ MEMBER_SETTINGS = ("lr", "schedule", "milestones", "lr_decay", "warmup", "moment
 THROUGHPUT_TABLE = Path(__file__).with_name("packing_throughput.json")
 MIN_GAIN = 1.05  # packing is on by default only where it beats one run by at least 5 %
 CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training split
+REFERENCE_BATCH = 128  # the batch size whose measured rows set the --pack default
 
 
 def pack_key(spec: RunSpec) -> tuple[Any, ...] | None:
@@ -103,10 +105,10 @@ def _rows(device_kind: str, model: str = "resnet", depth: int | None = None
 
 def default_pack(device_kind: str) -> int:
     """The pack size with the best measured aggregate throughput on `device_kind` ("cpu" or
-    "cuda") for ResNet-20-sized runs, or 1 when it does not beat one run (the "solo" row, else
-    the pack of one) by `MIN_GAIN`.
+    "cuda") for ResNet-20-sized runs at batch `REFERENCE_BATCH`, or 1 when it does not beat one
+    run (the "solo" row, else the pack of one) by `MIN_GAIN`.
     """
-    rows = _rows(device_kind, depth=20)
+    rows = [r for r in _rows(device_kind, depth=20) if r["batch_size"] == REFERENCE_BATCH]
     packed = [r for r in rows if r["kind"] == "packed"]
     solo = [r["images_per_s"] for r in rows if r["kind"] == "solo"] or \
         [r["images_per_s"] for r in packed if r["pack"] == 1]
@@ -116,18 +118,36 @@ def default_pack(device_kind: str) -> int:
     return best["pack"] if best["images_per_s"] >= MIN_GAIN * solo[0] else 1
 
 
-def images_per_s(spec: RunSpec, device_kind: str, pack: int) -> tuple[float, str] | None:
-    """Measured aggregate images/s of a pack of `pack` runs like `spec`, and the device the row
-    was measured on; None when the table has no row for that device and model.
+@dataclass(frozen=True)
+class Rate:
+    """Aggregate images/s of a pack, from the row measured on `device` at `measured_batch`."""
 
-    The row of the nearest measured depth is used, scaled by measured_depth / depth (the cost
-    of a CIFAR ResNet step grows linearly with depth) and by the nearest measured pack size.
+    images_per_s: float
+    device: str
+    measured_batch: int
+
+
+def images_per_s(spec: RunSpec, device_kind: str, pack: int) -> Rate | None:
+    """The aggregate images/s of a pack of `pack` runs like `spec` on `device_kind`, from the
+    table's rows of the nearest measured depth (scaled by measured_depth / depth: the cost of a
+    CIFAR ResNet step grows linearly with depth) and the nearest measured pack size; None when
+    the table has no row for that device and model.
+
+    Batch size: the rows of `spec`'s batch size when measured. Otherwise those of the next larger
+    measured batch size, scaled by batch / measured batch: a step on fewer images takes no longer,
+    so the rate is a lower bound and the time an upper bound (on a GPU a small batch's step is
+    latency-bound and the bound is loose). Above every measured batch size, the rate of the
+    largest (a larger batch does not lower the images/s).
     """
     rows = [r for r in _rows(device_kind, spec.model, spec.depth) if r["kind"] == "packed"]
     if not rows:
         return None
-    row = min(rows, key=lambda r: (abs(r["pack"] - pack), r["pack"]))
-    return row["images_per_s"] * row["depth"] / spec.depth, row["device"]
+    measured = sorted({r["batch_size"] for r in rows})
+    batch = min((b for b in measured if b >= spec.batch_size), default=measured[-1])
+    row = min((r for r in rows if r["batch_size"] == batch),
+              key=lambda r: (abs(r["pack"] - pack), r["pack"]))
+    scale = row["depth"] / spec.depth * min(1.0, spec.batch_size / batch)
+    return Rate(row["images_per_s"] * scale, row["device"], batch)
 
 
 def default_workers(device_kind: str, devices: int = 1) -> int:
@@ -192,23 +212,46 @@ def plan_estimate(specs: Sequence[RunSpec], k: int, *, fixed: bool = True) -> st
     for kind in sorted({r["device_kind"] for r in throughput_table()}):
         size = k if fixed else default_pack(kind)
         seconds, measured_on, missing = 0.0, set(), 0
+        below, above = set(), set()  # batch sizes not measured: bounded, or taken as the largest
         for pack in pack_specs([s for s, n in images if n is not None], size):
             n = train_images(pack[0], sizes)
             rate = images_per_s(pack[0], kind, len(pack))
             if rate is None or n is None:
                 missing += 1
                 continue
-            seconds += n * len(pack) / rate[0]
-            measured_on.add(rate[1])
+            seconds += n * len(pack) / rate.images_per_s
+            measured_on.add(rate.device)
+            batch = pack[0].batch_size
+            if rate.measured_batch > batch:
+                below.add(batch)
+            elif rate.measured_batch < batch:
+                above.add(batch)
         if measured_on:
             amount = (f"{seconds / 3600:.2f} device-hours" if seconds >= 360
                       else f"{seconds / 60:.1f} device-minutes")
-            lines.append(f"estimate on {kind} (packs of at most {size}): {amount} "
-                         f"for 32x32 images (throughput measured on "
-                         f"{'; '.join(sorted(measured_on))}"
+            lines.append(f"estimate on {kind} (packs of at most {size}): "
+                         f"{'at most ' if below else ''}{amount} for 32x32 images (throughput "
+                         f"measured on {'; '.join(sorted(measured_on))}"
                          + (f"; {missing} packs of models without a row left out" if missing
-                            else "") + ")")
+                            else "") + ")"
+                         + _unmeasured_batches(below, above))
     return "\n".join(lines)
+
+
+def _unmeasured_batches(below: set[int], above: set[int]) -> str:
+    """The estimate's note on batch sizes without a measured row (see `images_per_s`)."""
+    notes = []
+    if below:
+        notes.append(f"batch sizes {_listed(below)} not measured: each counted at the step time "
+                     f"of the next larger measured batch size, an upper bound")
+    if above:
+        notes.append(f"batch sizes {_listed(above)} not measured: counted at the images/s of "
+                     f"the largest measured batch size")
+    return "".join(f"\n  {note}" for note in notes)
+
+
+def _listed(batches: set[int]) -> str:
+    return ", ".join(str(b) for b in sorted(batches))
 
 
 def default_parallelism(pack: int | None, workers: int | None, device: str | None
