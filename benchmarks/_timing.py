@@ -1,4 +1,5 @@
-"""Benchmark timing: a warm-up run, device synchronization, the median of repeats."""
+"""Benchmark helpers: the device asked for, and timing (a warm-up run, device synchronization,
+the median of repeats)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from normlab.preflight import device_problem
+from normlab.train.build import resolve_device
+
+
+def benchmark_device(name: str) -> torch.device:
+    """The device of a benchmark's --device ("auto": $NORMLAB_DEVICE, else CUDA when there is
+    one); exits with the CLI's message, before any work, when this machine does not have it."""
+    device = resolve_device(name)
+    problem = device_problem(str(device), f"--device {name}")
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return device
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

@@ -24,7 +24,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _timing import timed  # benchmarks/ is on sys.path when run as a script
+from _timing import benchmark_device, timed  # benchmarks/ is on sys.path when run as a script
 
 from normlab.nn import resnet_cifar
 from normlab.probes import hessian_eigs
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     batch, repeats, power_iters = ((32, 2, 30) if args.quick
                                    else (args.batch, args.repeats, args.power_iters))
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)

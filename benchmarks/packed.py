@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import benchmark_device  # benchmarks/ is on sys.path when run as a script
 from torch.func import vmap
 
 from normlab.spec import RunSpec
 from normlab.tasks import RunContext
-from normlab.train.build import resolve_device
 from normlab.train.loop import _Run
 from normlab.train.packed import _Pack
 
@@ -192,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.packs, args.steps, args.warmup, args.repeats = [1, 2, 4], 3, 5, 1
-    device = resolve_device(args.device)
+    device = benchmark_device(args.device)
     warnings.filterwarnings("ignore", message="There is a performance drop")
     batches = args.batch
     for batch in batches:

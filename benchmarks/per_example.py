@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import timed  # benchmarks/ is on sys.path when run as a script
+from _timing import benchmark_device, timed  # benchmarks/ is on sys.path when run as a script
 
 from normlab.nn import resnet_cifar
 from normlab.probes import per_example_contributions, per_example_loss_grads
@@ -72,7 +72,7 @@ def main() -> None:
                         help="bytes for the automatic VJP chunk (default: half the free memory)")
     args = parser.parse_args()
     batch, repeats = (16, 2) if args.quick else (args.batch, args.repeats)
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)

@@ -36,6 +36,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _timing import benchmark_device  # benchmarks/ is on sys.path when run as a script
 from torch.utils.data import DataLoader, Dataset
 
 from normlab.data import load
@@ -198,7 +199,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few steps, 1 repeat")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    device = benchmark_device(args.device)
     gpu = device.type == "cuda"
     if args.quick:  # on a GPU, enough warm-up steps that both timed runs capture their graph
         args.steps = args.steps or (30 if gpu else 5)

@@ -26,6 +26,11 @@ def _test_device() -> torch.device:
     return device
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A device this machine does not have stops the session before any test, with one line."""
+    _test_device()
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """The device that `device`-marked tests run on (NORMLAB_TEST_DEVICE, default cpu)."""

@@ -96,10 +96,11 @@ def device_problems(specs: Iterable[RunSpec], device: str | None = None) -> list
         elif env:
             asked.setdefault(env, f"NORMLAB_DEVICE={env}")
     return [problem for name, source in asked.items()
-            if (problem := _device_problem(name, source))]
+            if (problem := device_problem(name, source))]
 
 
-def _device_problem(name: str, source: str) -> str | None:
+def device_problem(name: str, source: str) -> str | None:
+    """Why device `name` (given by `source`, e.g. "--device cuda") cannot be used here, or None."""
     import torch
 
     if not _DEVICE.fullmatch(name):
