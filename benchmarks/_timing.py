@@ -1,11 +1,17 @@
-"""Benchmark helpers: the device asked for, and timing (a warm-up run, device synchronization,
-the median of repeats)."""
+"""Benchmark helpers: the device asked for, timing (a warm-up run, device synchronization, the
+median of repeats), and the measured rows as JSON (`--json`) for scripts/gpu-targets.py."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,3 +42,27 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the measured rows to FILE (for scripts/gpu-targets.py)")
+
+
+def write_json(args: argparse.Namespace, benchmark: str, device: torch.device,
+               rows: list[dict[str, Any]]) -> None:
+    """The rows a benchmark printed, with its settings, device and torch version, to the file
+    `args.json` (its --json option); nothing when that is None."""
+    if args.json is None:
+        return
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    Path(args.json).write_text(json.dumps(
+        {"benchmark": benchmark, "device": device_name(device), "torch": torch.__version__,
+         "date": datetime.date.today().isoformat(), "settings": settings, "rows": rows},
+        indent=1) + "\n", encoding="utf-8")

@@ -24,7 +24,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _timing import benchmark_device, timed  # benchmarks/ is on sys.path when run as a script
+
+# benchmarks/ is on sys.path when run as a script
+from _timing import add_json_option, benchmark_device, timed, write_json
 
 from normlab.nn import resnet_cifar
 from normlab.probes import hessian_eigs
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--power-iters", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="batch 32, 2 repeats, 30 iterations")
     parser.add_argument("--device", default="cpu")
+    add_json_option(parser)
     args = parser.parse_args()
     batch, repeats, power_iters = ((32, 2, 30) if args.quick
                                    else (args.batch, args.repeats, args.power_iters))
@@ -65,6 +68,7 @@ def main() -> None:
     data = (x, y)
     print(f"ResNet-20, batch {batch}, device {device} ({torch.get_num_threads()} threads), "
           f"train-mode BN, median of {repeats} after warm-up")
+    rows = []
     for norm in ("none", "batch"):
         model = resnet_cifar(20, norm=norm, init="kaiming_normal", seed=0).to(device).train()
         seconds = {"gradient": timed(lambda m=model: gradient(m, x, y), repeats, device),
@@ -82,6 +86,8 @@ def main() -> None:
         print(f"\n[{norm}] {'quantity':<22} {'seconds':>9} {'x gradient':>11}")
         for name, s in seconds.items():
             print(f"[{norm}] {name:<22} {s:9.3f} {s / seconds['gradient']:11.2f}")
+            rows.append({"norm": norm, "batch": batch, "quantity": name, "seconds": s,
+                         "x_gradient": s / seconds["gradient"]})
 
         # the long Lanczos run is both the reference and the Lanczos history (same seed)
         lanczos = reference = hessian_eigs(model, loss_fn, data, tol=1e-9, max_iter=60)
@@ -99,6 +105,9 @@ def main() -> None:
             print(f"[{norm}] {name:<9} {reached if reached else '>' + str(len(run.history)):>12} "
                   f"{own.hvps:>15} {own.values[0]:16.6g} "
                   f"{abs(own.values[0] - ref) / abs(ref):11.2e}")
+            rows.append({"norm": norm, "batch": batch, "method": name, "hvps_to_tol": reached,
+                         "tol": args.tol, "stop_rule_hvps": own.hvps})
+    write_json(args, "hessian", device, rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -37,9 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import benchmark_device  # benchmarks/ is on sys.path when run as a script
+
+# benchmarks/ is on sys.path when run as a script
+from _timing import add_json_option, benchmark_device, device_name, write_json
 from torch.func import vmap
 
+from normlab.packing import with_measured_rows
 from normlab.spec import RunSpec
 from normlab.tasks import RunContext
 from normlab.train.loop import _Run
@@ -97,12 +99,6 @@ def packed_seconds(args: argparse.Namespace, k: int, device: torch.device) -> fl
     return time_steps(step, args, device)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], float]:
     """Aggregate images/s per pack size (rows) and of the solo run; prints the table."""
     solo = args.batch / solo_seconds(args, device)
@@ -123,20 +119,16 @@ def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
 
 
 def record(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
-    """Replace this device's rows for this configuration in the table; keep all others."""
+    """Put the rows in the table in place of this device kind's rows of the same configuration
+    (`normlab.packing.with_measured_rows`); keep all others."""
     table = json.loads(TABLE.read_text(encoding="utf-8"))
-    kind = "cuda" if device.type == "cuda" else "cpu"
     name = device_name(device) + (f" ({args.note})" if args.note else "")
-    new = [{"device_kind": kind, "device": name, "model": "resnet", "depth": args.depth,
+    new = [{"device_kind": device.type, "device": name, "model": "resnet", "depth": args.depth,
             "norm": args.norm, "batch_size": args.batch, "kind": r["kind"], "pack": r["pack"],
             "images_per_s": round(r["images_per_s"], 1), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/packed.py --record"} for r in rows]
-    same = {(r["kind"], r["pack"]) for r in new}
-    table["rows"] = [r for r in table["rows"] if not (
-        r["device_kind"] == kind and r["device"] == name and (r["kind"], r["pack"]) in same
-        and r["model"] == "resnet" and r["depth"] == args.depth and r["norm"] == args.norm
-        and r["batch_size"] == args.batch)] + new
+    table["rows"] = with_measured_rows(table["rows"], new)
     TABLE.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     print(f"recorded {len(new)} rows in {TABLE}")
 
@@ -189,21 +181,27 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="the one-layer comparison")
     parser.add_argument("--record", action="store_true", help="write rows to the table")
     parser.add_argument("--note", default="", help="added to the device name when recording")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.packs, args.steps, args.warmup, args.repeats = [1, 2, 4], 3, 5, 1
     device = benchmark_device(args.device)
     warnings.filterwarnings("ignore", message="There is a performance drop")
-    batches = args.batch
+    batches, measured = args.batch, []
     for batch in batches:
         args.batch = batch
         if args.kernels:
             kernels(args, device)
             continue
         rows, solo = throughput(args, device)
+        rows = [{"kind": "solo", "pack": 1, "images_per_s": solo}] + \
+            [{"kind": "packed", **row} for row in rows]
+        measured += [{"depth": args.depth, "batch": batch, **row,
+                      "x_solo": row["images_per_s"] / solo} for row in rows]
         if args.record:
-            record(args, device, [{"kind": "solo", "pack": 1, "images_per_s": solo}]
-                   + [{"kind": "packed", **row} for row in rows])
+            record(args, device, rows)
+    args.batch = batches
+    write_json(args, "packed", device, measured)
 
 
 if __name__ == "__main__":

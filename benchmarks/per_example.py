@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import benchmark_device, timed  # benchmarks/ is on sys.path when run as a script
+
+# benchmarks/ is on sys.path when run as a script
+from _timing import add_json_option, benchmark_device, timed, write_json
 
 from normlab.nn import resnet_cifar
 from normlab.probes import per_example_contributions, per_example_loss_grads
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="16,64", help="forced VJP chunk sizes (BN model)")
     parser.add_argument("--max-memory", type=float, default=None,
                         help="bytes for the automatic VJP chunk (default: half the free memory)")
+    add_json_option(parser)
     args = parser.parse_args()
     batch, repeats = (16, 2) if args.quick else (args.batch, args.repeats)
     device = benchmark_device(args.device)
@@ -82,6 +85,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     print(f"{'norm':<6} {'method':<28} {'seconds':>9} {'x backward':>11} {'x naive':>8}"
           + (f" {'peak MiB':>9}" if cuda else ""))
+    rows = []
     for norm in ("none", "batch"):
         model = resnet_cifar(20, norm=norm, init="kaiming_normal", seed=0).to(device).train()
         methods = bench_methods(model, loss_fn, x, y, [int(c) for c in args.chunks.split(",")
@@ -95,9 +99,14 @@ def main() -> None:
             if cuda:
                 peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
         for name, s in seconds.items():
-            print(f"{norm:<6} {name:<28} {s:9.3f} {s / seconds['backward']:11.2f} "
-                  f"{s / seconds['naive loop of B backwards']:8.2f}"
+            row = {"norm": norm, "batch": batch, "method": name, "seconds": s,
+                   "x_backward": s / seconds["backward"],
+                   "x_naive": s / seconds["naive loop of B backwards"],
+                   "peak_mib": peaks.get(name)}
+            rows.append(row)
+            print(f"{norm:<6} {name:<28} {s:9.3f} {row['x_backward']:11.2f} {row['x_naive']:8.2f}"
                   + (f" {peaks[name]:9.0f}" if cuda else ""))
+    write_json(args, "per_example", device, rows)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import benchmark_device  # benchmarks/ is on sys.path when run as a script
+
+# benchmarks/ is on sys.path when run as a script
+from _timing import add_json_option, benchmark_device, write_json
 from torch.utils.data import DataLoader, Dataset
 
 from normlab.data import load
@@ -198,6 +200,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few steps, 1 repeat")
+    add_json_option(parser)
     args = parser.parse_args()
     device = benchmark_device(args.device)
     gpu = device.type == "cuda"
@@ -216,6 +219,7 @@ def main() -> None:
           f"{args.channels_last}, compile={args.compile}, bf16={args.bf16}, "
           f"plain workers={args.workers}")
     print(f"{'model':<12}{'loop':<24}{'images/s':>12}{'ratio':>8}")
+    rows = []
     for depth in depths:
         rates = measure(args, depth, gpu)
         plains = rates[LOOPS[0]]
@@ -224,9 +228,11 @@ def main() -> None:
                 print(f"{f'ResNet-{depth}':<12}{loop:<24}{'n/a (CPU)':>12}")
                 continue
             ratio = statistics.median(o / p for o, p in zip(rates[loop], plains, strict=True))
-            print(f"{f'ResNet-{depth}':<12}{loop:<24}{statistics.median(rates[loop]):>12.0f}"
-                  f"{ratio:>8.2f}", flush=True)
+            rate = statistics.median(rates[loop])
+            print(f"{f'ResNet-{depth}':<12}{loop:<24}{rate:>12.0f}{ratio:>8.2f}", flush=True)
+            rows.append({"depth": depth, "loop": loop, "images_per_s": rate, "ratio": ratio})
     print("ratio: median over repeats of loop / plain, each repeat timing every loop")
+    write_json(args, "train_throughput", device, rows)
     if gpu and args.compile:
         print("note: with --compile the CUDA-graph setting falls back to the eager loop")
 

@@ -9,5 +9,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet "torch==2.13.0" \
   || .venv/bin/python -m pip install --quiet "torch>=2.1" --index-url https://download.pytorch.org/whl/cpu
 .venv/bin/python -m pip install --quiet -e ".[test]"
-.venv/bin/ruff check src tests benchmarks examples
+.venv/bin/ruff check src tests benchmarks examples scripts
 .venv/bin/python -m pytest "$@"

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "src" / "normlab" / "packing_throughput.json"
 PARTS = ("nvidia-smi", "versions", "tests", "throughput", "packed", "packed110", "packed_small",
-         "paper", "per_example", "hessian", "thr_nhwc")
+         "estimate", "paper", "per_example", "hessian", "thr_nhwc")
 
 
 def digest(path: Path) -> str:
@@ -42,13 +42,15 @@ def test_gpu_check_attempts_every_part_and_reports_the_failures(tmp_path):
     status = {line.split()[0]: line.split()[1] for line in summary.splitlines()[2:-1]}
     assert tuple(status) == PARTS
     assert status["versions"] == "passed"  # python and torch report themselves without a GPU
-    for name in ("tests", "throughput", "packed", "packed110", "packed_small", "per_example",
-                 "hessian", "thr_nhwc"):
+    for name in ("tests", "throughput", "packed", "packed110", "packed_small", "estimate",
+                 "per_example", "hessian", "thr_nhwc"):
         assert status[name] == "FAILED", (name, (out / f"{name}.log").read_text()[-1500:])
-    # 60 s of budget less the parts before it and the 95 s kept for the later ones: no paper run
+    # 60 s of budget less the parts before it and the 110 s kept for the later ones: no paper run
     assert status["paper"] == "SKIPPED" and "budget left" in summary
-    for name in ("tests", "throughput", "packed", "per_example", "hessian"):
+    for name in ("tests", "throughput", "packed", "estimate", "per_example", "hessian"):
         log = (out / f"{name}.log").read_text()  # one clear line, not a traceback
         assert "CUDA is not available" in log and "Traceback" not in log, log
+    targets = (out / "targets.txt").read_text().splitlines()[1:]  # one line per target
+    assert len(targets) == 13 and all("not measured" in line for line in targets), targets
     assert digest(TABLE) == before  # nothing measured, nothing recorded
     assert digest(out / "packing_throughput.json") == before  # the copy for the report

@@ -26,6 +26,7 @@ from normlab.packing import (
     pack_specs,
     plan_estimate,
     throughput_table,
+    with_measured_rows,
 )
 from normlab.spec import RunSpec
 from normlab.store import RunStore, read_jsonl, read_result
@@ -284,6 +285,19 @@ def test_default_pack_is_the_measured_best_or_off(monkeypatch):
     solo = {**rows("cpu", {1: 0.0})[0], "kind": "solo", "images_per_s": 80.0}
     monkeypatch.setattr("normlab.packing.throughput_table", lambda: [*table, solo])
     assert default_pack("cpu") == 2  # compared with the solo run's 80 images/s
+
+
+def test_a_new_measurement_replaces_the_same_configuration_on_the_same_device_kind():
+    def row(device: str, pack: int, rate: float, kind: str = "cuda", batch: int = 128) -> dict:
+        return {"device_kind": kind, "device": device, "model": "resnet", "depth": 20,
+                "norm": "batch", "batch_size": batch, "kind": "packed", "pack": pack,
+                "images_per_s": rate}
+
+    old = [row("H200 (diagnostic)", 8, 100.0), row("H200 (diagnostic)", 16, 120.0),
+           row("CPU", 8, 5.0, kind="cpu"), row("H200 (diagnostic)", 8, 30.0, batch=8)]
+    new = [row("NVIDIA H100", 8, 90.0)]
+    # the diagnostic's K = 8 row at batch 128 goes, whatever the device's name; nothing else
+    assert with_measured_rows(old, new) == [old[1], old[2], old[3], new[0]]
 
 
 def test_the_shipped_table_names_its_devices_and_sets_the_defaults():

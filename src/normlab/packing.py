@@ -93,6 +93,21 @@ def throughput_table() -> list[dict[str, Any]]:
     return json.loads(THROUGHPUT_TABLE.read_text(encoding="utf-8"))["rows"]
 
 
+ROW_CONFIG = ("device_kind", "model", "depth", "norm", "batch_size", "kind", "pack")
+
+
+def with_measured_rows(rows: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """The throughput table's `rows` with `new` in place of the rows of the same configuration
+    (`ROW_CONFIG`: the device kind, not the device's name): one measurement per device kind and
+    configuration, the latest, which is what `--pack` and `--dry-run` read."""
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[name] for name in ROW_CONFIG)
+
+    replaced = {key(row) for row in new}
+    return [row for row in rows if key(row) not in replaced] + list(new)
+
+
 def _rows(device_kind: str, model: str = "resnet", depth: int | None = None
           ) -> list[dict[str, Any]]:
     rows = [r for r in throughput_table() if r["device_kind"] == device_kind
