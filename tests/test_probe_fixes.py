@@ -13,6 +13,7 @@ from torch import nn
 from cases import tiny_case
 from normlab import probes
 from normlab.config import ConfigError
+from normlab.probes.curvature import hessian_operator
 from normlab.probes.lr_range import _read_curve
 
 
@@ -58,6 +59,47 @@ def test_keep_mode_respects_a_users_frozen_batchnorm():
     assert case.model.norm1.training is False and case.model.norm2.training is True
     assert keep.mode == "keep" and keep.records()[0]["mode"] == "keep"
     assert abs(keep.values[0] - train.values[0]) > 1e-6 * abs(train.values[0])
+
+
+# -- several batches: one function at one state ------------------------------------------------
+
+def renorm_with_running_statistics() -> nn.Module:
+    """A BatchRenorm ResNet whose train-mode output reads its running statistics: limits fully
+    relaxed (rmax 3, dmax 5) and running statistics away from the batch statistics."""
+    from normlab.nn import resnet_cifar
+    from normlab.nn.batch_renorm import BatchRenorm
+
+    model = resnet_cifar(8, width=4, norm="batch_renorm", seed=0).double().train()
+    gen = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, BatchRenorm):
+            module.set_training_fraction(1.0)
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model
+
+
+def test_probes_over_several_batches_measure_each_at_the_models_state():
+    """A forward's running-statistics update (on the probe's private copies) must not reach the
+    next batch: the Hessian of the mean over [b1, b2] is the mean of the two single-batch
+    Hessians (ground truth: each probed alone), and the batch order does not matter."""
+    model, loss_fn = renorm_with_running_statistics(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(4)
+    b1, b2 = [(torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64) * scale,
+               torch.randint(0, 10, (8,), generator=gen)) for scale in (1.0, 3.0)]
+    v = None
+    products = {}
+    for name, data in {"both": [b1, b2], "reversed": [b2, b1], "b1": [b1], "b2": [b2]}.items():
+        with hessian_operator(model, loss_fn, data) as op:
+            v = torch.randn(op.size, generator=gen, dtype=torch.float64) if v is None else v
+            products[name] = op(v)
+    alone = (products["b1"] + products["b2"]) / 2
+    torch.testing.assert_close(products["both"], alone, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(products["reversed"], alone, rtol=1e-10, atol=1e-12)
+    forward = probes.mean_gradient(model, loss_fn, [b1, b2]).gradient
+    backward = probes.mean_gradient(model, loss_fn, [b2, b1]).gradient
+    for name, g in forward.items():
+        torch.testing.assert_close(g, backward[name], rtol=1e-10, atol=1e-12)
 
 
 # -- read-offs: lr range test and the Jacobian ----------------------------------------------------

@@ -110,7 +110,7 @@ def lr_range_test(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
     lrs, losses, smoothed = [], [], []
     with preserved(model), probe_mode(model, mode):
         measured = norm_mode(model, mode)
-        forward = Stateless(model)
+        forward = Stateless(model, carry_buffers=True)
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in select_params(model, None).items()}
         trainer = _copied_optimizer(model, optimizer, params, momentum, weight_decay)
