@@ -7,14 +7,17 @@
 Measured in the same run, for a model without norm and one with BatchNorm in train mode (batch
 statistics part of the function, running statistics frozen), at initialization:
 - gradient: one forward + backward of the mean loss (the unit);
-- graph: one forward + backward with create_graph (paid once per `hessian_eigs` call);
-- HVP (reused graph): one double backward through that graph (what each iteration costs);
-- HVP (fresh): graph + one product, for reference;
+- graph: one forward + backward with create_graph (paid once per `hessian_eigs` call off CUDA);
+- HVP (reused graph): one double backward through that graph (each product off CUDA);
+- HVP (step function): forward, gradient graph and double backward for each product;
+- on CUDA, HVP (CUDA graph): the step function replayed from a CUDA graph (each product of
+  `hessian_eigs` on CUDA), and gradient (CUDA graph), the unit captured the same way: the HVP
+  row also gives its ratio to that (`x graph gradient`);
 - HVPs to reach lambda_max within `--tol` (relative) of a reference value (a long Lanczos run),
   for `hessian_eigs(method="lanczos")` and `method="power"`, read off their per-HVP history
   (the reference run's own history serves for Lanczos: the same start vector);
   and the HVPs each method's own stopping rule (relative change < tol) used.
-Targets: HVP (reused) <= 3x gradient; <= 30 HVPs for lambda_max at 1e-3.
+Targets: HVP <= 3x gradient; <= 30 HVPs for lambda_max at 1e-3.
 Timings: one warm-up, then the median of `--repeats`.
 """
 
@@ -31,7 +34,11 @@ from _timing import add_json_option, benchmark_device, timed, write_json
 from normlab.nn import resnet_cifar
 from normlab.probes import hessian_eigs
 from normlab.probes._hygiene import frozen_norm_statistics
-from normlab.probes.curvature import hessian_operator
+from normlab.probes.curvature import CAPTURE_WARMUP, hessian_operator
+from normlab.train.graphed import CapturedCall
+
+HVP_LABELS = {"reused_graph": "HVP (reused graph)", "step_function": "HVP (step function)",
+              "cuda_graph": "HVP (CUDA graph)"}
 
 
 def gradient(model, x, y, create_graph: bool = False) -> None:
@@ -66,6 +73,7 @@ def main() -> None:
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
     data = (x, y)
+    cuda = device.type == "cuda"
     print(f"ResNet-20, batch {batch}, device {device} ({torch.get_num_threads()} threads), "
           f"train-mode BN, median of {repeats} after warm-up")
     rows = []
@@ -74,20 +82,30 @@ def main() -> None:
         seconds = {"gradient": timed(lambda m=model: gradient(m, x, y), repeats, device),
                    "graph (create_graph)": timed(lambda m=model: gradient(m, x, y, True),
                                                  repeats, device)}
-        with hessian_operator(model, loss_fn, data) as op:
-            v = torch.randn(op.size, generator=gen, dtype=torch.float64).to(device)
-            seconds["HVP (reused graph)"] = timed(lambda op=op, v=v: op(v), repeats, device)
-
-        def fresh(m=model, v=v) -> None:
-            with hessian_operator(m, loss_fn, data) as fresh_op:
-                fresh_op(v)
-
-        seconds["HVP (fresh graph)"] = timed(fresh, repeats, device)
-        print(f"\n[{norm}] {'quantity':<22} {'seconds':>9} {'x gradient':>11}")
+        paths = ["reused_graph", "step_function"] + (["cuda_graph"] if cuda else [])
+        for path in paths:
+            with hessian_operator(model, loss_fn, data, path=path) as op:
+                v = torch.randn(op.size, generator=gen, dtype=torch.float64).to(device)
+                for _ in range(CAPTURE_WARMUP):  # eager products before the capture
+                    op(v)
+                seconds[HVP_LABELS[path]] = timed(
+                    lambda op=op, v=v: op(v), repeats, device)
+        if cuda:
+            captured = CapturedCall(lambda m=model: gradient(m, x, y), capture=True,
+                                    warmup=CAPTURE_WARMUP, what="the gradient")
+            for _ in range(CAPTURE_WARMUP):
+                captured()
+            seconds["gradient (CUDA graph)"] = timed(captured, repeats, device)
+        print(f"\n[{norm}] {'quantity':<22} {'seconds':>9} {'x gradient':>11}"
+              + (f" {'x graph gradient':>17}" if cuda else ""))
         for name, s in seconds.items():
-            print(f"[{norm}] {name:<22} {s:9.3f} {s / seconds['gradient']:11.2f}")
-            rows.append({"norm": norm, "batch": batch, "quantity": name, "seconds": s,
-                         "x_gradient": s / seconds["gradient"]})
+            row = {"norm": norm, "batch": batch, "quantity": name, "seconds": s,
+                   "x_gradient": s / seconds["gradient"]}
+            if name == HVP_LABELS["cuda_graph"]:
+                row["x_graph_gradient"] = s / seconds["gradient (CUDA graph)"]
+            rows.append(row)
+            print(f"[{norm}] {name:<22} {s:9.3f} {row['x_gradient']:11.2f}"
+                  + (f" {row['x_graph_gradient']:17.2f}" if "x_graph_gradient" in row else ""))
 
         # the long Lanczos run is both the reference and the Lanczos history (same seed)
         lanczos = reference = hessian_eigs(model, loss_fn, data, tol=1e-9, max_iter=60)

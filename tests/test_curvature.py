@@ -165,3 +165,63 @@ def test_sharpness_callback_records_thresholds():
     assert values["two_one_plus_momentum_over_lr"] == pytest.approx(76.0)
     exact = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])
     assert values["lambda_max"] == pytest.approx(exact, rel=1e-2)
+
+
+def two_batches(case):
+    """The case's batch and a second one of the same shape."""
+    gen = torch.Generator().manual_seed(5)
+    x2 = torch.randn(case.x.shape, generator=gen, dtype=case.x.dtype).to(case.x.device)
+    return [(case.x, case.y), (x2, case.y.flip(0))]
+
+
+@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("path", ["reused_graph", "step_function"])
+def test_every_hvp_path_is_the_dense_hessian_times_v(norm, path):
+    """Ground truth: the dense Hessian of each batch's mean loss; over two batches, their mean."""
+    case = tiny_case(norm)
+    before = model_snapshot(case.model)
+    batches = two_batches(case)
+    dense = []
+    for x, y in batches:
+        case.x, case.y = x, y
+        dense.append(dense_hessian(case))
+    gen = torch.Generator().manual_seed(6)
+    with hessian_operator(case.model, case.loss_fn, batches, path=path) as op:
+        assert op.path == path and op.refused is None
+        for _ in range(4):  # several products from the one operator (its vector buffer reused)
+            v = torch.randn(op.size, generator=gen, dtype=torch.float64)
+            torch.testing.assert_close(op(v), (dense[0] @ v + dense[1] @ v) / 2,
+                                       rtol=1e-9, atol=1e-11)
+    assert op.count == 4
+    assert_unchanged(before, case.model)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("norm", ["none", "batch", "batch_renorm"])
+def test_the_default_hvp_path_equals_the_reused_graph_on_the_device(norm, device):
+    """On CUDA the default path records a product in a CUDA graph after two eager ones and then
+    replays it: every product, before and after the capture, equals the reused graph's."""
+    case = tiny_case(norm)
+    case.model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in two_batches(case)]
+    gen = torch.Generator().manual_seed(7)
+    vectors = [torch.randn(sum(p.numel() for p in case.model.parameters()), generator=gen,
+                           dtype=torch.float64).to(device) for _ in range(5)]
+    with hessian_operator(case.model, case.loss_fn, batches, path="reused_graph") as op:
+        expected = [op(v) for v in vectors]
+    with hessian_operator(case.model, case.loss_fn, batches) as op:
+        assert op.path == ("cuda_graph" if device.type == "cuda" else "reused_graph")
+        for v, want in zip(vectors, expected, strict=True):
+            torch.testing.assert_close(op(v), want, rtol=1e-8, atol=1e-10)
+        assert op.refused is None
+
+
+def test_a_cuda_graph_path_needs_a_cuda_model():
+    case = tiny_case("none")
+    data = (case.x, case.y)
+    with pytest.raises(ConfigError, match="'path' setting 'cuda_graph' needs the model on a"), \
+            hessian_operator(case.model, case.loss_fn, data, path="cuda_graph"):
+        pass
+    with pytest.raises(ConfigError, match="'path'"), \
+            hessian_operator(case.model, case.loss_fn, data, path="fast"):
+        pass

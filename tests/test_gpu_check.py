@@ -51,6 +51,6 @@ def test_gpu_check_attempts_every_part_and_reports_the_failures(tmp_path):
         log = (out / f"{name}.log").read_text()  # one clear line, not a traceback
         assert "CUDA is not available" in log and "Traceback" not in log, log
     targets = (out / "targets.txt").read_text().splitlines()[1:]  # one line per target
-    assert len(targets) == 13 and all("not measured" in line for line in targets), targets
+    assert len(targets) == 14 and all("not measured" in line for line in targets), targets
     assert digest(TABLE) == before  # nothing measured, nothing recorded
     assert digest(out / "packing_throughput.json") == before  # the copy for the report

@@ -52,8 +52,10 @@ def test_each_target_is_met_missed_or_undecided_by_what_was_measured(tmp_path):
         {"norm": "none", "batch": 128, "method": "contributions", "x_backward": 2.0},
         {"norm": "batch", "batch": 128, "method": "contributions", "x_backward": 3.5},
         {"norm": "batch", "batch": 128, "method": "exact (auto)", "x_naive": 0.4}])
-    write(tmp_path, "hessian", [{"norm": "batch", "quantity": "HVP (reused graph)",
-                                 "x_gradient": 4.2}])
+    write(tmp_path, "hessian", [
+        {"norm": "batch", "quantity": "HVP (reused graph)", "x_gradient": 4.2},
+        {"norm": "batch", "quantity": "HVP (CUDA graph)", "x_gradient": 2.0,
+         "x_graph_gradient": 2.9}])
     write(tmp_path, "packed", [{"batch": 128, "kind": "packed", "pack": 8,
                                 "images_per_s": 50_000.0, "x_solo": 4.4}])
     write(tmp_path, "packed110", [{"kind": "packed", "pack": k, "images_per_s": v}
@@ -70,7 +72,8 @@ def test_each_target_is_met_missed_or_undecided_by_what_was_measured(tmp_path):
         "ResNet-110, b128: CUDA-graph loop / plain loop [9]": "missed",
         "contributions / backward, BN [9]": "missed",
         "contributions / backward, no norm [9]": "met",
-        "HVP (reused graph) / gradient, BN [9]": "missed",
+        "HVP / gradient, BN: reused graph, eager [9]": "missed",
+        "HVP / gradient, BN: both CUDA graphs (GPU default) [9]": "met",
         "exact per-example, BN, B=128: naive loop / exact [9]": "met",
         # stopped at 200 s: at least 200 s, which neither meets nor misses 300 s ...
         "smoke paper study on one GPU, seconds [9]":
@@ -102,7 +105,7 @@ def test_what_did_not_run_or_ran_on_a_cpu_is_not_measured(tmp_path):
                                      "x_naive": 0.1}])
     (tmp_path / "summary.txt").write_text("x\ny\npaper        SKIPPED      -  (only 12s left)\n")
     got = verdicts(tmp_path)
-    assert got["HVP (reused graph) / gradient, BN [9]"] == \
+    assert got["HVP / gradient, BN: reused graph, eager [9]"] == \
         "not measured: hessian ran on CPU x86_64, 2 threads, not a GPU"
     assert got["exact per-example, BN, B=128: naive loop / exact [9]"].startswith(
         "not measured: per_example.json has no row with method=exact (auto), norm=batch, "
@@ -132,7 +135,8 @@ def test_the_benchmarks_json_has_what_the_targets_read(tmp_path):
                         "--json", str(tmp_path / f"{part}.json")], env=env, check=True,
                        capture_output=True, timeout=300)
     measurable = {"contributions / backward, BN", "contributions / backward, no norm",
-                  "HVP (reused graph) / gradient, BN", "ResNet-20, b128, K=8: packed / solo run",
+                  "HVP / gradient, BN: reused graph, eager",
+                  "ResNet-20, b128, K=8: packed / solo run",
                   "ResNet-20, b128, K=8: aggregate images/s (H200)"}
     for target in targets.TARGETS:
         got = target.measure(tmp_path)

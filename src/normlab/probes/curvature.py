@@ -7,15 +7,18 @@ run functionally (`_stateless`): running statistics and parameters are never wri
 Results computed from a non-finite loss or gradient come back with `finite=False` and NaN
 values instead of an error from the eigensolver.
 
-One HVP is a double backward through a gradient graph that is built once per call and reused by
-every product (`retain_graph`), which is what keeps an HVP near 2-3 gradients of cost.
-Memory: one double-backward graph per batch held for the whole call, plus `max_iter` vectors of
-the parameter count in float64 for Lanczos.
+Off CUDA, one HVP is a double backward through a gradient graph that is built once per call and
+reused by every product (`retain_graph`), which keeps an HVP near 2-3 gradients of cost. On
+CUDA, each product (forward, gradient graph, double backward) is replayed from a CUDA graph
+recorded at the third product (see `HessianOperator`). Memory: one double-backward graph per
+batch held for the whole call, plus `max_iter` vectors of the parameter count in float64 for
+Lanczos.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import check_choice, check_interval
+from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._batches import Batch, LossFn, Vector, unflatten
 from normlab.probes._calling import batch_list, batch_loss, convention
 from normlab.probes._hygiene import preserved
@@ -33,61 +36,121 @@ from normlab.probes._modules import select_params
 from normlab.probes._results import RecordsMixin
 from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
+from normlab.train.graphed import CapturedCall
 
 METHODS = ("lanczos", "power")
 
 
+HVP_PATHS = ("auto", "reused_graph", "step_function", "cuda_graph")
+CAPTURE_WARMUP = 2  # eager products (real ones) before the capture
+
+
 class HessianOperator:
-    """v -> H v for the mean loss over `batches`, with the gradient graph built once and reused.
+    """v -> H v for the mean loss over `batches`; `count` is the number of HVPs taken so far.
 
     Vectors are flat float64 tensors over the selected parameters (in `self.params` order).
-    `count` is the number of HVPs taken so far.
+    `path` says how a product is computed (the same function each way, float rounding aside):
+    - "reused_graph": the gradient graph (create_graph) is built once per batch and every
+      product is one double backward through it (retain_graph); the default off CUDA.
+    - "step_function": each product recomputes forward, gradient graph and double backward
+      from a static vector buffer: one function with fixed inputs and outputs, so that
+    - "cuda_graph": it can be recorded once in a CUDA graph and replayed per product (the
+      default on CUDA, where a double backward through BatchNorm is hundreds of small kernels
+      and launch-bound). Where CUDA refuses the capture, products run as "step_function" and
+      `refused` keeps the reason.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
-                 params: dict[str, nn.Parameter]) -> None:
+                 params: dict[str, nn.Parameter], path: str = "auto") -> None:
+        check_choice("path", path, HVP_PATHS)
         self.params = leaves(params)
         self.size = sum(p.numel() for p in params.values())
         self.count = 0
         tensors = list(self.params.values())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if path == "cuda_graph" and device.type != "cuda":
+            raise ConfigError(f"The 'path' setting 'cuda_graph' needs the model on a CUDA "
+                              f"device; it is on {str(device)!r}. Use 'auto'.")
+        self.path = path if path != "auto" else (
+            "cuda_graph" if device.type == "cuda" else "reused_graph")
         forward = Stateless(model)
-        self._grads = []
+
+        def batch_mean_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return batch_loss(loss_fn, forward(x, self.params), y) / len(batches)
+
+        self._grads, gradient = [], None
         for x, y in batches:  # one graph per batch: memory grows with the number of batches
-            loss = batch_loss(loss_fn, forward(x, self.params), y) / len(batches)
-            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
-            self._grads.append(grads)
-        self.gradient = torch.cat([
-            sum((g[i].detach() if g[i] is not None else torch.zeros_like(p))
-                for g in self._grads).reshape(-1).double()
-            for i, p in enumerate(tensors)])
+            grads = torch.autograd.grad(batch_mean_loss(x, y), tensors,
+                                        create_graph=self.path == "reused_graph",
+                                        allow_unused=True)
+            if self.path == "reused_graph":
+                self._grads.append(grads)
+            flat = self._flat(grads, detach=True)
+            gradient = flat if gradient is None else gradient + flat
+        self.gradient = gradient if gradient is not None else torch.zeros(
+            self.size, dtype=torch.float64, device=device)
         self.finite = bool(torch.isfinite(self.gradient).all())
+        self._vector = torch.zeros(self.size, dtype=torch.float64, device=device)
+        self._calls = [CapturedCall(functools.partial(self._product, batch_mean_loss, x, y),
+                                    capture=self.path == "cuda_graph", warmup=CAPTURE_WARMUP,
+                                    what="a Hessian-vector product")
+                       for x, y in batches] if self.path != "reused_graph" else []
+
+    @property
+    def refused(self) -> str | None:
+        """Why CUDA refused to capture a product (they then run as "step_function"), or None."""
+        return next((c.refused for c in self._calls if c.refused), None)
+
+    def _flat(self, grads: Sequence[torch.Tensor | None], detach: bool = False) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if g is None else g.detach() if detach else g
+                           ).reshape(-1) for g, p in zip(grads, self.params.values(),
+                                                         strict=True)]).double()
+
+    def _product(self, batch_mean_loss: Callable[..., torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """H v on one batch for v in `self._vector`, from scratch (the step function)."""
+        tensors = list(self.params.values())
+        grads = torch.autograd.grad(batch_mean_loss(x, y), tensors, create_graph=True,
+                                    allow_unused=True)
+        return self._double_backward(grads, unflatten(self._vector, self.params),
+                                     retain_graph=False)
+
+    def _double_backward(self, grads: Sequence[torch.Tensor | None], pieces: Vector,
+                         retain_graph: bool) -> torch.Tensor:
+        tensors = list(self.params.values())
+        pairs = [(g, pieces[n]) for g, n in zip(grads, self.params, strict=True)
+                 if g is not None and g.requires_grad]
+        if not pairs:
+            return torch.zeros(self.size, dtype=torch.float64, device=self._vector.device)
+        hv = torch.autograd.grad([g for g, _ in pairs], tensors,
+                                 grad_outputs=[u for _, u in pairs], retain_graph=retain_graph,
+                                 allow_unused=True)
+        return self._flat(hv)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.count += 1
-        tensors = list(self.params.values())
-        pieces = unflatten(v, self.params)
+        if self.path == "reused_graph":
+            pieces = unflatten(v, self.params)
+            return sum((self._double_backward(grads, pieces, retain_graph=True)
+                        for grads in self._grads),
+                       torch.zeros(self.size, dtype=torch.float64, device=v.device))
+        self._vector.copy_(v)
         total = torch.zeros(self.size, dtype=torch.float64, device=v.device)
-        for grads in self._grads:
-            pairs = [(g, pieces[n]) for g, n in zip(grads, self.params, strict=True)
-                     if g is not None and g.requires_grad]
-            if not pairs:
-                continue
-            hv = torch.autograd.grad([g for g, _ in pairs], tensors,
-                                     grad_outputs=[u for _, u in pairs],
-                                     retain_graph=True, allow_unused=True)
-            total += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
-                                for h, p in zip(hv, tensors, strict=True)]).double()
+        for call in self._calls:
+            total += call()  # a captured call returns the same tensor, refilled: add it now
         return total
 
 
 @contextlib.contextmanager
 def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch],
-                     params: Sequence[str] | None = None, mode: str = "train"
-                     ) -> Iterator[HessianOperator]:
-    """A `HessianOperator` on `model` in `mode`; the model is left exactly as it was."""
+                     params: Sequence[str] | None = None, mode: str = "train",
+                     path: str = "auto") -> Iterator[HessianOperator]:
+    """A `HessianOperator` on `model` in `mode`, computing products by `path` (see
+    `HessianOperator`; "auto": a CUDA graph on CUDA, else the reused graph); the model is left
+    exactly as it was."""
     batches = batch_list(data, "the Hessian probes")
     with preserved(model), probe_mode(model, mode):
-        op = HessianOperator(model, loss_fn, batches, select_params(model, params))
+        op = HessianOperator(model, loss_fn, batches, select_params(model, params), path)
         op.bn_mode = norm_mode(model, mode)
         yield op
 

@@ -149,8 +149,9 @@ class CapturedCall:
     and `refused` keeps the reason (recorded in the run's provenance).
     """
 
-    def __init__(self, fn: Callable[[], Any], *, capture: bool, warmup: int) -> None:
-        self.fn, self.capture, self.warmup = fn, capture, warmup
+    def __init__(self, fn: Callable[[], Any], *, capture: bool, warmup: int,
+                 what: str = "the step") -> None:
+        self.fn, self.capture, self.warmup, self.what = fn, capture, warmup, what
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
@@ -177,7 +178,7 @@ class CapturedCall:
                     self.outputs = self.fn()
             except RuntimeError as err:  # recorded, not run: the state is as before the call
                 self.capture, self.refused = False, f"{type(err).__name__}: {err}"
-                warnings.warn(f"CUDA refused to capture the step in a graph; it runs eagerly "
+                warnings.warn(f"CUDA refused to capture {self.what} in a graph; it runs eagerly "
                               f"instead ({self.refused})", RuntimeWarning, stacklevel=2)
                 return self.fn()
             self.graph = graph
