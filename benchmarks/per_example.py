@@ -7,8 +7,9 @@
 Measured in the same run, for a model without norm and one with BatchNorm in train mode:
 - backward: one forward + backward of the mean loss (the unit);
 - contributions: `per_example_contributions` (layer hooks, one backward);
-- exact: `per_example_loss_grads` with its automatic method (vmap without batch coupling,
-  chunked batched VJPs with BN) and, with BN, forced chunk sizes;
+- exact: `per_example_loss_grads` with its automatic method (vmap without batch coupling; with
+  BN one VJP row at a time, replayed from a CUDA graph on a GPU) and, with BN, forced chunk
+  sizes (batched VJPs over that many one-hot cotangents at once);
 - naive loop: one forward, then B backward passes of ell_i (retain_graph).
 Targets: contributions <= 3x backward; exact no slower than the naive loop on a CPU and >= 2x
 faster than it on a GPU at B = 128 with BN, its peak memory bounded by `--max-memory`. Each

@@ -109,7 +109,7 @@ else
         | tee -a "$OUT/paper.log"
 fi
 
-part per_example 45 "$PY" benchmarks/per_example.py --batch 128 --repeats 1 --chunks 64 \
+part per_example 45 "$PY" benchmarks/per_example.py --batch 128 --repeats 1 --chunks 128 \
     --device cuda --json "$OUT/per_example.json"
 part hessian 30 "$PY" benchmarks/hessian.py --quick --device cuda --json "$OUT/hessian.json"
 part thr_nhwc 30 "$PY" benchmarks/train_throughput.py --quick --device cuda --depth 20 \

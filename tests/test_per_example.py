@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -84,6 +86,23 @@ def test_loss_grads_sum_to_the_summed_loss_gradient_under_bn():
     assert list(got) == ["fc.weight"]
     batch = batch_gradient(case)["fc.weight"]
     torch.testing.assert_close(got["fc.weight"].sum(0) / case.x.shape[0], batch)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("norm", ["batch", "batch_renorm"])
+def test_the_default_rows_equal_the_naive_loop_on_the_device(norm, device):
+    """On CUDA the default path replays a recorded one-row backward per example: it must equal
+    B plain backward passes, with no fallback (a RuntimeWarning) along the way."""
+    case = tiny_case(norm)
+    case.model.to(device)
+    case.x, case.y = case.x.to(device), case.y.to(device)
+    want = brute_force_grads(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):  # a second call captures afresh
+            got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y))
+            assert got.method == "vjp"
+            assert_close(got, want)
 
 
 def test_max_memory_bounds_the_chunk():
