@@ -6,7 +6,8 @@
     python benchmarks/packed.py --kernels            # grouped conv vs vmap vs a loop, one layer
     python benchmarks/packed.py --batch 2 8 32 128   # one table (and recorded rows) per batch
 
-Measured in one process on CIFAR-shaped synthetic data (3x32x32, no download), steps only (no
+Measured in one process on synthetic data (CIFAR-shaped 3x32x32 by default, `--shape C H W`
+for others, e.g. `--shape 1 8 8 --width 8` for the digits' smoke runs; no download), steps only (no
 evaluation), with `--warmup` steps first and the device synchronized around each timing:
 - solo: one `normlab.train` run's step (`loop._Run.sgd_step`), the baseline;
 - packed K: one step of `normlab.train.packed` with K members that differ in lr and seed
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import time
 import warnings
@@ -41,9 +43,9 @@ import torch.nn.functional as F
 from _timing import add_json_option, benchmark_device, device_name, write_json
 from torch.func import vmap
 
-from normlab.packing import with_measured_rows
 from normlab.spec import RunSpec
 from normlab.tasks import RunContext
+from normlab.throughput import with_measured_rows
 from normlab.train.loop import _Run
 from normlab.train.packed import _Pack
 
@@ -53,8 +55,8 @@ TABLE = Path(__file__).resolve().parents[1] / "src" / "normlab" / "packing_throu
 def spec_for(args: argparse.Namespace, seed: int = 0) -> RunSpec:
     n_train = args.batch * 8
     return RunSpec(data="synthetic", data_options={"n_train": n_train, "n_test": 64,
-                                                  "shape": [3, 32, 32]},
-                   depth=args.depth, width=16, norm=args.norm, batch_size=args.batch,
+                                                  "shape": list(args.shape)},
+                   depth=args.depth, width=args.width, norm=args.norm, batch_size=args.batch,
                    steps=100_000, lr=0.01 * (1 + seed % 4), seed=seed, schedule="constant",
                    momentum=0.9, weight_decay=5e-4, device=args.device, log_every=10_000)
 
@@ -107,8 +109,9 @@ def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
         rate = k * args.batch / packed_seconds(args, k, device)
         rows.append({"pack": k, "images_per_s": rate})
     base = rows[0]["images_per_s"] if rows[0]["pack"] == 1 else solo
-    print(f"ResNet-{args.depth}, norm {args.norm}, batch {args.batch} on {device_name(device)}, "
-          f"torch {torch.__version__}")
+    shape = "x".join(map(str, args.shape))
+    print(f"ResNet-{args.depth} (width {args.width}), norm {args.norm}, batch {args.batch}, "
+          f"{shape} images on {device_name(device)}, torch {torch.__version__}")
     print(f"{'run':<10} {'images/s':>10} {'x solo':>8} {'x K=1':>7}")
     print(f"{'solo':<10} {solo:>10.0f} {1.0:>8.2f} {solo / base:>7.2f}")
     for row in rows:
@@ -120,11 +123,12 @@ def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
 
 def record(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     """Put the rows in the table in place of this device kind's rows of the same configuration
-    (`normlab.packing.with_measured_rows`); keep all others."""
+    (`normlab.throughput.with_measured_rows`); keep all others."""
     table = json.loads(TABLE.read_text(encoding="utf-8"))
     name = device_name(device) + (f" ({args.note})" if args.note else "")
     new = [{"device_kind": device.type, "device": name, "model": "resnet", "depth": args.depth,
-            "norm": args.norm, "batch_size": args.batch, "kind": r["kind"], "pack": r["pack"],
+            "width": args.width, "pixels": math.prod(args.shape), "norm": args.norm,
+            "batch_size": args.batch, "kind": r["kind"], "pack": r["pack"],
             "images_per_s": round(r["images_per_s"], 1), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/packed.py --record"} for r in rows]
@@ -169,6 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+                        help="image shape of the synthetic data")
     parser.add_argument("--norm", default="batch")
     parser.add_argument("--batch", type=int, nargs="+", default=[128],
                         help="batch size per member; several: one table (and rows) each")
@@ -196,7 +203,8 @@ def main() -> None:
         rows, solo = throughput(args, device)
         rows = [{"kind": "solo", "pack": 1, "images_per_s": solo}] + \
             [{"kind": "packed", **row} for row in rows]
-        measured += [{"depth": args.depth, "batch": batch, **row,
+        measured += [{"depth": args.depth, "width": args.width, "shape": args.shape,
+                      "batch": batch, **row,
                       "x_solo": row["images_per_s"] / solo} for row in rows]
         if args.record:
             record(args, device, rows)

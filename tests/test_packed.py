@@ -18,19 +18,20 @@ import torch
 
 from normlab.config import ConfigError
 from normlab.executor import LocalExecutor
-from normlab.packing import (
+from normlab.packing import pack_specs
+from normlab.spec import RunSpec
+from normlab.store import RunStore, read_jsonl, read_result
+from normlab.tasks import RunContext, execute_run
+from normlab.throughput import (
     default_pack,
     default_parallelism,
     default_workers,
     images_per_s,
-    pack_specs,
     plan_estimate,
     throughput_table,
+    typical_spec,
     with_measured_rows,
 )
-from normlab.spec import RunSpec
-from normlab.store import RunStore, read_jsonl, read_result
-from normlab.tasks import RunContext, execute_run
 from normlab.train import TrainState, list_callbacks, register_callback, train
 from normlab.train.packed import check_packable, execute_pack, train_packed
 
@@ -269,40 +270,68 @@ def test_bad_pack_settings_are_refused():
         check_packable([base_spec(channels_last=True)])
 
 
-def test_default_pack_is_the_measured_best_or_off(monkeypatch):
-    def rows(kind: str, rates: dict[int, float], batch: int = 128) -> list[dict]:
-        return [{"device_kind": kind, "device": "x", "model": "resnet", "depth": 20,
-                 "batch_size": batch, "kind": "packed", "pack": k, "images_per_s": v}
-                for k, v in rates.items()]
+CIFAR = {"width": 16, "pixels": 3 * 32 * 32}
+TINY = {"width": 8, "pixels": 1 * 8 * 8}  # base_spec's workload: synthetic 1x8x8, width 8
 
-    table = rows("cuda", {1: 100.0, 4: 300.0, 8: 420.0, 16: 400.0}) + \
-        rows("cpu", {1: 100.0, 2: 103.0, 4: 90.0})
+
+def table_row(images_per_s: float, pack: int = 1, **fields: Any) -> dict[str, Any]:
+    """A throughput-table row: ResNet-20, BN, CIFAR-sized, batch 128, packed, on "GPU-X"."""
+    return {"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 20, **CIFAR,
+            "norm": "batch", "batch_size": 128, "kind": "packed", "pack": pack,
+            "images_per_s": images_per_s, **fields}
+
+
+def use_table(monkeypatch, rows: list[dict[str, Any]]) -> None:
+    monkeypatch.setattr("normlab.throughput.throughput_table", lambda: rows)
+
+
+def test_default_pack_is_the_measured_best_or_off(monkeypatch):
+    table = [table_row(v, k) for k, v in {1: 100.0, 4: 300.0, 8: 420.0, 16: 400.0}.items()]
+    table += [table_row(v, k, device_kind="cpu") for k, v in {1: 100.0, 2: 103.0, 4: 90.0}.items()]
     # rows at another batch size do not set the default (the best there is 16)
-    table += rows("cuda", {1: 10.0, 16: 100.0}, batch=8)
-    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
+    table += [table_row(v, k, batch_size=8) for k, v in {1: 10.0, 16: 100.0}.items()]
+    use_table(monkeypatch, table)
     assert default_pack("cuda") == 8
     assert default_pack("cpu") == 1  # 3 % faster is within noise: off
-    solo = {**rows("cpu", {1: 0.0})[0], "kind": "solo", "images_per_s": 80.0}
-    monkeypatch.setattr("normlab.packing.throughput_table", lambda: [*table, solo])
+    use_table(monkeypatch, [*table, table_row(80.0, device_kind="cpu", kind="solo")])
     assert default_pack("cpu") == 2  # compared with the solo run's 80 images/s
 
 
-def test_a_new_measurement_replaces_the_same_configuration_on_the_same_device_kind():
-    def row(device: str, pack: int, rate: float, kind: str = "cuda", batch: int = 128) -> dict:
-        return {"device_kind": kind, "device": device, "model": "resnet", "depth": 20,
-                "norm": "batch", "batch_size": batch, "kind": "packed", "pack": pack,
-                "images_per_s": rate}
+def test_the_defaults_follow_the_plans_workload(monkeypatch):
+    """On a CPU packing loses at CIFAR size and wins on tiny images: a plan of tiny runs reads
+    the tiny rows (the nearest width and pixels), a CIFAR plan the CIFAR rows."""
+    cpu = {"device_kind": "cpu", "depth": 8, "batch_size": 32}
+    use_table(monkeypatch, [
+        table_row(100.0, 1, **cpu), table_row(80.0, 4, **cpu),  # CIFAR-sized: slower packed
+        table_row(1000.0, 1, **cpu, **TINY), table_row(1400.0, 4, **cpu, **TINY)])
+    tiny = [base_spec(seed=s) for s in range(5)]
+    cifar = [s.replace(data="cifar10", data_options={}, width=16) for s in tiny]
+    assert default_pack("cpu", tiny[0]) == 4 and default_pack("cpu", cifar[0]) == 1
+    assert default_pack("cpu") == 1  # no plan: ResNet-20 on CIFAR-sized images
+    # the plan's largest group of packable runs decides; a lone other run does not
+    plan = [cifar[0], *tiny]
+    assert typical_spec(plan) == tiny[0] and typical_spec([]) is None
+    assert default_parallelism(None, None, "cpu", plan) == (4, 1)
+    assert default_parallelism(None, None, "cpu", cifar) == (1, 1)
+    assert "estimate on cpu (packs of at most 4): " in plan_estimate(plan, 1, fixed=False)
 
-    old = [row("H200 (diagnostic)", 8, 100.0), row("H200 (diagnostic)", 16, 120.0),
-           row("CPU", 8, 5.0, kind="cpu"), row("H200 (diagnostic)", 8, 30.0, batch=8)]
-    new = [row("NVIDIA H100", 8, 90.0)]
-    # the diagnostic's K = 8 row at batch 128 goes, whatever the device's name; nothing else
-    assert with_measured_rows(old, new) == [old[1], old[2], old[3], new[0]]
+
+def test_a_new_measurement_replaces_the_same_configuration_on_the_same_device_kind():
+    old = [table_row(100.0, 8, device="H200 (diagnostic)"),
+           table_row(120.0, 16, device="H200 (diagnostic)"),
+           table_row(5.0, 8, device="CPU", device_kind="cpu"),
+           table_row(30.0, 8, device="H200 (diagnostic)", batch_size=8),
+           table_row(50.0, 8, device="H200 (diagnostic)", **TINY)]
+    new = [table_row(90.0, 8, device="NVIDIA H100")]
+    # the diagnostic's K = 8 row at batch 128 on CIFAR-sized images goes, whatever the device's
+    # name; nothing else
+    assert with_measured_rows(old, new) == [*old[1:], new[0]]
 
 
 def test_the_shipped_table_names_its_devices_and_sets_the_defaults():
     table = throughput_table()
     assert table and all(r["device"] and r["images_per_s"] > 0 for r in table)
+    assert all(r["width"] > 0 and r["pixels"] > 0 for r in table)
     assert default_workers("cpu") == 1
     processes = {r["pack"]: r["images_per_s"] for r in table
                  if r["device_kind"] == "cuda" and r["kind"] == "processes"}
@@ -317,10 +346,8 @@ def test_the_dry_run_estimate_counts_training_images():
 
 
 def test_the_dry_run_estimate_is_images_over_the_measured_rate_of_each_pack(monkeypatch):
-    table = [{"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 8,
-              "batch_size": 128, "kind": "packed", "pack": k, "images_per_s": v}
-             for k, v in {1: 100.0, 2: 150.0, 4: 240.0}.items()]
-    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
+    use_table(monkeypatch, [table_row(v, k, depth=8)
+                            for k, v in {1: 100.0, 2: 150.0, 4: 240.0}.items()])
     specs = [base_spec(seed=s, steps=900, batch_size=128) for s in range(4)]  # 900 x 128 each
     images = 4 * 900 * 128
     # --pack 2: two packs of 2 at 150 images/s
@@ -337,10 +364,8 @@ def test_the_dry_run_estimate_is_images_over_the_measured_rate_of_each_pack(monk
 def test_unmeasured_batch_sizes_are_bounded_by_the_next_larger_measured_one(monkeypatch):
     """A step on fewer images takes no longer: batch b < measured B counts B's step time, i.e.
     B's images/s x b / B; above every measured batch size the largest one's images/s."""
-    table = [{"device_kind": "cuda", "device": "GPU-X", "model": "resnet", "depth": 8,
-              "batch_size": b, "kind": "packed", "pack": 1, "images_per_s": v}
-             for b, v in {16: 400.0, 64: 1000.0}.items()]
-    monkeypatch.setattr("normlab.packing.throughput_table", lambda: table)
+    use_table(monkeypatch, [table_row(v, depth=8, batch_size=b)
+                            for b, v in {16: 400.0, 64: 1000.0}.items()])
 
     def rate(batch: int) -> float:
         got = images_per_s(base_spec(batch_size=batch), "cuda", 1)

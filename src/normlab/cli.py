@@ -140,7 +140,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     from normlab.executor import LocalExecutor
-    from normlab.packing import default_parallelism, plan_estimate
     from normlab.preflight import duplicate_note, plan_problems
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
@@ -149,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     from normlab.store import RunStore
     from normlab.studies import get_study
     from normlab.studies.base import check_scale
+    from normlab.throughput import default_parallelism, plan_estimate
     from normlab.verify import damaged_runs, verify_store
 
     study, overrides, *_ = _all_or_problems(
@@ -168,7 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     problems = plan_problems(specs, out_dir, args.device)
     if problems:
         raise ConfigError(problems)
-    pack, workers = default_parallelism(args.pack, args.workers, args.device)  # devices checked
+    pack, workers = default_parallelism(args.pack, args.workers, args.device,  # checked
+                                        specs)
     if args.dry_run:
         print(f"{study.name} at {args.scale} scale into {out_dir}")
         note = duplicate_note(specs)
