@@ -26,10 +26,13 @@ class FakeGridStudy(FakeStudy):
 
 
 def study_command(out: Path, *extra: str, study: str = "fake-grid") -> list[str]:
-    """argv of a `normlab run STUDY` process (the test folder on its path)."""
+    """argv of a `normlab run STUDY` process (the test folder on its path), with Ctrl-C raising
+    KeyboardInterrupt as in a terminal even when the tests themselves run with SIGINT ignored
+    (a background job of a non-interactive shell), which the process would inherit."""
     import sys
 
     tests = str(Path(__file__).parent)
-    code = (f"import sys; sys.path.insert(0, {tests!r}); import fake_grid; "
+    code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.path.insert(0, {tests!r}); import fake_grid; "
             "from normlab.cli import main; sys.exit(main(sys.argv[1:]))")
     return [sys.executable, "-c", code, "run", study, "--out", str(out), *extra]
