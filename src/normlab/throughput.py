@@ -32,6 +32,7 @@ ROW_CONFIG = ("device_kind", "model", "depth", "width", "pixels", "norm", "batch
 MIN_GAIN = 1.05  # packing is on by default only where it beats one run by at least 5 %
 REFERENCE = {"width": 16, "pixels": 3 * 32 * 32, "depth": 20, "batch_size": 128}  # no plan given
 CIFAR10 = (50_000, 3 * 32 * 32)  # CIFAR-10's training images and pixels per image
+DataFacts = dict[tuple[Any, ...], tuple[int, int]]  # (data, data_options) -> (images, pixels)
 
 
 @cache
@@ -52,7 +53,7 @@ def with_measured_rows(rows: Sequence[dict[str, Any]], new: Sequence[dict[str, A
     return [row for row in rows if key(row) not in replaced] + list(new)
 
 
-def data_facts(spec: RunSpec, cache: dict[tuple[Any, ...], tuple[int, int]]
+def data_facts(spec: RunSpec, cache: DataFacts
                ) -> tuple[int, int]:
     """(training images, pixels per image) of `spec`'s data set, cached per (data,
     data_options) in `cache`; CIFAR-10's are known without reading it, the other data sets are
@@ -69,7 +70,7 @@ def data_facts(spec: RunSpec, cache: dict[tuple[Any, ...], tuple[int, int]]
     return cache[key]
 
 
-def workload(spec: RunSpec | None, cache: dict[tuple[Any, ...], tuple[int, int]]
+def workload(spec: RunSpec | None, cache: DataFacts
              ) -> dict[str, int]:
     """The workload of `spec` as the table describes one (`REFERENCE` without a spec)."""
     if spec is None:
@@ -93,12 +94,13 @@ def _rows(device_kind: str, want: dict[str, int], kind: str, model: str = "resne
     return [r for r in rows if r["depth"] == depth]
 
 
-def default_pack(device_kind: str, spec: RunSpec | None = None) -> int:
+def default_pack(device_kind: str, spec: RunSpec | None = None,
+                 cache: DataFacts | None = None) -> int:
     """The pack size with the best measured aggregate images/s on `device_kind` for runs like
     `spec` (the nearest measured workload and batch size; without a spec, ResNet-20 at batch 128
     on CIFAR-sized images), or 1 when it does not beat one run (the "solo" row, else the pack of
-    one) by `MIN_GAIN`."""
-    want = workload(spec, {})
+    one) by `MIN_GAIN`. `cache`: as for `data_facts`."""
+    want = workload(spec, {} if cache is None else cache)
     packed = _rows(device_kind, want, "packed")
     if not packed:
         return 1
@@ -134,7 +136,7 @@ class Rate:
 
 
 def images_per_s(spec: RunSpec, device_kind: str, pack: int,
-                 cache: dict[tuple[Any, ...], tuple[int, int]] | None = None) -> Rate | None:
+                 cache: DataFacts | None = None) -> Rate | None:
     """The aggregate images/s of a pack of `pack` runs like `spec` on `device_kind`, from the
     rows of the nearest measured workload (scaled by measured_depth / depth: the cost of a
     CIFAR ResNet step grows linearly with depth) and the nearest measured pack size; None when
@@ -192,7 +194,7 @@ def default_parallelism(pack: int | None, workers: int | None, device: str | Non
     return (pack if pack is not None else default_pack(kind, typical_spec(specs))), workers
 
 
-def train_images(spec: RunSpec, cache: dict[tuple[Any, ...], tuple[int, int]]) -> int | None:
+def train_images(spec: RunSpec, cache: DataFacts) -> int | None:
     """Training images a "train" run processes (steps x batch size); None for other tasks."""
     if spec.task != "train":
         return None
@@ -210,7 +212,7 @@ def plan_estimate(specs: Sequence[RunSpec], k: int, *, fixed: bool = True) -> st
     measured on), packed by `k` when `fixed` (the user chose it), else by each device kind's
     own default for the plan (`default_pack`)."""
     packs = pack_specs(specs, k)
-    cache: dict[tuple[Any, ...], tuple[int, int]] = {}
+    cache: DataFacts = {}
     lines = [f"{len(packs)} packs of at most {k} runs (--pack {k}):"]
     for i, pack in enumerate(packs, 1):
         first = pack[0]
@@ -225,7 +227,7 @@ def plan_estimate(specs: Sequence[RunSpec], k: int, *, fixed: bool = True) -> st
                  + (f" (plus {other} runs of other tasks, not estimated)" if other else ""))
     typical = typical_spec(specs)
     for kind in sorted({r["device_kind"] for r in throughput_table()}):
-        size = k if fixed else default_pack(kind, typical)
+        size = k if fixed else default_pack(kind, typical, cache)
         seconds, measured_on, missing = 0.0, set(), 0
         below, above = set(), set()  # batch sizes not measured: bounded, or taken as the largest
         for pack in pack_specs([s for s, n in images if n is not None], size):

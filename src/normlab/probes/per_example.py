@@ -236,8 +236,9 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
     activations outlive every replay), replayed once per row: a backward at B = 128 is
     launch-bound eagerly on a GPU. Checked at run time against one eager backward of the summed
     losses (sum_i g_i = d sum_i ell_i / d theta, a relative error under 1e-2 with TF32
-    convolutions); None (with a RuntimeWarning) when CUDA refuses the capture or the check
-    fails, and the caller takes the eager path."""
+    convolutions; nothing to check when that gradient is not finite); None (with a
+    RuntimeWarning) when CUDA refuses the capture or the check fails, and the caller takes the
+    eager path."""
     from normlab.train.graphed import cudnn_autotuned
 
     try:
@@ -268,10 +269,13 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
                       f"run eagerly instead ({type(err).__name__}: {err})", RuntimeWarning,
                       stacklevel=4)
         return None
-    whole = torch.autograd.grad(eager_losses.sum(), tensors, retain_graph=True,
-                                allow_unused=True)
-    error = max((float((r.sum(0) - g).norm() / g.norm().clamp_min(1e-30))
-                 for r, g in zip(rows, whole, strict=True) if g is not None), default=0.0)
+    whole = [(r, g) for r, g in zip(rows, torch.autograd.grad(
+        eager_losses.sum(), tensors, retain_graph=True, allow_unused=True), strict=True)
+        if g is not None]
+    if not all_finite(g for _, g in whole):
+        return rows  # nothing to check against: the result says finite=False either way
+    error = max((float((r.sum(0) - g).norm() / g.norm().clamp_min(1e-30)) for r, g in whole),
+                default=0.0)
     if not error < 1e-2:
         warnings.warn(f"The per-example rows replayed from a CUDA graph do not add up to the "
                       f"batch gradient (relative error {error:.1e}); they run eagerly instead.",
