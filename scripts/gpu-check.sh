@@ -35,16 +35,25 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-$(command -v python || command -v python3)}
 # 8 minutes less margins for kills (--kill-after), start-up and the summary; a shorter lease:
-# GPU_CHECK_BUDGET_S=300 bash scripts/gpu-check.sh OUTDIR (the paper study gets what is left).
+# GPU_CHECK_BUDGET_S=300 bash scripts/gpu-check.sh OUTDIR (the paper study gets what is left
+# after the parts before it and AFTER_PAPER_S for those after it).
 BUDGET_S=${GPU_CHECK_BUDGET_S:-440}
 START=$(date +%s)
 SUMMARY=()
 
 # part NAME TIMEOUT_S COMMAND...: run COMMAND with a timeout, log to OUT/NAME.log, record status.
+# The timeout never reaches past the budget, so the whole script keeps to it whatever each
+# part takes; a part with under 5 s left is skipped.
 part() {
     local name=$1 limit=$2
     shift 2
-    local begin end rc status
+    local begin end rc status left
+    left=$(( BUDGET_S - ($(date +%s) - START) ))
+    if [ "$left" -lt 5 ]; then
+        skip "$name" "the ${BUDGET_S}s budget is spent"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     echo "== $name (timeout ${limit}s): $*" | tee "$OUT/$name.log"
     begin=$(date +%s.%N)
     # Straight to the file, not through a pipe: a killed command's children cannot hang the script.
