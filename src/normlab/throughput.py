@@ -70,8 +70,7 @@ def data_facts(spec: RunSpec, cache: DataFacts
     return cache[key]
 
 
-def workload(spec: RunSpec | None, cache: DataFacts
-             ) -> dict[str, int]:
+def workload(spec: RunSpec | None, cache: DataFacts) -> dict[str, int]:
     """The workload of `spec` as the table describes one (`REFERENCE` without a spec)."""
     if spec is None:
         return REFERENCE
@@ -107,8 +106,9 @@ def default_pack(device_kind: str, spec: RunSpec | None = None,
     batch = min({r["batch_size"] for r in packed},
                 key=lambda b: abs(math.log(b / want["batch_size"])))
     packed = [r for r in packed if r["batch_size"] == batch]
-    solo = [r["images_per_s"] for r in _rows(device_kind, want, "solo")
-            if r["batch_size"] == batch and r["depth"] == packed[0]["depth"]] or \
+    same = ("device_kind", "model", "width", "pixels", "depth", "batch_size")
+    solo = [r["images_per_s"] for r in throughput_table() if r["kind"] == "solo"
+            and all(r[k] == packed[0][k] for k in same)] or \
         [r["images_per_s"] for r in packed if r["pack"] == 1]
     if not solo:
         return 1
