@@ -29,17 +29,21 @@ def benchmark_device(name: str) -> torch.device:
     return device
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` over `repeats` runs after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

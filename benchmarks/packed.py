@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 # benchmarks/ is on sys.path when run as a script
-from _timing import add_json_option, benchmark_device, device_name, write_json
+from _timing import add_json_option, benchmark_device, device_name, sync, write_json
 from torch.func import vmap
 
 from normlab.spec import RunSpec
@@ -59,11 +59,6 @@ def spec_for(args: argparse.Namespace, seed: int = 0) -> RunSpec:
                    depth=args.depth, width=args.width, norm=args.norm, batch_size=args.batch,
                    steps=100_000, lr=0.01 * (1 + seed % 4), seed=seed, schedule="constant",
                    momentum=0.9, weight_decay=5e-4, device=args.device, log_every=10_000)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable[[int], None], args: argparse.Namespace,

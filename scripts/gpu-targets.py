@@ -6,8 +6,9 @@ Reads the benchmarks' rows (throughput.json, per_example.json, hessian.json, pac
 packed110.json, written with their --json option), the smoke paper study's status and wall time
 in summary.txt, and the reduced plan's device-hours in estimate.log (`normlab run paper --scale
 reduced --dry-run --device cuda`, read after the packed rows were recorded). Each target is
-"met", "missed", or "not measured" with the reason: a part that failed or did not run, or a
-measurement at other settings than the target's. The absolute images/s are the issues' H200
+"met", "missed", "undecided" (a bound on the wrong side of it) or "not measured" with the
+reason: a part that failed or did not run, or a measurement at other settings than the
+target's. The absolute images/s are the issues' H200
 figures. Standard library only; exit status 0 whatever the verdicts (2 for a bad OUTDIR).
 """
 

@@ -28,17 +28,23 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def run_check(out: Path, budget_s: int, timeout: int) -> tuple[int, str, str]:
+    """Run the script on this machine with `budget_s`: (exit status, its output, summary.txt)."""
+    env = {**os.environ, "GPU_CHECK_BUDGET_S": str(budget_s), "PYTHON": sys.executable}
+    env.pop("NORMLAB_TEST_DEVICE", None)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout[-2000:] + done.stderr[-2000:], \
+        (out / "summary.txt").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path without a GPU")
 def test_gpu_check_attempts_every_part_and_reports_the_failures(tmp_path):
     out = tmp_path / "out"
     before = digest(TABLE)
-    env = {**os.environ, "GPU_CHECK_BUDGET_S": "100", "PYTHON": sys.executable}
-    env.pop("NORMLAB_TEST_DEVICE", None)
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = (out / "summary.txt").read_text()
+    code, output, summary = run_check(out, 100, timeout=400)
+    assert code == 1, output
     status = {line.split()[0]: line.split()[1] for line in summary.splitlines()[2:-1]}
     assert tuple(status) == PARTS
     assert status["versions"] == "passed"  # python and torch report themselves without a GPU
@@ -62,12 +68,8 @@ def test_gpu_check_keeps_to_its_budget(tmp_path):
     """Each part's timeout is capped by what is left of the budget, and once it is spent the
     remaining parts are skipped, said so in the summary: the lease is never overrun."""
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_BUDGET_S": "8", "PYTHON": sys.executable}
-    env.pop("NORMLAB_TEST_DEVICE", None)
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    summary = (out / "summary.txt").read_text()
+    code, output, summary = run_check(out, 8, timeout=120)
+    assert code == 1, output
     spent = [line.split()[0] for line in summary.splitlines() if "budget is spent" in line]
     assert spent and spent[-1] == "thr_nhwc", summary  # the last part, at least, never ran
     total = int(summary.splitlines()[-1].split()[1])

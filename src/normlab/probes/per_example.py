@@ -239,16 +239,15 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
     convolutions; nothing to check when that gradient is not finite); None (with a
     RuntimeWarning) when CUDA refuses the capture or the check fails, and the caller takes the
     eager path."""
-    from normlab.train.graphed import cudnn_autotuned
+    from normlab.train.graphed import cudnn_autotuned, on_side_stream
+
+    def warm_up() -> None:
+        warm = losses_of_batch()
+        torch.autograd.grad(warm, tensors, torch.ones_like(warm), allow_unused=True)
 
     try:
         with cudnn_autotuned():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: lazy initializations outside the capture
-                warm = losses_of_batch()
-                torch.autograd.grad(warm, tensors, torch.ones_like(warm), allow_unused=True)
-            torch.cuda.current_stream().wait_stream(side)
+            on_side_stream(warm_up)
             pool = torch.cuda.graph_pool_handle()
             forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(forward_graph, pool=pool):

@@ -166,12 +166,7 @@ class CapturedCall:
         with cudnn_autotuned():
             if self.calls < self.warmup:
                 self.calls += 1
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    out = self.fn()
-                torch.cuda.current_stream().wait_stream(side)
-                return out
+                return on_side_stream(self.fn)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
@@ -184,6 +179,18 @@ class CapturedCall:
             self.graph = graph
         self.graph.replay()
         return self.outputs
+
+
+def on_side_stream(fn: Callable[[], Any]) -> Any:
+    """`fn()` on a fresh CUDA stream, ordered after and before the current stream's work: how
+    torch's CUDA-graph docs want the eager warm-up before a capture (lazy initializations,
+    cuDNN's autotuning and allocator state happen there, not in the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
 
 
 def step_provenance(step_path: str, calls: list[CapturedCall]) -> dict[str, str]:
