@@ -16,13 +16,20 @@ must save (a resume that forgets it measures on another batch: differences of 10
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from normlab.cli import main
 from normlab.executor import LocalExecutor
 from normlab.spec import RunSpec
 from normlab.store import CHECKPOINT_FILE, RunStore, read_json, read_jsonl
@@ -36,6 +43,7 @@ from normlab.train.callbacks import (
 )
 from normlab.train.checkpoint import CHECKPOINT_ENV
 from normlab.train.packed import train_packed
+from normlab.verify import verify_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -305,6 +313,25 @@ def test_a_user_callbacks_state_is_resumed(tmp_path, steps_taken, pack):
     assert len({r["first_loss"] for r in records[1:]}) == 1
 
 
+def test_a_study_tasks_measurements_survive_a_resume(tmp_path, steps_taken):
+    """The radial study's callback keeps its step-0 measurements until the end of the run,
+    where they go into the result: a resume must not lose them."""
+    import normlab.studies  # noqa: F401  (registers the study tasks)
+
+    spec = RunSpec(task="radial-probes", model="mlp", depth=3, width=8, batch_size=64,
+                   steps=30, device="cpu",
+                   options={"mean_batches": 2, "landscape_batches": 1, "points": 3,
+                            "points_2d": 2, "spectrum": False})
+    steps_taken(None)
+    execute_run(spec, tmp_path / "whole")
+    interrupted([spec], tmp_path / "resumed", 1, steps_taken)
+    steps_taken(None)
+    execute_run(spec, tmp_path / "resumed")
+    resumed = outcome(tmp_path / "resumed", spec)
+    assert "mean_grad_stability_init" in resumed[0]["final"]
+    assert resumed == outcome(tmp_path / "whole", spec)
+
+
 def test_scheduled_probes_and_with_state_expose_the_state_they_keep():
     memory: dict[str, Any] = {}
 
@@ -339,3 +366,66 @@ def test_a_checkpoint_from_before_callback_states_starts_a_stateful_run_afresh(t
     assert taken == list(range(BASE.steps))
     steps = [r["step"] for r in outcome(tmp_path, spec)[1] if "kind" not in r]
     assert steps == list(range(BASE.steps))
+
+
+# -- SIGKILL of a study, resumed in another process under another --pack ------------------------
+
+RUN_PLAN = ("import json, sys; from normlab.executor import LocalExecutor; "
+            "from normlab.spec import RunSpec; "
+            "specs = [RunSpec.from_dict(d) for d in json.loads(sys.argv[1])]; "
+            "list(LocalExecutor(pack=int(sys.argv[3])).run(specs, sys.argv[2]))")
+LONG = [spec.replace(steps=60) for spec in MEMBERS]  # checkpoints at steps 21 and 42
+ENV = {**os.environ, CHECKPOINT_ENV: "1epoch", "OMP_NUM_THREADS": "1"}  # one thread each time
+
+
+def run_plan(out: Path, pack: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RUN_PLAN,
+                             json.dumps([s.to_dict() for s in LONG]), str(out), str(pack)],
+                            env=ENV)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(tmp_path_factory) -> dict[int, Path]:
+    out = tmp_path_factory.mktemp("uninterrupted_long")
+    for pack in (1, 3):
+        assert run_plan(out / f"pack{pack}", pack).wait() == 0
+    return {pack: out / f"pack{pack}" for pack in (1, 3)}
+
+
+def kill_after_a_checkpoint(out: Path, pack: int) -> None:
+    """Start the plan under `--pack pack`; SIGKILL it once the first run has a checkpoint and
+    has logged a few steps past it."""
+    run_dir = RunStore(out).run_dir(LONG[0])
+    process = run_plan(out, pack)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        rows = read_jsonl(run_dir / "metrics.jsonl") if run_dir.exists() else []
+        if (run_dir / CHECKPOINT_FILE).exists() and rows and rows[-1]["step"] % 21 > 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the plan ended before it could be killed"
+    assert not (run_dir / "result.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(1, 3), (3, 3), (3, 1)],
+                         ids=["solo-then-pack3", "pack3-then-pack3", "pack3-then-solo"])
+def test_a_study_killed_mid_run_resumes_under_any_pack(tmp_path, uninterrupted_long, first,
+                                                       then, capsys):
+    kill_after_a_checkpoint(tmp_path, first)
+    assert run_plan(tmp_path, then).wait() == 0
+    assert verify_store(tmp_path) == []
+    assert main(["verify", str(tmp_path)]) == 0
+    whole = uninterrupted_long[first]
+    for spec in LONG:
+        resumed, expected = outcome(tmp_path, spec), outcome(whole, spec)
+        steps = [r["step"] for r in resumed[1] if "kind" not in r]
+        assert steps == list(range(spec.steps)), spec.seed  # each step once (item 9: 116 twice)
+        if (first, then) == (3, 1):  # packed, then alone: the arithmetic changed at the resume
+            assert resumed[1][:21] == expected[1][:21]
+            assert_close(resumed, expected, f"seed {spec.seed}")
+        elif spec == LONG[0] or first == then:
+            assert resumed == expected, spec.seed  # bit for bit
+    assert [r["packed"] for r in resumes(tmp_path, LONG[0])] == [first > 1]
