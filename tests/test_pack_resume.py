@@ -187,22 +187,28 @@ def test_a_solo_checkpoint_resumes_bit_for_bit_under_any_pack(
     assert resumes(uninterrupted["solo"], MEMBERS[0]) == []
 
 
-def test_a_pack_resumed_as_the_same_pack_is_bit_for_bit(tmp_path, steps_taken, uninterrupted):
+@pytest.mark.parametrize(("every", "resumed_at"), [
+    ("1epoch", CHECKPOINT_STEP), pytest.param("0.00001min", STOP, marks=pytest.mark.slow)],
+    ids=["epoch-end", "mid-epoch"])
+def test_a_pack_resumed_as_the_same_pack_is_bit_for_bit(tmp_path, steps_taken, uninterrupted,
+                                                        monkeypatch, every, resumed_at):
     """Item 11: packs never checkpointed, so a killed pack restarted from step 0."""
+    monkeypatch.setenv(CHECKPOINT_ENV, every)  # probes read back every step: saved each step
     interrupted(MEMBERS, tmp_path, 3, steps_taken)
     taken = steps_taken(None)
     run_all(MEMBERS, tmp_path, 3)
-    assert taken == list(range(CHECKPOINT_STEP, BASE.steps))  # from the checkpoint, once
+    assert taken == list(range(resumed_at, BASE.steps))  # from the checkpoint, once
     for spec in MEMBERS:
         assert outcome(tmp_path, spec) == outcome(uninterrupted["pack3"], spec)
         assert how_ran(tmp_path, spec) == (True, 3)
         assert [(r["step"], r["packed"], r["stack_size"]) for r in resumes(tmp_path, spec)] \
-            == [(CHECKPOINT_STEP, True, 3)]
+            == [(resumed_at, True, 3)]
 
 
 # -- up to rounding: the arithmetic changes at the resume --------------------------------------
 
-@pytest.mark.parametrize("resume_pack", [1, 2], ids=["pack3-then-solo", "pack3-then-pack2"])
+@pytest.mark.parametrize("resume_pack", [1, pytest.param(2, marks=pytest.mark.slow)],
+                         ids=["pack3-then-solo", "pack3-then-pack2"])
 def test_a_pack_member_resumed_alone_or_in_another_pack_continues_from_its_checkpoint(
         tmp_path, steps_taken, uninterrupted, resume_pack):
     interrupted(MEMBERS, tmp_path, 3, steps_taken)
@@ -217,6 +223,7 @@ def test_a_pack_member_resumed_alone_or_in_another_pack_continues_from_its_check
             == [(CHECKPOINT_STEP, True, 3)], where
 
 
+@pytest.mark.slow
 def test_a_pack_member_resumed_by_execute_run_continues_alone(tmp_path, steps_taken,
                                                               uninterrupted):
     interrupted(MEMBERS, tmp_path, 3, steps_taken)
@@ -243,6 +250,7 @@ def test_the_tolerance_tells_a_resume_from_a_restart(uninterrupted):
 
 # -- the members of one pack stand at one step ---------------------------------------------------
 
+@pytest.mark.slow
 def test_members_at_different_steps_are_resumed_in_separate_groups(tmp_path, steps_taken,
                                                                    uninterrupted):
     """One member checkpointed in a pack, one alone, one fresh: each group
@@ -351,6 +359,7 @@ def test_scheduled_probes_and_with_state_expose_the_state_they_keep():
         load_callback_states([stateless], [{"first": 7}])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_callback_states_starts_a_stateful_run_afresh(tmp_path,
                                                                              steps_taken):
     spec = MEMBERS[0]
