@@ -359,22 +359,31 @@ def test_scheduled_probes_and_with_state_expose_the_state_they_keep():
         load_callback_states([stateless], [{"first": 7}])
 
 
-@pytest.mark.slow
-def test_a_checkpoint_from_before_callback_states_starts_a_stateful_run_afresh(tmp_path,
-                                                                             steps_taken):
-    spec = MEMBERS[0]
-    interrupted([spec], tmp_path, 1, steps_taken)
-    path = RunStore(tmp_path).run_dir(spec) / CHECKPOINT_FILE
+def as_written_before(path: Path) -> None:
+    """The checkpoint without what normlab added to it for callbacks, numerics and packs."""
     state = torch.load(path, weights_only=True)
     for key in ("format", "callbacks", "numerics", "resumed_from"):
-        del state[key]  # as normlab wrote it before
+        del state[key]
     torch.save(state, path)
-    taken = steps_taken(None)
-    with pytest.warns(RuntimeWarning, match="cannot be resumed exactly"):
-        execute_run(spec, tmp_path)
-    assert taken == list(range(BASE.steps))
-    steps = [r["step"] for r in outcome(tmp_path, spec)[1] if "kind" not in r]
-    assert steps == list(range(BASE.steps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("damage", "reason"), [
+    (as_written_before, "it was written before callbacks saved their state"),
+    (lambda path: path.write_bytes(path.read_bytes()[:100]), "it cannot be read"),
+], ids=["older-format", "unreadable"])
+def test_a_checkpoint_that_cannot_be_resumed_exactly_starts_the_run_afresh(
+        tmp_path, steps_taken, damage, reason):
+    spec = MEMBERS[0]
+    interrupted([spec], tmp_path, 1, steps_taken)
+    damage(RunStore(tmp_path).run_dir(spec) / CHECKPOINT_FILE)
+    steps_taken(None)
+    with pytest.warns(RuntimeWarning, match=f"cannot be resumed exactly \\({reason}"):
+        run_all(MEMBERS[:2], tmp_path, 2)
+    assert resumes(tmp_path, spec) == []  # started again, not resumed
+    for member in MEMBERS[:2]:
+        steps = [r["step"] for r in outcome(tmp_path, member)[1] if "kind" not in r]
+        assert steps == list(range(BASE.steps))
 
 
 # -- SIGKILL of a study, resumed in another process under another --pack ------------------------

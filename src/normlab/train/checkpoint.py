@@ -38,7 +38,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +103,14 @@ class CheckpointClock:
 
 @dataclass
 class Resumed:
-    """What a run continues from: the train loop's variables, the global-RNG streams to set
-    (`rng`: "cpu", and "cuda" or None), whether a pack wrote the checkpoint, and the
-    `resumed_from` entries for the result's provenance."""
+    """What a run continues from: the train loop's variables, and the global-RNG streams to set
+    (`rng`: "cpu", and "cuda" or None)."""
 
     step: int
     last_lr: float
     average: dict[str, Any]
     final: dict[str, Any]
     rng: dict[str, torch.Tensor | None]
-    packed: bool
-    resumed_from: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RunCheckpoint:
@@ -136,12 +133,18 @@ class RunCheckpoint:
     # -- resume ----------------------------------------------------------------------------------
     def restore(self) -> Resumed | None:
         """Load the run's checkpoint into model, optimizer, data order and callbacks, and cut
-        the run's files back to the checkpoint; None when there is none (or it cannot be
-        resumed exactly, and the run starts afresh)."""
-        state = read_checkpoint(self.path) if self.path is not None else None
+        the run's files back to the checkpoint; None when there is none (or it cannot be read
+        or resumed exactly, and the run starts afresh). `resumed_from` then lists the resumes
+        with the numerics before each, for the result's provenance."""
+        if self.path is None:
+            return None
+        try:
+            state = read_checkpoint(self.path)
+        except UnreadableCheckpointError as err:
+            self._start_afresh(str(err))
+            return None
         if state is None:
             return None
-        assert self.path is not None
         saved_callbacks = state.get("callbacks")
         if saved_callbacks is None and any(isinstance(c, Stateful) for c in self.callbacks):
             self._start_afresh("it was written before callbacks saved their state")
@@ -161,9 +164,7 @@ class RunCheckpoint:
                              {"step": loop["step"], **(numerics or {})}]
         return Resumed(step=loop["step"], last_lr=loop["last_lr"], average=loop["average"],
                        final=loop["final"], rng={"cpu": state["rng_cpu"],
-                                                 "cuda": state["rng_cuda"]},
-                       packed=bool((numerics or {}).get("packed", False)),
-                       resumed_from=self.resumed_from)
+                                                 "cuda": state["rng_cuda"]})
 
     def _start_afresh(self, reason: str) -> None:
         """Forget a checkpoint that cannot be resumed exactly: empty files, no checkpoint."""
@@ -218,16 +219,29 @@ class RunCheckpoint:
                 tmp.unlink()
 
 
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file torch cannot load (damaged on disk); the message names it."""
+
+
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path` (tensors on the CPU), or None when there is none."""
+    """The checkpoint at `path` (tensors on the CPU), or None when there is none;
+    UnreadableCheckpointError when it cannot be loaded."""
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for a damaged file
+        raise UnreadableCheckpointError(f"it cannot be read: {type(err).__name__}: "
+                                        f"{str(err)[:200]}") from err
 
 
 def checkpoint_step(run_dir: Path) -> tuple[int, bool] | None:
-    """(step, written by a pack) of the checkpoint in `run_dir`, or None when it has none."""
-    state = read_checkpoint(run_dir / CHECKPOINT_FILE)
+    """(step, written by a pack) of the checkpoint in `run_dir`; None when it has none or it
+    cannot be read (the run then starts afresh, see `RunCheckpoint.restore`)."""
+    try:
+        state = read_checkpoint(run_dir / CHECKPOINT_FILE)
+    except UnreadableCheckpointError:
+        return None
     if state is None:
         return None
     return state["loop"]["step"], bool((state.get("numerics") or {}).get("packed", False))
