@@ -412,9 +412,9 @@ class _Pack:
         for member, state in zip(self.members, resumed, strict=True):
             if state is None:
                 continue
-            member.rng = {"cpu": state.rng["cpu"]} | (
-                {"cuda": state.rng["cuda"] if state.rng["cuda"] is not None
-                 else member.rng["cuda"]} if "cuda" in member.rng else {})
+            member.rng["cpu"] = state.rng["cpu"]
+            if "cuda" in member.rng and state.rng["cuda"] is not None:
+                member.rng["cuda"] = state.rng["cuda"]
             member.last_lr, member.final = state.last_lr, state.final
             member.average = _EpochAverage(**state.average)
         return steps.pop()
@@ -452,7 +452,7 @@ class _Pack:
     def arithmetic(self) -> dict[str, Any]:
         """The step taken and the pack: what besides `numerics` sets the members' rounding."""
         return {**step_provenance(self.step_path, [self.pack_step.call]), "packed": True,
-                "pack_size": len(self.members), "stack_size": len(self.stacked)}
+                "pack_size": len(self.members)}
 
     def finish(self, member: _Member, result: RunResult) -> None:
         k = self.stacked.index(member)
@@ -460,7 +460,6 @@ class _Pack:
         result.wall_time_s = time.perf_counter() - self.start
         if result.provenance:
             result.provenance.update(self.arithmetic())
-            del result.provenance["stack_size"]  # it changes as members stop
             if member.checkpoint.resumed_from:
                 result.provenance["resumed_from"] = member.checkpoint.resumed_from
         member.result = result
@@ -502,7 +501,8 @@ class _Pack:
 
     def save_checkpoints(self, step: int) -> None:
         """Each live member's checkpoint of `step`, in its run folder, as a solo run's."""
-        segment = {**numerics(str(self.device)), **self.arithmetic()}
+        segment = {**numerics(str(self.device)), **self.arithmetic(),
+                   "stack_size": len(self.stacked)}  # members stacked now (it shrinks)
         for member in self.live():
             member.checkpoint.save(step, {"last_lr": member.last_lr,
                                           "average": vars(member.average),
