@@ -43,9 +43,16 @@ def test_a_bad_checkpoint_interval_names_the_setting_and_value(text):
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
+    """What a run left: result.json (without its time and the record of resumes), every metric
+    row and every probe record."""
     result = read_json(run_dir / "result.json")
     del result["wall_time_s"]
+    result["provenance"].pop("resumed_from", None)
     return result, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "records.jsonl")
+
+
+def resumed_from(run_dir: Path) -> list[dict]:
+    return read_json(run_dir / "result.json")["provenance"].get("resumed_from", [])
 
 
 def interrupt_at(monkeypatch, stop_step: int | None) -> list[int]:
@@ -85,6 +92,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, spec, 
     assert taken == list(range(taken[0], spec.steps))
     assert outcome(run_dir) == expected  # final numbers, every metric row and probe record
     assert not (run_dir / CHECKPOINT_FILE).exists()  # a finished run keeps no checkpoint
+    assert [r["step"] for r in resumed_from(run_dir)] == [taken[0]]  # the resume is recorded
+    assert resumed_from(tmp_path / "whole" / "runs" / spec.run_id) == []
 
 
 def test_without_checkpoints_an_interrupted_run_starts_again_from_scratch(tmp_path, monkeypatch):

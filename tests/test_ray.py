@@ -65,5 +65,9 @@ def test_a_worker_killed_mid_study_has_its_run_retried_and_every_run_done_once(t
     assert len(run_dirs) == 12 and {p.name for p in run_dirs} == set(completed)
     assert set(completed.values()) == {1}  # the killed run too: retried, done once
     for run_dir in run_dirs:
-        assert read_json(run_dir / "result.json")["status"] == "completed"
+        result = read_json(run_dir / "result.json")
+        assert result["status"] == "completed"
+        # the thread count that sets a CPU run's rounding is recorded (issue 22: Ray vs local)
+        assert (result["provenance"]["torch_num_threads"],
+                result["provenance"]["omp_num_threads"]) == (1, "1")
         assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 6))

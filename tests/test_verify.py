@@ -15,8 +15,11 @@ import pytest
 import fake_study  # noqa: F401  (registers the fake study and task)
 from normlab.cli import main
 from normlab.runner import run_study
+from normlab.spec import RunSpec
 from normlab.store import CorruptRecordError, read_result
-from normlab.verify import damaged_runs, verify_store
+from normlab.tasks import RunContext
+from normlab.train import train
+from normlab.verify import damaged_runs, files_record, step_order_problems, verify_store
 
 
 @pytest.fixture
@@ -53,6 +56,22 @@ def edit_json(**changes: object) -> Callable[[Path], None]:
     return edit
 
 
+def finished_with(lines_of: Callable[[list[str]], list[str]]) -> Callable[[Path], None]:
+    """Rewrite a run file's lines and record its new size in result.json, as a run that had
+    finished with that file would have (so only the order of its steps can give it away)."""
+
+    def damage(path: Path) -> None:
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        path.write_text("".join(lines_of(lines)))
+        result = path.parent / "result.json"
+        data = json.loads(result.read_text())
+        result.write_text(json.dumps({**data, "files": files_record(path.parent)}))
+
+    return damage
+
+
+PROBE_ROWS = [f'{{"probe": "radial", "step": {s}, "value": 1.0}}\n' for s in (0, 5, 10, 0, 5)]
+
 DAMAGE = {
     "metrics.jsonl deleted": ("metrics.jsonl", Path.unlink, "missing: the run finished with 5"),
     "metrics.jsonl cut at a line end": ("metrics.jsonl", drop_last_line,
@@ -68,6 +87,14 @@ DAMAGE = {
     "spec.json of another run": ("spec.json", swap_spec, "holds the spec of run"),
     "spec.json with a bad value": ("spec.json", edit_json(lr=-1), "The 'lr' setting"),
     "spec.json deleted": ("spec.json", Path.unlink, "missing: a finished run must keep"),
+    "metrics.jsonl restarted and appended": ("metrics.jsonl", finished_with(lambda rows: rows * 2),
+                                             "row 6: step 1 comes after step 5"),
+    "metrics.jsonl with a step logged twice": (
+        "metrics.jsonl", finished_with(lambda rows: rows[:3] + rows[2:]),
+        "row 4: step 3 comes after step 3: a step logged twice"),
+    "records.jsonl restarted and appended": (
+        "records.jsonl", finished_with(lambda rows: PROBE_ROWS),
+        "row 4: probe 'radial' at step 0 comes after its step 10"),
 }
 
 
@@ -98,6 +125,20 @@ def test_each_kind_of_damage_is_named_by_every_command_and_redone_by_run(
     assert runs[run_dir.name] == 2 and sorted(runs.values()) == [1, 1, 2]  # only it was redone
     assert main(["verify", str(out)]) == 0
     assert "3 run folder(s), every file sound." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lr", [0.1, 1e6], ids=["completed", "diverged"])
+def test_the_logs_of_a_training_run_are_in_step_order(lr):
+    """Eval rows share their step with the next per-step row; log_every leaves gaps; a diverged
+    run ends on its diverging step: none of this is a step logged twice."""
+    spec = RunSpec(model="mlp", depth=3, width=8, batch_size=64, steps=45, log_every=4, lr=lr,
+                   device="cpu", probes=[{"name": "radial", "every": 10}])
+    context = RunContext()
+    train(spec, context=context)
+    assert step_order_problems("metrics.jsonl", context.metrics) == []
+    assert step_order_problems("records.jsonl", context.records) == []
+    if lr == 0.1:
+        assert [r["step"] for r in context.metrics if r.get("kind") == "eval"] == [21, 42, 45]
 
 
 def test_a_sound_folder_verifies_and_an_unfinished_run_is_no_damage(study, capsys):

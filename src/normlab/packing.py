@@ -5,6 +5,7 @@ architecture with its norm and norm options, the data set, the batch size, the s
 device and the numeric settings) and differ in anything a sweep varies: lr, schedule (with its
 milestones, decay, warm-up and options), momentum, Nesterov, weight decay, init and its gain,
 seed, update projection, probes, divergence threshold, logging interval and group label.
+Of the task options they share those that set the float numerics (`deterministic`, `tf32`).
 `normlab.train.packed.train_packed` trains such a pack; each member is the same function as
 when trained alone.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.config import check_interval
-from normlab.result import RunResult
+from normlab.result import NUMERICS_OPTIONS, RunResult
 from normlab.spec import RunSpec
 from normlab.tasks import ProgressFn, execute_run
 
@@ -34,14 +35,17 @@ MEMBER_SETTINGS = ("lr", "schedule", "milestones", "lr_decay", "warmup", "moment
 
 
 def pack_key(spec: RunSpec) -> tuple[Any, ...] | None:
-    """The settings a pack's members must share, or None when the spec is trained alone.
+    """The settings a pack's members must share (and the numerics options), or None when the
+    spec is trained alone.
 
     Not packed: tasks other than "train", `compile` (a compiled module is not vmapped) and
     `channels_last` (vmap cannot query channels-last strides on CUDA).
     """
     if spec.task != "train" or spec.compile or spec.channels_last:
         return None
-    return tuple(getattr(spec, name) for name in SHARED_SETTINGS)
+    options = spec.mapping("options")
+    return (*(getattr(spec, name) for name in SHARED_SETTINGS),
+            *(options.get(name, False) for name in NUMERICS_OPTIONS))
 
 
 def pack_specs(specs: Sequence[RunSpec], k: int) -> list[list[RunSpec]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -42,8 +43,8 @@ class RunResult:
 
 
 def provenance(spec_id: str, device: str, seed: int) -> dict[str, Any]:
-    """What a result needs to be traced: spec hash, code version, torch version, device, seed."""
-    import torch
+    """What a result needs to be traced: spec hash, code version, torch version, device, seed,
+    and the numerics of this process that change float results (`numerics`)."""
 
     import normlab
 
@@ -51,20 +52,67 @@ def provenance(spec_id: str, device: str, seed: int) -> dict[str, Any]:
         "run_id": spec_id,
         "normlab_version": normlab.__version__,
         "git_commit": _git_commit(),
-        "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device,
-        "device_name": _device_name(device),
         "seed": seed,
+        **numerics(device),
+    }
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+NUMERICS_OPTIONS = ("deterministic", "tf32")  # the "train" options setting them (train/numerics.py)
+
+
+def numerics(device: str) -> dict[str, Any]:
+    """The settings of this process that change float results (read now, so call it while the
+    run's settings are in force).
+
+    - `torch_num_threads` (and the OMP/MKL environment it came from): on a CPU the thread count
+      changes how reductions are split, so the last bits of every sum (Ray runs each task on
+      one thread, a local run on all cores);
+    - `tf32_matmul`, `tf32_cudnn`, `float32_matmul_precision`: TF32 on CUDA rounds float32
+      inputs of matmuls and convolutions to 10 mantissa bits (about 1e-3 relative);
+    - `cudnn_benchmark` (cuDNN picks kernels by timing, so two runs may use different ones),
+      `cudnn_deterministic`, `deterministic_algorithms` (torch.use_deterministic_algorithms),
+      `cublas_workspace_config` (needed by deterministic cuBLAS);
+    - `device_name` (the GPU's, or the CPU's model) and `torch_version`: kernels differ.
+    """
+    import torch
+
+    return {
+        "device_name": _device_name(device),
+        "torch_version": str(torch.__version__),
+        "torch_num_threads": torch.get_num_threads(),
+        **{name.lower(): os.environ.get(name) for name in THREAD_ENV},
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
 
 
 def _device_name(device: str) -> str:
+    """The GPU's name for a CUDA device; else the CPU's model name."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
+    return _cpu_model() or platform.processor() or platform.machine()
+
+
+def _cpu_model() -> str | None:
+    """The CPU model from /proc/cpuinfo (Linux); None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        return None
+    return None
 
 
 def _git_commit() -> str | None:

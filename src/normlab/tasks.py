@@ -124,18 +124,25 @@ def execute_run(spec: RunSpec, out_dir: str | Path,
     with claimed(store, spec) as lease:
         if lease is None:
             return None
-        run_dir = store.begin(spec)
-        context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress,
-                             lease=lease)
-        start = time.perf_counter()
-        try:
-            result = get_task(spec.task)(spec, context)
-        except Exception as err:  # a crashed run is recorded, never lost
-            result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
-                               + traceback.format_exc())
-        if not lease.held:
-            return None  # taken over while paused: the new owner writes the result
-        if not result.wall_time_s:
-            result.wall_time_s = time.perf_counter() - start
-        store.finish(spec, result)
-        return result
+        return run_claimed(spec, store, lease, on_progress)
+
+
+def run_claimed(spec: RunSpec, store: RunStore, lease: Lease,
+                on_progress: ProgressFn | None = None) -> RunResult | None:
+    """`execute_run` for a run this writer has claimed (`lease`): begin (or resume) its folder,
+    run its task, store the result; None when the lease was taken over meanwhile."""
+    run_dir = store.begin(spec)
+    context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress,
+                         lease=lease)
+    start = time.perf_counter()
+    try:
+        result = get_task(spec.task)(spec, context)
+    except Exception as err:  # a crashed run is recorded, never lost
+        result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
+                           + traceback.format_exc())
+    if not lease.held:
+        return None  # taken over while paused: the new owner writes the result
+    if not result.wall_time_s:
+        result.wall_time_s = time.perf_counter() - start
+    store.finish(spec, result)
+    return result

@@ -7,6 +7,10 @@ A finished run (one with a result.json) is sound when
   `step`, records with a `probe` name), and have the size and line count that result.json
   recorded when the run finished: a deleted or truncated file is caught, whether or not it was
   cut at a line end. (Results written before normlab recorded sizes are checked for parsing only.)
+- its steps are logged once and in order: in metrics.jsonl the step column never decreases and
+  no step appears twice in rows of the same kind (per-step rows, "eval" rows); in records.jsonl
+  each probe's step column never decreases. A run restarted without cutting its log back (rows
+  of steps 0, 1, ... appended after its old ones) or a step written twice breaks these.
 
 A folder without result.json is an unfinished run, not damage: `normlab run` redoes it.
 study.json, when present, must name a study, a scale, data, overrides and run ids of the right
@@ -164,6 +168,7 @@ def _data_file_problems(path: Path, expected: Mapping[str, Any] | None,
         return [_problem(err, path)]
     problems = [f"row {i}: {p}" for i, row in enumerate(rows, 1)
                 if (p := _row_problem(path.name, row))]
+    problems += step_order_problems(path.name, rows)
     if expected is not None:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -185,6 +190,38 @@ def _row_problem(name: str, row: Any) -> str | None:
     elif not isinstance(row.get("probe"), str):
         return f"a record must have a 'probe' name; got {row.get('probe')!r}."
     return None
+
+
+def step_order_problems(name: str, rows: list[Any]) -> list[str]:
+    """Steps logged twice or going back in a run's metrics.jsonl (one row per step and kind;
+    the step column never decreases) or records.jsonl (each probe's step column never
+    decreases); rows without an integer step are left to `_row_problem`."""
+    problems = []
+    last: dict[Any, int] = {}  # the last step seen per kind of metric row, or per probe
+    previous: int | None = None
+    for number, row in enumerate(rows, 1):
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        if name == "metrics.jsonl":
+            kind = row.get("kind")
+            label = f"the {kind!r} row of step" if kind is not None else "step"
+            if kind in last and step <= last[kind]:
+                problems.append(f"row {number}: {label} {step} comes after {label} "
+                                f"{last[kind]}: a step logged twice or out of order (a run "
+                                "restarted without cutting its log?).")
+            elif previous is not None and step < previous:
+                problems.append(f"row {number}: step {step} comes after step {previous}: the "
+                                "steps must never decrease.")
+            previous = max(step, previous if previous is not None else step)
+        else:
+            kind = row.get("probe")
+            if kind in last and step < last[kind]:
+                problems.append(f"row {number}: probe {kind!r} at step {step} comes after its "
+                                f"step {last[kind]}: steps logged twice or out of order (a run "
+                                "restarted without cutting its log?).")
+        last[kind] = max(step, last.get(kind, step))
+    return problems
 
 
 def _type_problems(data: Mapping[str, Any], expected: Mapping[str, tuple[type, ...]],

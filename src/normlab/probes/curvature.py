@@ -35,7 +35,7 @@ from normlab.probes._modes import norm_mode, probe_mode, resolve_mode
 from normlab.probes._modules import select_params
 from normlab.probes._results import RecordsMixin
 from normlab.probes._stateless import Stateless, leaves
-from normlab.train.callbacks import TrainState, register_callback
+from normlab.train.callbacks import TrainState, register_callback, with_state
 from normlab.train.graphed import CapturedCall
 
 METHODS = ("lanczos", "power")
@@ -435,12 +435,12 @@ def sharpness_callback(tol: float = 1e-3, max_iter: int = 30, batch: str = "curr
     values over training are on the same data. Cost per call: up to `max_iter` HVPs.
     """
     check_choice("batch", batch, ("current", "first"))
-    kept: list[Batch] = []
+    kept: dict[str, Batch] = {}  # {"batch": the first batch}, saved by checkpoints (with_state)
 
     def callback(state: TrainState) -> None:
-        if batch == "first" and not kept:
-            kept.append((state.x.detach().clone(), state.y.detach().clone()))
-        data = kept[0] if kept else (state.x, state.y)
+        if batch == "first" and "batch" not in kept:
+            kept["batch"] = (state.x.detach().clone(), state.y.detach().clone())
+        data = kept.get("batch", (state.x, state.y))
         eigs = hessian_eigs(state.model, state.loss_fn, data, tol=tol, max_iter=max_iter)
         momentum = float(state.optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
         lr = state.lr
@@ -452,4 +452,4 @@ def sharpness_callback(tol: float = 1e-3, max_iter: int = 30, batch: str = "curr
         state.context.log_records("sharpness", rows, step=state.step, lr=lr,
                                   momentum=momentum)
 
-    return callback
+    return with_state(callback, kept)

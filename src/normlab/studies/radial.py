@@ -101,6 +101,14 @@ class _Measurements:
         self.spec, self.options = spec, options
         self.summary: dict[str, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The summary so far (the step-0 numbers): saved by checkpoints, so a resumed run
+        keeps them (train/callbacks.py)."""
+        return {"summary": dict(self.summary)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.summary = dict(state["summary"])
+
     def __call__(self, state: TrainState) -> None:
         if state.step not in (0, state.total_steps):
             return

@@ -11,10 +11,12 @@ docs/training.md for the conventions (steps, schedules, divergence, evaluation m
 
 from normlab.train.callbacks import (
     Callback,
+    Stateful,
     TrainState,
     list_callbacks,
     register_callback,
     scheduled,
+    with_state,
 )
 from normlab.train.divergence import Divergence, check_divergence
 from normlab.train.loop import train
@@ -24,6 +26,7 @@ __all__ = [
     "SCHEDULES",
     "Callback",
     "Divergence",
+    "Stateful",
     "TrainState",
     "check_divergence",
     "list_callbacks",
@@ -31,4 +34,5 @@ __all__ = [
     "register_callback",
     "scheduled",
     "train",
+    "with_state",
 ]

@@ -12,7 +12,8 @@ Conventions:
 - Options of the "train" task (`RunSpec.options`): `one_cycle_peak`, `one_cycle_div` (see
   schedules.py), `fused_sgd` (bool: torch's fused SGD kernel; same update, faster on GPU) and
   `eval_batch_size` (int, default 1024: chunk size of evaluation, no effect on the numbers)
-  and `cuda_graph` ("auto", "on", "off" or "eager": the CUDA-graph step, see graphed.py).
+  and `cuda_graph` ("auto", "on", "off" or "eager": the CUDA-graph step, see graphed.py);
+  `deterministic` and `tf32` (bools, default False: the run's float numerics, see numerics.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from normlab.config import ConfigError, choice_problem, interval_problem
 from normlab.spec import RunSpec
 from normlab.tasks import register_task_check
 from normlab.train.graphed import CUDA_GRAPH_SETTINGS
+from normlab.train.numerics import NUMERICS_OPTIONS, numerics_options
 
-TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph")
+TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph",
+                 *NUMERICS_OPTIONS)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,9 +57,11 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
     graph = options.get("cuda_graph", "auto")
     if graph not in CUDA_GRAPH_SETTINGS:
         problems.append(choice_problem("options.cuda_graph", graph, CUDA_GRAPH_SETTINGS))
+    numerics, numerics_problems = numerics_options(options)
+    problems += numerics_problems
     if problems:
         raise ConfigError(problems)
-    return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph}
+    return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph, **numerics}
 
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:

@@ -7,13 +7,20 @@ A callback decides itself whether to act (`state.step % every == 0`).
 Probes named in `RunSpec.probes` (e.g. {"name": "radial", "every": 50}) are built through the
 callback registry: `@register_callback("radial")` on a factory `factory(**options) -> Callback`;
 "every" is handled by `train` (see `scheduled`).
+
+State across a resume: a callback that keeps anything between calls (a batch it measures on,
+a running sum) exposes it with `state_dict()` and `load_state_dict(state)`, as torch modules
+do, and a checkpoint saves it beside the model (train/checkpoint.py). A closure-style factory
+keeps its state in a dict and returns `with_state(callback, memory)`. Values must be what
+`torch.load(weights_only=True)` reads back: tensors, numbers, strings, lists, tuples, dicts.
+A callback without `state_dict` is taken to keep no state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -49,6 +56,60 @@ class TrainState:
 
 Callback = Callable[[TrainState], None]
 
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A callback whose state a checkpoint must save (see the module docstring)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _WithState:
+    """`callback` with its `memory` dict exposed as its state: what `with_state` returns."""
+
+    def __init__(self, callback: Callback, memory: dict[str, Any]) -> None:
+        self.callback, self.memory = callback, memory
+
+    def __call__(self, state: TrainState) -> None:
+        self.callback(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.memory)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.clear()  # in place: the closure holds this very dict
+        self.memory.update(state)
+
+
+def with_state(callback: Callback, memory: dict[str, Any]) -> Callback:
+    """`callback`, whose state between calls lives in `memory` (a dict it reads and writes),
+    made checkpointable: a resumed run restores `memory` before the next call."""
+    return _WithState(callback, memory)
+
+
+def callback_states(callbacks: Sequence[Callback]) -> list[dict[str, Any] | None]:
+    """The state of each callback, in order (None for one that keeps none)."""
+    return [c.state_dict() if isinstance(c, Stateful) else None for c in callbacks]
+
+
+def load_callback_states(callbacks: Sequence[Callback],
+                         states: Sequence[dict[str, Any] | None]) -> None:
+    """Restore `callback_states(callbacks)` as saved; ValueError when the callbacks are not
+    the ones that were saved (another number, or state for one that keeps none)."""
+    if len(states) != len(callbacks):
+        raise ValueError(f"The checkpoint holds the state of {len(states)} callbacks; this "
+                         f"run has {len(callbacks)}: resume it with the same callbacks.")
+    for index, (callback, state) in enumerate(zip(callbacks, states, strict=True)):
+        if isinstance(callback, Stateful) != (state is not None):
+            raise ValueError(f"Callback {index} ({callback!r}) does not match the checkpoint "
+                             "(one keeps state, the other does not): resume it with the same "
+                             "callbacks.")
+        if state is not None:
+            callback.load_state_dict(state)
+
+
 _CALLBACKS: Registry[Callable[..., Callback]] = Registry("probe")
 register_callback = _CALLBACKS.register
 
@@ -65,12 +126,32 @@ def scheduled(name: str, every: int = 1, **options: Any) -> Callback:
         raise ValueError(f"The 'every' setting of probe {name!r} must be an int >= 1; "
                          f"got {every!r}.")
     callback = _CALLBACKS.get(name)(**options)
+    if isinstance(callback, Stateful):
+        return _StatefulScheduled(callback, every)
+    return _Scheduled(callback, every)
 
-    def run_on_schedule(state: TrainState) -> None:
-        if state.step % every == 0:
-            callback(state)
 
-    return run_on_schedule
+class _Scheduled:
+    """`callback` called at the steps divisible by `every`."""
+
+    def __init__(self, callback: Callback, every: int) -> None:
+        self.callback, self.every = callback, every
+
+    def __call__(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self.callback(state)
+
+
+class _StatefulScheduled(_Scheduled):
+    """A scheduled stateful callback: its state is the callback's."""
+
+    callback: Stateful
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.callback.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.callback.load_state_dict(state)
 
 
 def _load_builtin_callbacks() -> None:

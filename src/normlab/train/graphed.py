@@ -207,10 +207,11 @@ def cudnn_autotuned() -> Iterator[None]:
     """cuDNN times its convolution algorithms for each shape and keeps the fastest
     (`torch.backends.cudnn.benchmark`) inside the block; the previous setting is restored.
     Used for the warm-up calls and the capture, so the graph records the fastest kernels.
-    A kernel choice, not a different function (float32 rounding aside).
+    A kernel choice, not a different function (float32 rounding aside). Off in a deterministic
+    run (`cudnn.deterministic`, train/numerics.py): a choice by timing may differ between runs.
     """
     saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     try:
         yield
     finally:

@@ -22,6 +22,9 @@ Conventions:
   same spec on the same CPU gives the same numbers.
 - Preemption: the run checkpoints its state into its folder (train/checkpoint.py) and a
   restarted run continues from it, with the same numbers as an uninterrupted run.
+- Numerics: TF32 off unless `options.tf32`; `options.deterministic` for runs that must repeat
+  bit for bit on a GPU (numerics.py). The settings in force, the thread count, the pack size
+  (1) and any resume are recorded in `RunResult.provenance`.
 - Callbacks (and `spec.probes`, built by `callbacks.scheduled`) are called with a `TrainState`
   at step 0 (first mini-batch, before any update) and after every optimizer step.
 - On CUDA the step and the evaluation are replayed from CUDA graphs unless `options.cuda_graph`
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.result import RunResult, provenance
+from normlab.result import RunResult, numerics, provenance
 from normlab.spec import RunSpec
 from normlab.tasks import RunContext, register_task
 from normlab.train.build import (
@@ -57,7 +60,12 @@ from normlab.train.build import (
     train_options,
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
-from normlab.train.checkpoint import Checkpointer
+from normlab.train.checkpoint import (
+    CheckpointClock,
+    RunCheckpoint,
+    global_rng,
+    set_rng,
+)
 from normlab.train.divergence import Divergence, check_divergence, json_safe
 from normlab.train.graphed import (
     CapturedCall,
@@ -66,6 +74,7 @@ from normlab.train.graphed import (
     cuda_graph_path,
     step_provenance,
 )
+from normlab.train.numerics import run_numerics
 from normlab.train.projection import UpdateProjection
 from normlab.train.schedules import lr_at
 
@@ -125,15 +134,17 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = (),
     conventions of steps, rows and divergence.
     """
     context = context or RunContext(run_id=spec.run_id)
+    options = train_options(spec)
     device = resolve_device(spec.device)
     start = time.perf_counter()
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), \
+            run_numerics(deterministic=options["deterministic"], tf32=options["tf32"]):
         torch.manual_seed(spec.seed)
         run = _Run(spec, list(callbacks), context, device)
         result = run.run()
-    result.provenance.update(run.step_taken())
+    result.provenance.update(run.how_it_ran())
     result.wall_time_s = time.perf_counter() - start
     return result
 
@@ -172,6 +183,9 @@ class _Run:
         self.graphed: GraphedStep | None = None  # built at the first step taken
         self.eval_sums = CapturedCall(self.test_sums, capture=self.step_path == "cuda_graph",
                                       warmup=1)
+        self.checkpoint = RunCheckpoint(context, self.model, self.optimizer,
+                                        self.batches.generator, self.callbacks, self.per_epoch,
+                                        device)
 
     # -- pieces ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -258,16 +272,31 @@ class _Run:
         calls = [self.eval_sums] + ([self.graphed.call] if self.graphed else [])
         return step_provenance(self.step_path, calls)
 
+    def arithmetic(self) -> dict[str, Any]:
+        """The step taken, and solo: what besides `numerics` sets this run's float rounding."""
+        return {**self.step_taken(), "packed": False, "pack_size": 1}
+
+    def how_it_ran(self) -> dict[str, Any]:
+        """Provenance of the arithmetic, and each resume with the numerics before it."""
+        resumed = self.checkpoint.resumed_from
+        return {**self.arithmetic(), **({"resumed_from": resumed} if resumed else {})}
+
     def run(self) -> RunResult:
         self.model.train()
         pending, average = _Pending(), _EpochAverage()
         step, last_lr = 0, self.spec.lr
         divergence: Divergence | None = None
         final: dict[str, Any] = {}
-        checkpoints = Checkpointer(self)
-        step, last_lr, average, final = checkpoints.restore(step, last_lr, average, final)
+        checkpoint = self.checkpoint
+        clock = CheckpointClock(self.per_epoch)
+        resumed = checkpoint.restore()
+        if resumed is not None:
+            step, last_lr, final = resumed.step, resumed.last_lr, resumed.final
+            average = _EpochAverage(**resumed.average)
+            set_rng(resumed.rng, self.device)
+            clock.saved(step)
         while step < self.total and divergence is None:
-            for x, y in checkpoints.epoch(self.batches):
+            for x, y in checkpoint.epoch(self.batches):
                 x = self.prepare(x)
                 if step == 0 and self.callbacks:
                     self.call_back(self.state(0, x, y, None, lr_at(0, self.total, self.spec)))
@@ -287,13 +316,21 @@ class _Run:
                     average = _EpochAverage()
                 if step == self.total:
                     break
-                if not pending.steps:
-                    checkpoints.maybe_save(step, last_lr, average, final)
+                if not pending.steps and clock.due(step):  # every row up to `step` written
+                    self.save_checkpoint(step, last_lr, average, final)
+                    clock.saved(step)
         if divergence is not None:
             return self.diverged(divergence)
         return RunResult(status="completed", steps=step, final={**final, "final_lr": last_lr},
                          provenance=provenance(self.spec.run_id, str(self.device),
                                                self.spec.seed))
+
+    def save_checkpoint(self, step: int, last_lr: float, average: _EpochAverage,
+                        final: dict[str, Any]) -> None:
+        self.checkpoint.save(step, {"last_lr": last_lr, "average": vars(average),
+                                    "final": final},
+                             rng=global_rng(self.device),
+                             numerics={**numerics(str(self.device)), **self.arithmetic()})
 
     def read_back(self, pending: _Pending, average: _EpochAverage,
                   batch_size: int) -> Divergence | None:

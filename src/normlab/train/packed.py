@@ -26,6 +26,13 @@ be alone and is masked (its weights stop changing); when at least half of the st
 have stopped the stack shrinks to the live ones. Cost per step: one vmapped forward and
 backward of K models (about K solo steps of arithmetic in one computation), a few elementwise
 passes over the parameters for SGD and masking.
+
+Checkpoints: each live member writes, into its own run folder, the checkpoint a solo run writes
+(train/checkpoint.py: its model and momentum, global-RNG state, data position, epoch averages,
+callback states), all at the same step. A pack resumes members that stand at one step: each
+member's module is loaded from its checkpoint before the stack is built, and the stacked
+momentum from their momentum buffers. `execute_pack` groups its members by where they stand:
+a run checkpointed alone continues alone, the others one pack per checkpoint step.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +55,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from normlab.config import ConfigError
 from normlab.packing import pack_key
 from normlab.probes._geometry import radial_part, tangential_part
-from normlab.result import RunResult, provenance
+from normlab.result import RunResult, numerics, provenance
 from normlab.spec import RunSpec
 from normlab.store import RunStore
-from normlab.tasks import ProgressFn, RunContext
+from normlab.tasks import ProgressFn, RunContext, run_claimed
 from normlab.train.build import (
     build_batches,
     build_model,
@@ -60,6 +67,7 @@ from normlab.train.build import (
     train_options,
 )
 from normlab.train.callbacks import Callback, TrainState, scheduled
+from normlab.train.checkpoint import CheckpointClock, RunCheckpoint, checkpoint_step
 from normlab.train.divergence import Divergence
 from normlab.train.graphed import (
     WARMUP_STEPS,
@@ -74,8 +82,12 @@ from normlab.train.loop import (
     log_eval_row,
     record_steps,
 )
+from normlab.train.numerics import run_numerics
 from normlab.train.projection import projected_weights
 from normlab.train.schedules import lr_at
+
+if TYPE_CHECKING:
+    from normlab.lease import Lease
 
 OnDone = Callable[[int, RunResult], None]
 
@@ -91,6 +103,7 @@ class _Member:
     model: nn.Module
     optimizer: torch.optim.SGD
     rng: dict[str, torch.Tensor]
+    checkpoint: RunCheckpoint
     average: _EpochAverage = field(default_factory=_EpochAverage)
     final: dict[str, Any] = field(default_factory=dict)
     last_lr: float = 0.0
@@ -271,6 +284,15 @@ def _point_into(model: nn.Module, sgd: PackedSGD, k: int) -> None:
         model.get_submodule(owner)._buffers[leaf] = sgd.buffers[name][k]
 
 
+def _momentum_of(member: _Member) -> torch.Tensor:
+    """The member's momentum buffers as one (P,) vector in parameter order (zeros where its
+    optimizer has none: momentum 0)."""
+    state = member.optimizer.state
+    buffers = [state.get(p, {}).get("momentum_buffer") for p in member.model.parameters()]
+    return torch.cat([(b if b is not None else torch.zeros_like(p)).flatten()
+                      for b, p in zip(buffers, member.model.parameters(), strict=True)])
+
+
 def _attach_momentum(member: _Member, sgd: PackedSGD, k: int) -> None:
     """Show the member's momentum buffers in its optimizer's state, as torch.optim.SGD keeps
     them (read by probes such as curvature's stability threshold)."""
@@ -306,13 +328,17 @@ def train_packed(specs: Sequence[RunSpec],
     probes are added, as in `train`). `on_done(k, result)` is called as soon as member k ends
     (a diverged member ends before the others). BN mode: train mode for the steps, eval mode for
     the per-epoch test evaluation, per member. The global RNG is restored afterwards.
+    Members whose run folders hold checkpoints resume from them; they must all stand at the same
+    step (ValueError otherwise; `execute_pack` groups them so).
     """
     check_packable(specs)
+    options = train_options(specs[0])  # the numerics options are shared (packing.pack_key)
     device = resolve_device(specs[0].device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), \
+            run_numerics(deterministic=options["deterministic"], tf32=options["tf32"]):
         pack = _Pack(list(specs), callbacks, contexts, device, on_done, start)
         return pack.run()
 
@@ -343,13 +369,18 @@ class _Pack:
                     rng["cuda"] = torch.cuda.get_rng_state(device)
             context = contexts[k] if contexts else RunContext(run_id=spec.run_id)
             extra = list(callbacks[k]) if callbacks else []
+            member_callbacks = extra + [scheduled(**e) for e in spec.probe_schedules()]
+            optimizer = build_optimizer(spec, model, fused=False)
             self.members.append(_Member(
                 spec=spec, context=context, batches=batches, model=model, rng=rng,
-                callbacks=extra + [scheduled(**e) for e in spec.probe_schedules()],
-                optimizer=build_optimizer(spec, model, fused=False)))
+                callbacks=member_callbacks, optimizer=optimizer,
+                checkpoint=RunCheckpoint(context, model, optimizer, batches.generator,
+                                         member_callbacks, len(batches), device)))
             models.append(model)
         self.per_epoch = len(self.members[0].batches)
         self.total = first.steps or max(1, math.ceil(first.epochs * self.per_epoch))
+        self.start_step = self.restore()  # into the members' modules, before they are stacked
+        self.clock = CheckpointClock(self.per_epoch, step=self.start_step)
         self.renorm_schedule = any(callable(getattr(m, "set_training_fraction", None))
                                    for m in models[0].modules())
         self.read_window = 1 if any(m.callbacks for m in self.members) else READ_WINDOW
@@ -361,11 +392,32 @@ class _Pack:
                                  compile=m.spec.compile)
                  for o, m in zip(options, self.members, strict=True)}
         self.step_path = "cuda_graph" if paths == {"cuda_graph"} else "step_function"
+        if self.start_step > 0:  # the momentum buffers the checkpoints restored
+            self.sgd.momentum = torch.stack([_momentum_of(m) for m in self.members])
         self.pack_step = PackStep(self.sgd, capture=self.step_path == "cuda_graph")
         self.stacked = list(self.members)  # members in stack order (live or masked)
         for k, member in enumerate(self.stacked):
             _point_into(member.model, self.sgd, k)
+            _attach_momentum(member, self.sgd, k)
         self.pending: list[tuple[int, list[float], torch.Tensor, torch.Tensor]] = []
+
+    def restore(self) -> int:
+        """Load each member's checkpoint (model, momentum, RNG, data position, averages,
+        callback states); the step they all stand at (0 when none has one)."""
+        resumed = [m.checkpoint.restore() for m in self.members]
+        steps = {r.step if r is not None else 0 for r in resumed}
+        if len(steps) > 1:
+            raise ValueError("The members of a pack must resume from the same step; their "
+                             f"checkpoints stand at steps {sorted(steps)}.")
+        for member, state in zip(self.members, resumed, strict=True):
+            if state is None:
+                continue
+            member.rng["cpu"] = state.rng["cpu"]
+            if "cuda" in member.rng and state.rng["cuda"] is not None:
+                member.rng["cuda"] = state.rng["cuda"]
+            member.last_lr, member.final = state.last_lr, state.final
+            member.average = _EpochAverage(**state.average)
+        return steps.pop()
 
     # -- members ---------------------------------------------------------------------------------
     def live(self) -> list[_Member]:
@@ -397,23 +449,29 @@ class _Pack:
         if "cuda" in member.rng:
             member.rng["cuda"] = torch.cuda.get_rng_state(self.device)
 
+    def arithmetic(self) -> dict[str, Any]:
+        """The step taken and the pack: what besides `numerics` sets the members' rounding."""
+        return {**step_provenance(self.step_path, [self.pack_step.call]), "packed": True,
+                "pack_size": len(self.members)}
+
     def finish(self, member: _Member, result: RunResult) -> None:
         k = self.stacked.index(member)
         self.sgd.active[k] = False
         result.wall_time_s = time.perf_counter() - self.start
         if result.provenance:
-            result.provenance["pack_size"] = len(self.members)
-            result.provenance.update(step_provenance(self.step_path, [self.pack_step.call]))
+            result.provenance.update(self.arithmetic())
+            if member.checkpoint.resumed_from:
+                result.provenance["resumed_from"] = member.checkpoint.resumed_from
         member.result = result
         if self.on_done is not None:
             self.on_done(self.members.index(member), result)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> list[RunResult]:
-        step = 0
+        step = self.start_step
         while step < self.total and self.live():
-            epoch = {id(m): iter(m.batches) for m in self.live()}
-            for _ in range(self.per_epoch):
+            epoch = {id(m): m.checkpoint.epoch(m.batches) for m in self.live()}
+            for _ in range(self.per_epoch - step % self.per_epoch):  # resumed mid-epoch: less
                 for member in self.live():
                     member.x, member.y = next(epoch[id(member)])
                 if step == 0:
@@ -431,12 +489,25 @@ class _Pack:
                 self.shrink()
                 if step == self.total or not self.live():
                     break
+                if not self.pending and self.clock.due(step):  # every row up to step written
+                    self.save_checkpoints(step)
+                    self.clock.saved(step)
         for member in self.live():
             self.finish(member, RunResult(
                 status="completed", steps=step,
                 final={**member.final, "final_lr": member.last_lr},
                 provenance=provenance(member.spec.run_id, str(self.device), member.spec.seed)))
         return [m.result for m in self.members]  # type: ignore[misc]
+
+    def save_checkpoints(self, step: int) -> None:
+        """Each live member's checkpoint of `step`, in its run folder, as a solo run's."""
+        segment = {**numerics(str(self.device)), **self.arithmetic(),
+                   "stack_size": len(self.stacked)}  # members stacked now (it shrinks)
+        for member in self.live():
+            member.checkpoint.save(step, {"last_lr": member.last_lr,
+                                          "average": vars(member.average),
+                                          "final": member.final},
+                                   rng=member.rng, numerics=segment)
 
     def sgd_step(self, step: int) -> None:
         lrs = []
@@ -515,7 +586,8 @@ def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
     atomically when the member ends). A member that another writer holds or has finished is
     left out of the pack and gets None, as does one whose lease was taken over meanwhile. A
     crash of the pack records its unfinished members as "failed"; an interruption leaves them
-    unfinished, so they are rerun (alone or packed) and finished ones are kept.
+    unfinished, with their checkpoints, so they are resumed (alone or packed) and finished ones
+    are kept. The members are trained in the groups `resume_groups` makes.
     """
     from normlab.lease import claimed
 
@@ -523,25 +595,53 @@ def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
     results: list[RunResult | None] = [None] * len(specs)
     with contextlib.ExitStack() as stack:
         leases = [stack.enter_context(claimed(store, s)) for s in specs]
-        members = [k for k, lease in enumerate(leases) if lease is not None]
-        if not members:
-            return results
-        contexts = [RunContext(run_id=specs[k].run_id, run_dir=store.begin(specs[k]),
-                               on_progress=on_progress, lease=leases[k]) for k in members]
-        ended: set[int] = set()
-
-        def done(i: int, result: RunResult) -> None:
-            k = members[i]
-            ended.add(k)
-            if leases[k].held:
-                results[k] = result
-                store.finish(specs[k], result)
-
-        try:
-            train_packed([specs[k] for k in members], contexts=contexts, on_done=done)
-        except Exception as err:  # a crashed pack is recorded per member, never lost
-            error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
-            for i, k in enumerate(members):
-                if k not in ended:
-                    done(i, RunResult(status="failed", error=error))
+        run_dirs = {k: store.begin(specs[k]) for k, lease in enumerate(leases)
+                    if lease is not None}
+        for members, packed in resume_groups(run_dirs):
+            if not packed:  # a run checkpointed alone continues alone
+                k = members[0]
+                results[k] = run_claimed(specs[k], store, leases[k], on_progress)
+                continue
+            _pack_into_store([specs[k] for k in members], [leases[k] for k in members],
+                             store, on_progress, results, members)
     return results
+
+
+def _pack_into_store(specs: list[RunSpec], leases: list[Lease], store: RunStore,
+                     on_progress: ProgressFn | None, results: list[RunResult | None],
+                     slots: list[int]) -> None:
+    """`train_packed(specs)` with claimed runs (`leases`), each member's result stored as it
+    ends and put in `results[slots[i]]`; a crash records the unfinished members as failed."""
+    contexts = [RunContext(run_id=s.run_id, run_dir=store.run_dir(s), on_progress=on_progress,
+                           lease=lease) for s, lease in zip(specs, leases, strict=True)]
+    ended: set[int] = set()
+
+    def done(i: int, result: RunResult) -> None:
+        ended.add(i)
+        if leases[i].held:
+            results[slots[i]] = result
+            store.finish(specs[i], result)
+
+    try:
+        train_packed(specs, contexts=contexts, on_done=done)
+    except Exception as err:  # a crashed pack is recorded per member, never lost
+        error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
+        for i in range(len(specs)):
+            if i not in ended:
+                done(i, RunResult(status="failed", error=error))
+
+
+def resume_groups(run_dirs: dict[int, Path]) -> list[tuple[list[int], bool]]:
+    """The members of a pack (index -> claimed run folder) grouped by where they resume:
+    (indices, packed). A run whose checkpoint a solo run wrote continues alone (packed False),
+    so that it stays bit for bit the run it was; the others form one pack per checkpoint step
+    (fresh runs at step 0), since a pack advances its members in lockstep."""
+    packs: dict[int, list[int]] = {}
+    alone: list[list[int]] = []
+    for k, run_dir in run_dirs.items():
+        point = checkpoint_step(run_dir)
+        if point is not None and not point[1]:
+            alone.append([k])
+        else:
+            packs.setdefault(point[0] if point is not None else 0, []).append(k)
+    return [(group, True) for group in packs.values()] + [(group, False) for group in alone]
