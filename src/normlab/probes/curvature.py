@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from normlab.config import ConfigError, check_choice, check_interval
+from normlab.nn.batch_renorm import BatchRenorm
 from normlab.probes._batches import Batch, LossFn, Vector, unflatten
 from normlab.probes._calling import batch_list, batch_loss, convention
 from normlab.probes._hygiene import RngStates, preserved
@@ -199,8 +200,9 @@ class HessianOperator:
         A test of the second derivatives torch computes for this model's operations, not of
         the products' float rounding: it runs on the first `CHECK_EXAMPLES` examples of the
         first batch (the derivative code is the same at any batch size; so the check costs
-        about one HVP at batch 128), in float64, with each forward's random draws fixed as in
-        the products. Raises `HessianCheckError`, naming the parameter, when the two disagree
+        less than one HVP at batch 32), in float64, with each forward's random draws fixed as in
+        the products, and BatchRenorm's r and d (constants of its backward pass by design) at 1
+        and 0. Raises `HessianCheckError`, naming the parameter, when the two disagree
         past the tolerance (`CHECK_TOLERANCE`, at least the differences' own rounding) at two
         step sizes that agree with each other. Warns and returns None where it cannot tell:
         the model does not run in float64 or on a few examples, or the two step sizes disagree
@@ -213,6 +215,12 @@ class HessianOperator:
         x, y = (t[:CHECK_EXAMPLES] for t in self.batches[0])
         forward = Stateless(self.model, dtype=torch.float64)
         params64 = {n: _float64(p.detach()) for n, p in self.model.named_parameters()}
+        # BatchRenorm's r and d are constants for the backward pass by design (computed without
+        # gradient from the batch): the differences would move them, the Hessian holds them.
+        # The check takes them at their neutral 1 and 0 (the layer is BatchNorm then).
+        params64.update({f"{name}.limits": torch.tensor([1.0, 0.0], dtype=torch.float64,
+                                                       device=self._vector.device)
+                         for name, m in self.model.named_modules() if isinstance(m, BatchRenorm)})
 
         def loss(moved: dict[str, torch.Tensor]) -> torch.Tensor:
             self._rng[0].restore()  # one set of random draws for every evaluation
@@ -253,8 +261,10 @@ class HessianOperator:
             f"gradient by {error:.1%} in the block of {block!r}, in float64 (tolerance "
             f"{limit:.0e}; the differences at two step sizes agree to {spread:.1e}): torch "
             f"computes a second derivative of this model wrongly, or a custom autograd "
-            f"Function of the model has a backward that is not itself differentiable. Every "
-            f"curvature number would be wrong; pass check=False only to measure anyway.")
+            f"Function of the model has a backward that is not itself differentiable, or the "
+            f"model stops gradients on purpose (detach, no_grad), so that its gradient is not "
+            f"the gradient of its loss. Pass check=False to measure anyway: the Hessian of the "
+            f"loss with the stopped quantities held fixed.")
 
     def _float64_product(self, loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                          selected: dict[str, torch.Tensor], v: torch.Tensor) -> torch.Tensor:

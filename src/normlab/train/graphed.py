@@ -21,6 +21,9 @@ the captured and uncaptured step are compared in the `device` tests.
 
 Cost: per step, two copies (x, y) and one graph launch; once, 3 eager warm-up steps (real
 training steps, on a side stream as torch's CUDA-graph docs require) and one capture.
+
+User hooks (`hooks_refusal`): a module hook runs while a graph is recorded, never when it
+replays. A model that carries one is not captured; its step runs eagerly and says why.
 """
 
 from __future__ import annotations
@@ -151,8 +154,9 @@ class CapturedCall:
     or where a module of `modules` (the ones `fn` runs) carries a user hook (`hooks_refusal`,
     asked at every call until the capture: a hook runs while a graph is recorded, never when
     it replays, so its effect would be frozen or lost). `pool` (a callable that
-    returns a `torch.cuda.graph_pool_handle()`, called at capture) lets several calls that
-    never run at the same time share one memory pool.
+    returns a `torch.cuda.graph_pool_handle()`, called at capture) lets several calls share one
+    memory pool; safe when each call's outputs are read before another of them replays (a
+    replay may overwrite what another graph returned).
     """
 
     def __init__(self, fn: Callable[[], Any], *, capture: bool, warmup: int,
