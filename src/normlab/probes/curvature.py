@@ -71,7 +71,8 @@ CHECK_EXAMPLES = 4  # of the first batch (at least 2, for batch statistics)
 
 class HessianCheckError(RuntimeError):
     """H v disagrees with central finite differences of the gradient: torch (or a custom
-    autograd Function of the model) computes a second derivative of this model wrongly."""
+    autograd Function of the model) computes a second derivative of this model wrongly, or the
+    model stops gradients on purpose, so that its gradient is not its loss's gradient."""
 
 
 class HessianOperator:
@@ -292,19 +293,16 @@ class HessianOperator:
 
     def _worst_block(self, got: torch.Tensor, want: torch.Tensor) -> tuple[float, str]:
         """max over parameters of norm(got - want) / max(norm(want), BLOCK_FLOOR x norm of the
-        whole `want`) on that parameter's block, and the parameter's name."""
+        whole `want`) on that parameter's block of the flat vectors, and the parameter's name."""
         floor = BLOCK_FLOOR * float(want.norm())
-        worst, name = 0.0, ""
-        for n, (a, b) in zip(self.params, zip(unflatten(got, self.params).values(),
-                                              unflatten(want, self.params).values(),
-                                              strict=True), strict=True):
-            a, b = a.double(), b.double()
-            scale = max(float(b.norm()), floor)
-            diff = float((a - b).norm())
-            error = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-            if error > worst or not name:
-                worst, name = error, n
-        return worst, name
+        errors, start = {}, 0
+        for name, p in self.params.items():
+            a, b = got[start:start + p.numel()], want[start:start + p.numel()]
+            start += p.numel()
+            diff, scale = float((a - b).norm()), max(float(b.norm()), floor)
+            errors[name] = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+        name = max(errors, key=errors.__getitem__)
+        return errors[name], name
 
 
 class _StaticProduct:
@@ -355,7 +353,7 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *, vec
         mode: str | None = None, bn_mode: str | None = None, check: bool = True) -> Vector:
     """H v for one direction (a dict name -> tensor) in `mode` (default "train"); costs one
     gradient graph plus one double backward, and with `check` (the default) the check of
-    `HessianOperator.check` (one more HVP and two float64 gradients: it raises
+    `HessianOperator.check` (a float64 HVP and two float64 gradients on 4 examples: it raises
     `HessianCheckError` where torch's second derivatives of the model are wrong). For many
     products use `hessian_operator`, which reuses the graph and checks once.
     """
