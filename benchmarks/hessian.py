@@ -13,6 +13,9 @@ statistics part of the function, running statistics frozen), at initialization:
 - on CUDA, HVP (CUDA graph): the step function replayed from a CUDA graph (each product of
   `hessian_eigs` on CUDA), and gradient (CUDA graph), the unit captured the same way: the HVP
   row also gives its ratio to that (`x graph gradient`);
+- check (float64): `HessianOperator.check`, which every Hessian probe runs once by default
+  (a float64 HVP and two float64 gradients), also as a multiple of one HVP of the default path
+  (`x HVP`: its cost in products);
 - HVPs to reach lambda_max within `--tol` (relative) of a reference value (a long Lanczos run),
   for `hessian_eigs(method="lanczos")` and `method="power"`, read off their per-HVP history
   (the reference run's own history serves for Lanczos: the same start vector);
@@ -39,6 +42,7 @@ from normlab.train.graphed import CapturedCall
 
 HVP_LABELS = {"reused_graph": "HVP (reused graph)", "step_function": "HVP (step function)",
               "cuda_graph": "HVP (CUDA graph)"}
+CHECK_LABEL = "check (float64)"
 
 
 def gradient(model, x, y, create_graph: bool = False) -> None:
@@ -90,22 +94,29 @@ def main() -> None:
                     op(v)
                 seconds[HVP_LABELS[path]] = timed(
                     lambda op=op, v=v: op(v), repeats, device)
+        with hessian_operator(model, loss_fn, data, check=False) as op:
+            seconds[CHECK_LABEL] = timed(op.check, repeats, device)
         if cuda:
             captured = CapturedCall(lambda m=model: gradient(m, x, y), capture=True,
                                     warmup=CAPTURE_WARMUP, what="the gradient")
             for _ in range(CAPTURE_WARMUP):
                 captured()
             seconds["gradient (CUDA graph)"] = timed(captured, repeats, device)
+        default_hvp = seconds[HVP_LABELS["cuda_graph" if cuda else "reused_graph"]]
         print(f"\n[{norm}] {'quantity':<22} {'seconds':>9} {'x gradient':>11}"
-              + (f" {'x graph gradient':>17}" if cuda else ""))
+              + (f" {'x graph gradient':>17}" if cuda else "") + f" {'x HVP':>6}")
         for name, s in seconds.items():
             row = {"norm": norm, "batch": batch, "quantity": name, "seconds": s,
                    "x_gradient": s / seconds["gradient"]}
             if name == HVP_LABELS["cuda_graph"]:
                 row["x_graph_gradient"] = s / seconds["gradient (CUDA graph)"]
+            if name == CHECK_LABEL:
+                row["x_hvp"] = s / default_hvp
             rows.append(row)
             print(f"[{norm}] {name:<22} {s:9.3f} {row['x_gradient']:11.2f}"
-                  + (f" {row['x_graph_gradient']:17.2f}" if "x_graph_gradient" in row else ""))
+                  + (f" {row['x_graph_gradient']:17.2f}" if "x_graph_gradient" in row else
+                     f" {'':>17}" if cuda else "")
+                  + (f" {row['x_hvp']:6.2f}" if "x_hvp" in row else ""))
 
         # the long Lanczos run is both the reference and the Lanczos history (same seed)
         lanczos = reference = hessian_eigs(model, loss_fn, data, tol=1e-9, max_iter=60)

@@ -225,3 +225,119 @@ def test_a_cuda_graph_path_needs_a_cuda_model():
     with pytest.raises(ConfigError, match="'path'"), \
             hessian_operator(case.model, case.loss_fn, data, path="fast"):
         pass
+
+
+# -- one Dropout mask per operator, one step function per batch shape -----------------------------
+
+
+def dropout_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3)).double().train()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 5, generator=gen, dtype=torch.float64),
+                torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)]
+    return model, torch.nn.CrossEntropyLoss(), batches
+
+
+def fixed_mask_dense_hessian(model, loss_fn, batches):
+    """The dense Hessian of the mean loss over `batches` with Dropout on, each batch's mask the
+    one its forward draws from the global RNG as it is now (batch after batch); the RNG is left
+    as it was."""
+    params = dict(model.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    start_state = torch.get_rng_state()
+    total = 0
+    for x, y in batches:
+        state = torch.get_rng_state()
+
+        def loss(theta, x=x, y=y, state=state):
+            pieces, start = {}, 0
+            for n, shape in shapes.items():
+                pieces[n] = theta[start:start + shape.numel()].reshape(shape)
+                start += shape.numel()
+            torch.set_rng_state(state)
+            return loss_fn(functional_call(model, pieces, (x,)), y) / len(batches)
+
+        total = total + torch.autograd.functional.hessian(loss, flat)
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            model(x)  # the draws of this batch's forward: the next batch's mask starts after
+    torch.set_rng_state(start_state)
+    return total
+
+
+@pytest.mark.parametrize("path", ["reused_graph", "step_function"])
+def test_dropout_draws_one_mask_per_operator_on_every_path(path):
+    """mode="keep" with Dropout on: the same v gives the same H v every time, and it is the
+    product with the dense Hessian of the loss with the masks fixed at the operator's start
+    (on main the step function drew new masks per product: H v 68 % apart)."""
+    model, loss_fn, batches = dropout_mlp()
+    dense = fixed_mask_dense_hessian(model, loss_fn, batches)
+    assert not torch.allclose(dense, fixed_mask_dense_hessian_without_dropout(model, loss_fn,
+                                                                              batches))
+    gen = torch.Generator().manual_seed(4)
+    with hessian_operator(model, loss_fn, batches, mode="keep", path=path) as op:
+        assert op.check_error is not None  # the check ran with its masks fixed, and passed
+        u, v = (torch.randn(op.size, generator=gen, dtype=torch.float64) for _ in range(2))
+        first, again, hu = op(v), op(v), op(u)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, dense @ v, rtol=1e-9, atol=1e-11)
+    assert float(u @ first) == pytest.approx(float(v @ hu), rel=1e-9)  # symmetric
+    eigs = hessian_eigs(model, loss_fn, batches, mode="keep", tol=1e-10, max_iter=200)
+    assert eigs.values[0] == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+
+
+def fixed_mask_dense_hessian_without_dropout(model, loss_fn, batches):
+    """The same Hessian with Dropout off (to show the masks matter in the test above)."""
+    saved = [(m, m.training) for m in model.modules()]
+    model[2].eval()
+    try:
+        return fixed_mask_dense_hessian(model, loss_fn, batches)
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def test_a_multi_batch_step_function_copies_each_batch_into_one_static_input():
+    """N batches of one shape share one step function (on CUDA: one graph and one memory pool,
+    not one per batch); a batch of another shape gets a second one in the same pool. Products
+    stay those of the reused graph (checked against the dense Hessian above)."""
+    case = tiny_case("batch")
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(case.x.shape, generator=gen, dtype=case.x.dtype),
+                torch.randint(0, 3, (case.x.shape[0],), generator=gen)) for _ in range(4)]
+    ragged = [*batches, (batches[0][0][:4], batches[0][1][:4])]
+    for data, shapes in ((batches, 1), (ragged, 2)):
+        v = torch.randn(sum(p.numel() for p in case.model.parameters()), generator=gen,
+                        dtype=torch.float64)
+        with hessian_operator(case.model, case.loss_fn, data, path="reused_graph",
+                              check=False) as op:
+            want = op(v)
+        with hessian_operator(case.model, case.loss_fn, data, path="step_function",
+                              check=False) as op:
+            assert op.captures == shapes
+            steps = list(op._steps.values())
+            assert len({id(s.call.pool) for s in steps}) == 1  # one memory pool for all
+            assert all(case.model in s.call.modules for s in steps)  # hooks checked on capture
+            torch.testing.assert_close(op(v), want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.device
+def test_dropout_masks_are_fixed_on_the_devices_default_path(device):
+    """On CUDA the default path replays a CUDA graph whose Dropout draws from the generator's
+    state at replay: restoring that state per batch keeps one mask, equal to the reused graph's
+    (on a CPU both sides are the reused graph)."""
+    model, loss_fn, batches = dropout_mlp()
+    model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    gen = torch.Generator().manual_seed(9)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=gen,
+                    dtype=torch.float64).to(device)
+    with hessian_operator(model, loss_fn, batches, mode="keep", path="reused_graph") as op:
+        want = op(v)
+    with hessian_operator(model, loss_fn, batches, mode="keep") as op:
+        got = [op(v) for _ in range(2 + 3)]  # eager warm-up, the capture, replays
+    for product in got:
+        torch.testing.assert_close(product, want, rtol=1e-8, atol=1e-10)

@@ -22,8 +22,11 @@ from normlab.train.graphed import (
     CapturedCall,
     GraphedStep,
     StaticStep,
+    capture_hooks,
     cuda_graph_path,
+    hooks_refusal,
     sgd_update_,
+    step_provenance,
 )
 
 TINY_DATA = {"n_train": 96, "n_test": 48, "shape": [3, 8, 8], "num_classes": 4}
@@ -178,6 +181,89 @@ def test_the_static_step_takes_over_torch_sgd_mid_run():
     torch.testing.assert_close(first + rest, expected, **TIGHT)
     for name, tensor in plain_model.state_dict().items():
         torch.testing.assert_close(ours_model.state_dict()[name], tensor, **TIGHT)
+
+
+# -- user hooks stay off the captured path --------------------------------------------------------
+# A hook runs while a CUDA graph is recorded and never when it replays. These run on a CPU: the
+# refusal comes before anything touches CUDA.
+
+def log_mean(module, inputs, output):
+    module.seen.append(float(output.detach().abs().mean()))
+
+
+def double_input(module, inputs):
+    return (2 * inputs[0],)
+
+
+def note_gradient(module, grad_input, grad_output):
+    return None
+
+
+def test_capture_hooks_names_every_kind_of_hook_and_its_module():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    assert capture_hooks(model) == [] and hooks_refusal(model) is None
+    handles = [model[0].register_forward_hook(log_mean),
+               model[2][0].register_forward_pre_hook(double_input),
+               model[1].register_full_backward_hook(note_gradient),
+               model.register_full_backward_pre_hook(note_gradient)]
+    assert capture_hooks(model, "not a module") == [
+        "backward pre-hook 'note_gradient' on 'the model' (Sequential)",
+        "forward hook 'log_mean' on '0' (Linear)",
+        "backward hook 'note_gradient' on '1' (ReLU)",
+        "forward pre-hook 'double_input' on '2.0' (Linear)"]
+    for handle in handles:
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(log_mean)
+    try:
+        assert capture_hooks(model) == ["global forward hook 'log_mean'"]
+    finally:
+        handle.remove()
+    assert capture_hooks(model) == []
+
+
+def test_a_call_on_hooked_modules_is_not_captured_and_says_which_hook():
+    model = torch.nn.Linear(3, 2)
+    model.seen = []
+    model.register_forward_hook(log_mean)
+    x = torch.randn(4, 3)
+    call = CapturedCall(lambda: model(x), capture=True, warmup=2, what="the test call",
+                        modules=(model,))
+    with pytest.warns(RuntimeWarning, match="the test call runs eagerly: user hooks run only "
+                      "while a CUDA graph is recorded.*forward hook 'log_mean' on 'the model'"):
+        call()
+    for _ in range(3):
+        call()
+    assert call.graph is None and not call.capture and "log_mean" in call.refused
+    assert len(model.seen) == 4  # the hook ran at every call, as in eager mode
+
+
+def test_a_training_step_on_a_hooked_model_runs_eagerly_and_its_provenance_says_why():
+    plain_model, ours_model, x, y = two_copies("batch")
+    ours_model.conv1.seen = []
+    ours_model.conv1.register_forward_hook(log_mean)
+    lrs = [0.05, 0.1, 0.08]
+    expected = plain_steps(plain_model, torch.optim.SGD(plain_model.parameters(), **SGD), x, y,
+                           lrs)
+    with pytest.warns(RuntimeWarning, match="forward hook 'log_mean' on 'conv1' .Conv2d."):
+        losses, step = static_steps(ours_model, torch.optim.SGD(ours_model.parameters(), **SGD),
+                                    x, y, lrs, capture=True)
+    torch.testing.assert_close(losses, expected, **TIGHT)
+    assert len(ours_model.conv1.seen) == len(lrs)
+    provenance = step_provenance("cuda_graph", [step.call])
+    assert provenance["train_step"] == "step_function"
+    assert "forward hook 'log_mean' on 'conv1'" in provenance["cuda_graph_refused"]
+
+
+def test_the_per_example_rows_of_a_hooked_model_are_not_captured():
+    """The captured per-example rows take the same refusal, before any CUDA call."""
+    from normlab.probes.per_example import _captured_rows
+
+    model = torch.nn.Linear(3, 2)
+    model.seen = []
+    model.register_forward_hook(log_mean)
+    with pytest.warns(RuntimeWarning, match="per-example backward runs eagerly.*'log_mean'"):
+        assert _captured_rows(lambda: torch.zeros(2), [], torch.zeros(2), (model,)) is None
 
 
 # -- the setting ---------------------------------------------------------------------------------

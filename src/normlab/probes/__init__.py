@@ -34,6 +34,7 @@ _LAZY = {
     "spectral_density": "curvature",
     "lr_range_test": "lr_range",
     "hvp": "curvature",
+    "HessianCheckError": "curvature",
     "random_direction": "landscape",
     "scaled_direction": "landscape",
     "radial_direction": "landscape",

@@ -21,6 +21,9 @@ the captured and uncaptured step are compared in the `device` tests.
 
 Cost: per step, two copies (x, y) and one graph launch; once, 3 eager warm-up steps (real
 training steps, on a side stream as torch's CUDA-graph docs require) and one capture.
+
+User hooks (`hooks_refusal`): a module hook runs while a graph is recorded, never when it
+replays. A model that carries one is not captured; its step runs eagerly and says why.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from normlab.config import ConfigError, choice_problem
 
@@ -144,14 +148,22 @@ class CapturedCall:
     `fn` once and replays it; later calls replay. Warm-up and capture run with cuDNN's
     autotuning on (`cudnn_autotuned`). The value returned after capture is the one
     `fn` returned while being recorded: the same tensors, refilled by each replay.
-    Where CUDA refuses the capture (an operation that cannot be recorded, such as a host
-    synchronization), nothing has run yet: the call runs `fn` eagerly, as do all later calls,
-    and `refused` keeps the reason (recorded in the run's provenance).
+    The call is not captured, and runs eagerly now and later with `refused` keeping the reason
+    (recorded in the run's provenance, and warned), where CUDA refuses the capture (an
+    operation that cannot be recorded, such as a host synchronization; nothing has run then)
+    or where a module of `modules` (the ones `fn` runs) carries a user hook (`hooks_refusal`,
+    asked at every call until the capture: a hook runs while a graph is recorded, never when
+    it replays, so its effect would be frozen or lost). `pool` (a callable that
+    returns a `torch.cuda.graph_pool_handle()`, called at capture) lets several calls share one
+    memory pool; safe when each call's outputs are read before another of them replays (a
+    replay may overwrite what another graph returned).
     """
 
     def __init__(self, fn: Callable[[], Any], *, capture: bool, warmup: int,
-                 what: str = "the step") -> None:
+                 what: str = "the step", modules: Sequence[object] = (),
+                 pool: Callable[[], Any] | None = None) -> None:
         self.fn, self.capture, self.warmup, self.what = fn, capture, warmup, what
+        self.modules, self.pool = tuple(modules), pool
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
@@ -163,22 +175,64 @@ class CapturedCall:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
+        refusal = hooks_refusal(*self.modules)
+        if refusal:
+            return self._refuse(refusal)
         with cudnn_autotuned():
             if self.calls < self.warmup:
                 self.calls += 1
                 return on_side_stream(self.fn)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=self.pool() if self.pool else None):
                     self.outputs = self.fn()
             except RuntimeError as err:  # recorded, not run: the state is as before the call
-                self.capture, self.refused = False, f"{type(err).__name__}: {err}"
-                warnings.warn(f"CUDA refused to capture {self.what} in a graph; it runs eagerly "
-                              f"instead ({self.refused})", RuntimeWarning, stacklevel=2)
-                return self.fn()
+                return self._refuse(f"CUDA refused the capture: {type(err).__name__}: {err}")
             self.graph = graph
         self.graph.replay()
         return self.outputs
+
+    def _refuse(self, reason: str) -> Any:
+        """Give up the capture for good: say why, and run `fn` eagerly (now and later)."""
+        self.capture, self.refused = False, reason
+        warnings.warn(f"Not captured in a CUDA graph, {self.what} runs eagerly: {reason}",
+                      RuntimeWarning, stacklevel=3)
+        return self.fn()
+
+
+def hooks_refusal(*modules: object) -> str | None:
+    """Why a call that runs `modules` must not be captured in a CUDA graph: their user hooks
+    (`capture_hooks`), named; None when they have none. Checked before every capture (the
+    training step, the Hessian-vector products, the per-example rows)."""
+    hooks = capture_hooks(*modules)
+    if not hooks:
+        return None
+    return ("user hooks run only while a CUDA graph is recorded, never when it replays: "
+            + "; ".join(hooks))
+
+
+def capture_hooks(*modules: object) -> list[str]:
+    """The hooks that would run only while a CUDA graph is recorded, never when it replays: the
+    forward, forward-pre, backward and backward-pre hooks of every submodule of `modules`
+    (objects that are not modules are skipped), named by hook and module ("forward hook 'log'
+    on 'stage1.conv' (Conv2d)"), and torch's global module hooks. Cost: one walk over the
+    modules."""
+    kinds = (("forward pre-hook", "_forward_pre_hooks"), ("forward hook", "_forward_hooks"),
+             ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))
+    found = [f"global {kind} {_hook_name(hook)!r}" for kind, attribute in kinds
+             for hook in getattr(torch_module, f"_global{attribute}").values()]
+    for root in modules:
+        if not isinstance(root, nn.Module):
+            continue
+        for name, module in root.named_modules():
+            found += [f"{kind} {_hook_name(hook)!r} on {name or 'the model'!r} "
+                      f"({type(module).__name__})" for kind, attribute in kinds
+                      for hook in getattr(module, attribute).values()]
+    return found
+
+
+def _hook_name(hook: object) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
 
 
 def on_side_stream(fn: Callable[[], Any]) -> Any:
@@ -225,7 +279,8 @@ class GraphedStep:
 
     def __init__(self, static: StaticStep, *, capture: bool) -> None:
         self.static = static
-        self.call = CapturedCall(static, capture=capture, warmup=WARMUP_STEPS)
+        self.call = CapturedCall(static, capture=capture, warmup=WARMUP_STEPS,
+                                 modules=(static.model,))
         self.next_step = int(static.step_index.item())
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
