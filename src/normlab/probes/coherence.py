@@ -39,8 +39,8 @@ def gradient_coherence(model: nn.Module, loss_fn, data, *,
     value, bn_mode, entries, gradient="batch_gradient_terms".
     """
     x, y = one_batch(data, "gradient_coherence")
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, x):
+        measured = norm_mode(model, mode, x)
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
         names = {id(p): n for n, p in model.named_parameters()}
         # frozen layers have gradient terms too: differentiate w.r.t. detached leaves

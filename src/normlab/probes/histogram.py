@@ -61,7 +61,7 @@ def gradient_histogram(model: nn.Module, loss_fn, data, *,
     """
     check_interval("bins", bins, 1, kind=int, low_open=False)
     x, y = one_batch(data, "gradient_histogram")
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, x):
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
         names = {id(p): n for n, p in model.named_parameters()}
         params = leaves({names[id(layer.module.weight)]: layer.module.weight
@@ -70,7 +70,7 @@ def gradient_histogram(model: nn.Module, loss_fn, data, *,
         got = dict(zip(params, torch.autograd.grad(loss, list(params.values()),
                                                    allow_unused=True), strict=True))
         grads = [got[names[id(layer.module.weight)]] for layer in chosen]
-        measured = norm_mode(model, mode)
+        measured = norm_mode(model, mode, x)
         records = []
         for layer, g in zip(chosen, grads, strict=True):
             if g is None:

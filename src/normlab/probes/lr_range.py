@@ -8,6 +8,7 @@ its parameters and the user's optimizer are never written, so the test is a prob
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -108,14 +109,17 @@ def lr_range_test(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
         data = [data]
     schedule = lr_schedule(start, end, steps, ramp)
     lrs, losses, smoothed = [], [], []
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    batches = _forever(data)
+    first = next(batches)
+    with preserved(model), probe_mode(model, mode, first[0]):
+        measured = norm_mode(model, mode, first[0])
         forward = Stateless(model, carry_buffers=True)
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in select_params(model, None).items()}
         trainer = _copied_optimizer(model, optimizer, params, momentum, weight_decay)
         average, best = 0.0, math.inf
-        for i, (lr, (x, y)) in enumerate(zip(schedule, _forever(data), strict=False)):
+        for i, (lr, (x, y)) in enumerate(zip(schedule, itertools.chain([first], batches),
+                                                      strict=False)):
             for group in trainer.param_groups:
                 group["lr"] = lr
             loss = batch_loss(loss_fn, forward(x, params), y)

@@ -76,13 +76,13 @@ def radial_tangential(model: nn.Module, loss_fn: LossFn | None = None, data=None
         loss_fn, data, grads, granularity, lr, source = _old_form(
             loss_fn, data, grads, granularity, lr, source, old)
     check_choice("granularity", granularity, GRANULARITIES)
-    with probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    if grads is None and (loss_fn is None or data is None):
+        raise ConfigError("radial_tangential needs the 'loss_fn' and 'data' settings "
+                          "(one (x, y) batch), or the 'grads' setting; got neither.")
+    x, y = one_batch(data, "radial_tangential") if grads is None else (None, None)
+    with probe_mode(model, mode, x):
+        measured = norm_mode(model, mode, x)
         if grads is None:
-            if loss_fn is None or data is None:
-                raise ConfigError("radial_tangential needs the 'loss_fn' and 'data' settings "
-                                  "(one (x, y) batch), or the 'grads' setting; got neither.")
-            x, y = one_batch(data, "radial_tangential")
             grads = minibatch_gradient(model, loss_fn, x, y)
     finite = all_finite(grads.values())
     records = []
