@@ -294,8 +294,9 @@ def _copied(values: Any) -> Any:
 
 def _couples_after_lookup(model: nn.Module, x: torch.Tensor, axes, params, output_axis
                           ) -> bool | None:
-    """The coupling test started at the outputs of the modules that receive the integer input
-    `x` itself (embeddings): each output becomes a leaf whose example rows are tested."""
+    """The coupling test started at the outputs of the layers (modules without submodules)
+    that receive the integer input `x` itself (embeddings): each output becomes a leaf whose
+    example rows are tested."""
     leaves: list[tuple[torch.Tensor, ExampleAxis]] = []
     counts: dict[str, int] = {}
 
@@ -304,7 +305,8 @@ def _couples_after_lookup(model: nn.Module, x: torch.Tensor, axes, params, outpu
             index = counts.get(name, 0)
             counts[name] = index + 1
             call = axes.call(name, index)
-            if not (args and args[0] is x and isinstance(output, torch.Tensor)
+            if not (args and args[0] is x and not module._modules  # a layer, not a container
+                    and isinstance(output, torch.Tensor)
                     and output.is_floating_point() and isinstance(call, Call)
                     and isinstance(call.output, ExampleAxis)):
                 return None

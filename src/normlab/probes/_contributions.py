@@ -42,8 +42,14 @@ from normlab.nn import BatchRenorm, InstanceNorm
 from normlab.nn.coupling import couples
 from normlab.nn.example_axes import Call, ExampleAxes, ExampleAxis, example_axes
 from normlab.probes._calling import batch_loss
-from normlab.probes._modules import canonical_names, padded_conv_input
-from normlab.probes._results import all_finite
+from normlab.probes._modules import (
+    canonical_names,
+    hooks_removed,
+    padded_conv_input,
+    parametrization_outputs,
+    tensor_used,
+)
+from normlab.probes._results import all_finite, rounding_slack
 from normlab.probes._stateless import Stateless
 
 _CONV_FORWARDS = {c.forward for c in (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d,
@@ -71,15 +77,12 @@ def contributions(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch
     _refuse_global_hooks()
     axes = example_axes(model, x)
     leaves = {n: p.detach().requires_grad_(True) for n, p in selected.items()}
-    tracker = _Tracker(axes, x.shape[0], canonical_names(model), leaves)
-    handles = tracker.attach(model, set(selected))
-    try:
-        loss = batch_loss(loss_fn, Stateless(model)(x, leaves), y)
-        got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                  retain_graph=tracker.retain)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with parametrization_outputs(model.modules()) as latest:
+        tracker = _Tracker(axes, x.shape[0], canonical_names(model), leaves, latest)
+        with hooks_removed(tracker.attach(model, set(selected))):
+            loss = batch_loss(loss_fn, Stateless(model)(x, leaves), y)
+            got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                      retain_graph=tracker.retain)
     for task in tracker.deferred:
         task()
     batch_grads = dict(zip(leaves, got, strict=True))
@@ -103,6 +106,7 @@ class _Tracker:
     batch: int
     canonical: dict[tuple[str, str], str]
     leaves: dict[str, torch.Tensor]
+    latest: dict[tuple[int, str], torch.Tensor]  # parametrization outputs
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     covered: dict[str, list[str]] = field(default_factory=dict)  # parameter -> its modules
     uncovered: dict[str, str] = field(default_factory=dict)
@@ -155,13 +159,7 @@ class _Tracker:
     def _hooks(self, name: str, module: nn.Module, rule: str, wanted: dict[str, set[str]]
                ) -> list:
         snapshots: list[dict[str, torch.Tensor]] = []
-        captured: dict[str, torch.Tensor] = {}
         calls = [0]
-        handles = []
-        for tensor in wanted:
-            if parametrize.is_parametrized(module, tensor):
-                handles.append(module.parametrizations[tensor].register_forward_hook(
-                    lambda _m, _i, out, t=tensor: captured.__setitem__(t, out)))
 
         def pre(mod, args, kwargs):
             if self.active:
@@ -175,23 +173,11 @@ class _Tracker:
             if not torch.is_grad_enabled():
                 return
             call = self.axes.call(name, index)
-            tensors = {t: self._effective(mod, t, captured) for t in wanted}
+            tensors = {t: tensor_used(mod, t, self.latest) for t in wanted}
             self._on_call(name, mod, rule, call, args, kwargs, output, buffers, tensors, wanted)
 
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True, prepend=True))
-        return handles
-
-    def _effective(self, module: nn.Module, tensor: str, captured: dict[str, torch.Tensor]
-                   ) -> torch.Tensor | None:
-        """The tensor the module's forward used as `tensor` (its parameter, the output of its
-        parametrization, or what an old-style weight_norm/spectral_norm hook computed)."""
-        if tensor in module._parameters:
-            return module._parameters[tensor]
-        if parametrize.is_parametrized(module, tensor):
-            return captured.get(tensor)
-        value = module.__dict__.get(tensor)
-        return value if isinstance(value, torch.Tensor) else None
+        return [module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
+                module.register_forward_hook(post, with_kwargs=True, prepend=True)]
 
     # -- one call --------------------------------------------------------------------------------
 
@@ -299,7 +285,7 @@ class _Tracker:
             value = self.sums[name]
             if finite and g is not None:
                 error = _relative_gap(value, g)
-                if error > _tolerance(value.dtype):
+                if error > rounding_slack(value.dtype):
                     self.problems[name] = (
                         f"its contributions through {', '.join(map(repr, self.covered[name]))} "
                         f"add up to a gradient {error:.1e} off the batch gradient: it is also "
@@ -613,7 +599,7 @@ def _broadcast_view(shape: torch.Size, out_shape: torch.Size, example_axis: int,
         views.append((1,) * (len(out_shape) - len(shape)) + tuple(shape))
     if len(shape) == 1 and len(out_shape) >= 2 and out_shape[1] == shape[0]:
         views.append((1, shape[0]) + (1,) * (len(out_shape) - 2))
-    tolerance = _tolerance(moved.dtype) * float(moved.abs().max().clamp_min(1e-30))
+    tolerance = rounding_slack(moved.dtype) * float(moved.abs().max().clamp_min(1e-30))
     for view in views:
         if view[example_axis] == 1 and \
                 float((moved - probe.reshape(view) * factor).abs().max()) <= tolerance:
@@ -624,8 +610,3 @@ def _broadcast_view(shape: torch.Size, out_shape: torch.Size, example_axis: int,
 def _relative_gap(rows: torch.Tensor, batch_grad: torch.Tensor) -> float:
     scale = float(rows.abs().sum(0).norm()) or 1.0
     return float((rows.sum(0) - batch_grad).norm()) / scale
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """Rounding slack of a check at `dtype`: sqrt of its machine epsilon."""
-    return torch.finfo(dtype).eps ** 0.5 if dtype.is_floating_point else 0.0

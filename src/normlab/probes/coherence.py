@@ -24,7 +24,7 @@ from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
 
 
-@convention(old_positional=("layers",), xy=True)
+@convention(old_positional=("layers",))
 def gradient_coherence(model: nn.Module, loss_fn, data, *,
                        layers: Sequence[str | int] | None = None, mode: str = "keep"
                        ) -> Records:
@@ -43,9 +43,9 @@ def gradient_coherence(model: nn.Module, loss_fn, data, *,
         measured = norm_mode(model, mode, x)
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
         names = {id(p): n for n, p in model.named_parameters()}
-        # frozen layers have gradient terms too: differentiate w.r.t. detached leaves
-        params = leaves({names[id(layer.module.weight)]: layer.module.weight
-                         for layer in chosen})
+        # frozen layers have gradient terms too: differentiate w.r.t. detached leaves of every
+        # parameter of the chosen layers (a parametrized weight's originals included)
+        params = leaves({names[id(p)]: p for layer in chosen for p in layer.module.parameters()})
         signed: dict[str, torch.Tensor] = {}
         magnitude: dict[str, torch.Tensor] = {}
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._batches import Batch, LossFn
-from normlab.probes._calling import batch_loss, check_batch, is_batch
+from normlab.probes._calling import batch_loss, check_batch, convention, is_batch
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import MODES, norm_mode, probe_mode
 from normlab.probes._modules import select_params
@@ -74,6 +74,7 @@ def lr_schedule(start: float, end: float, steps: int, ramp: str = "exp") -> list
     return [float(v) for v in np.linspace(start, end, steps)]
 
 
+@convention()
 def lr_range_test(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
                   start: float = 1e-5, end: float = 10.0, steps: int = 100, ramp: str = "exp",
                   smoothing: float = 0.98, diverge_factor: float = 4.0, momentum: float = 0.0,

@@ -17,7 +17,7 @@ from normlab.probes._results import Records, all_finite, flagged
 from normlab.probes._stateless import Stateless
 
 
-@convention(xy=True)
+@convention()
 def output_gradients(model: nn.Module, loss_fn, data, *, mode: str = "keep") -> Records:
     """d ell_i / d z_i (z_i: example i's logits, ell_i its per-example loss) on one batch
     `data` = (x, y), in `mode` ("keep": the model's own modes); cost: one forward pass and a

@@ -302,6 +302,10 @@ def jacobian_singular_values(model: nn.Module, data, *, k: int | None = None,
     if k is not None:
         check_interval("k", k, 1, kind=int, low_open=False)
     x = inputs_of(data, "jacobian_singular_values")
+    if not x.is_floating_point():
+        raise ConfigError(f"The 'data' setting of jacobian_singular_values must hold a "
+                          f"floating-point input (the Jacobian is taken with respect to it); "
+                          f"got {x.dtype} (token ids have none).")
     with preserved(model), probe_mode(model, mode, x):
         fn = _restricted(model, Stateless(model), layer)
         op = _JacobianOperator(fn, x)
