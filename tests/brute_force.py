@@ -6,6 +6,10 @@ i's output is kept on example i's rows only. Each copy's parameters are leaves o
 so d loss / d (copy i's parameters) is exactly the share of the batch gradient that flows
 through example i's rows of that layer's output: c_i, by plain autograd, with no hook, no
 formula and no fold. A parameter used by several layers adds up their copies.
+
+`dense_hessian_eigvals`: the eigenvalues of the dense Hessian of the batch loss, by torch's
+double backward or, where that is wrong (through weight_norm), by central differences of
+first derivatives.
 """
 
 from __future__ import annotations
@@ -75,3 +79,45 @@ def contributions_by_copies(model: nn.Module, loss_fn: Callable, x: torch.Tensor
         g = torch.zeros_like(c) if g is None else g
         out[canonical] = out[canonical] + g if canonical in out else g
     return out
+
+
+def dense_hessian_eigvals(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+                          by_differences: bool = False) -> torch.Tensor:
+    """Eigenvalues of the dense Hessian of `loss_fn(model(x), y)` w.r.t. the parameters that
+    require grad, in the model's own modes, each forward on fresh copies of its buffers."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    shapes = {n: p.shape for n, p in params.items()}
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def loss(theta):
+        state, start = {n: b.clone() for n, b in buffers.items()}, 0
+        for n, shape in shapes.items():
+            state[n] = theta[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return loss_fn(functional_call(model, state, (x,)), y)
+
+    if by_differences:
+        H = _hessian_by_differences(loss, flat)
+    else:
+        try:  # one vectorized double backward; some ops (GroupNorm, hooks) have no batching rule
+            H = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+        except RuntimeError:
+            H = torch.autograd.functional.hessian(loss, flat)
+    return torch.linalg.eigvalsh(H.double())
+
+
+def _hessian_by_differences(loss, flat: torch.Tensor, step: float = 1e-5) -> torch.Tensor:
+    """Central differences of the gradient, one column per parameter (float64): needs only
+    first derivatives, which torch gets right where its double backward does not."""
+    def gradient(theta):
+        theta = theta.detach().requires_grad_(True)
+        return torch.autograd.grad(loss(theta), theta)[0]
+
+    columns = []
+    for j in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[j] = step
+        columns.append((gradient(flat + e) - gradient(flat - e)) / (2 * step))
+    H = torch.stack(columns, dim=1)
+    return (H + H.T) / 2

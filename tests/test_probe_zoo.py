@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from brute_force import contributions_by_copies
+from brute_force import contributions_by_copies, dense_hessian_eigvals
 from cases import assert_unchanged, model_snapshot
 from normlab import probes
 from normlab._registry import Registry
@@ -77,7 +76,7 @@ def loss_at(case: ZooCase, moved: dict[str, torch.Tensor], x, y) -> float:
 _DENSE: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
+def cached_hessian_eigvals(case: ZooCase) -> torch.Tensor:
     """Eigenvalues of the dense Hessian of the batch loss (cached per zoo model and device)."""
     key = (case.name, str(case.x.device))
     if key not in _DENSE:
@@ -86,42 +85,8 @@ def dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
 
 
 def _dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
-    ref = in_mode(case.model, "train")
-    params = trainable(ref)
-    shapes = {n: p.shape for n, p in params.items()}
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def loss(theta):
-        state, start = {}, 0
-        for n, shape in shapes.items():
-            state[n] = theta[start:start + shape.numel()].reshape(shape)
-            start += shape.numel()
-        return case.loss_fn(functional_call(ref, state, (case.x,)), case.y)
-
-    if case.hessian_by_differences:
-        H = _hessian_by_differences(loss, flat)
-    else:
-        try:  # one vectorized double backward; some ops (GroupNorm, hooks) have no batching rule
-            H = torch.autograd.functional.hessian(loss, flat, vectorize=True)
-        except RuntimeError:
-            H = torch.autograd.functional.hessian(loss, flat)
-    return torch.linalg.eigvalsh(H.double())
-
-
-def _hessian_by_differences(loss, flat: torch.Tensor, step: float = 1e-5) -> torch.Tensor:
-    """Central differences of the gradient, one column per parameter (float64): needs only
-    first derivatives, which torch gets right where its double backward does not."""
-    def gradient(theta):
-        theta = theta.detach().requires_grad_(True)
-        return torch.autograd.grad(loss(theta), theta)[0]
-
-    columns = []
-    for j in range(flat.numel()):
-        e = torch.zeros_like(flat)
-        e[j] = step
-        columns.append((gradient(flat + e) - gradient(flat - e)) / (2 * step))
-    H = torch.stack(columns, dim=1)
-    return (H + H.T) / 2
+    return dense_hessian_eigvals(in_mode(case.model, "train"), case.loss_fn, case.x, case.y,
+                                 by_differences=case.hessian_by_differences)
 
 
 def as_double(value) -> torch.Tensor:
@@ -203,7 +168,7 @@ def _check_contributions(case, got):
 @register_probe("hessian_eigs", lambda c: probes.hessian_eigs(
     c.model, c.loss_fn, c.data, k=1, tol=1e-9, max_iter=80))
 def _check_hessian(case, got):
-    want = dense_hessian_eigvals(case)
+    want = cached_hessian_eigvals(case)
     assert abs(got.values[0] - float(want.max())) <= max(case.rtol, 1e-5) * want.abs().max()
     assert got.finite and got.bn_mode in ("train", "eval")
 
@@ -211,7 +176,7 @@ def _check_hessian(case, got):
 @register_probe("spectral_density", lambda c: probes.spectral_density(c.model, c.loss_fn, c.data,
                                                                       steps=6))
 def _check_density(case, got):
-    want = dense_hessian_eigvals(case)
+    want = cached_hessian_eigvals(case)
     slack = max(case.rtol, 1e-6) * want.abs().max()
     assert float(got.weights[0].sum()) == pytest.approx(1.0, rel=1e-6)
     assert float(got.nodes[0].max()) <= float(want.max()) + slack  # Ritz values interlace

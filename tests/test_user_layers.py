@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from brute_force import contributions_by_copies
+from brute_force import contributions_by_copies, dense_hessian_eigvals
 from cases import assert_unchanged, model_snapshot
 from normlab import probes
 from normlab.config import ConfigError
@@ -112,18 +112,7 @@ def test_hessian_in_train_mode_uses_a_users_norm_on_batch_statistics():
     got = probes.hessian_eigs(model, nn.CrossEntropyLoss(), (x, y), tol=1e-10, max_iter=100)
     ref = copy.deepcopy(model)
     ref.norm.train()  # the user's norm on batch statistics, Dropout off
-    params = dict(ref.named_parameters())
-    shapes = {n: p.shape for n, p in params.items()}
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def loss(theta):
-        state, start = {}, 0
-        for n, shape in shapes.items():
-            state[n] = theta[start:start + shape.numel()].reshape(shape)
-            start += shape.numel()
-        return F.cross_entropy(torch.func.functional_call(ref, state, (x,)), y)
-
-    want = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).max()
+    want = dense_hessian_eigvals(ref, nn.CrossEntropyLoss(), x, y).max()
     assert got.values[0] == pytest.approx(float(want), rel=1e-6)
     assert got.bn_mode == "train"
 
