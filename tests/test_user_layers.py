@@ -491,3 +491,20 @@ def test_global_module_hooks_are_refused():
                                               torch.zeros(4, dtype=torch.long)))
     finally:
         handle.remove()
+
+
+def test_mode_train_still_finds_the_norms_of_a_model_written_for_one_batch_size():
+    class FixedBatchNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.norm = UserBatchNorm(3)
+            self.fc = nn.Linear(27, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.norm(self.conv(x))).reshape(6, 27))
+
+    model = FixedBatchNorm().double().eval()
+    x, _ = _images()
+    assert norm_layers(model, x).names == ("norm",)
+    assert is_batch_coupled(model.train(), x)

@@ -85,7 +85,8 @@ def batch_coupling(model: nn.Module, x: torch.Tensor) -> bool | None:
         return cached[0]
     axes = example_axes(model, x)
     root = axes.call("", 0)
-    output_axis = root.output if isinstance(root, Call) else root
+    # the model's output holds one row per example (the probes' losses need it)
+    output_axis = root.output if isinstance(root, Call) else ExampleAxis(0)
     params = dict(model.named_parameters())
     if x.is_floating_point():
         verdict = _couples_on_few(lambda a, p: run_privately(model, a, params=p), params, x,
@@ -134,8 +135,9 @@ def norm_layers(model: nn.Module, x: torch.Tensor) -> NormLayers:
     for name, module, args, kwargs, test_key in _first_inputs(model, x):
         if test_key not in verdicts:
             call = axes.call(name, 0)
-            verdicts[test_key] = (_verdict(module, args, kwargs, call, x.shape[0])
-                                  if isinstance(call, Call) else f"unknown: {call}")
+            if not isinstance(call, Call):  # e.g. a model written for one batch size
+                call = _rows_first(args, x.shape[0])
+            verdicts[test_key] = _verdict(module, args, kwargs, call, x.shape[0])
         verdict = verdicts[test_key]
         if verdict in ("norm", "random"):
             names.append(name)
@@ -172,6 +174,19 @@ def _verdict(module: nn.Module, args: tuple, kwargs: dict, call: Call, batch: in
 
 
 _FEW = 4
+
+
+def _rows_first(args: tuple, batch: int) -> Call:
+    """The axes `example_axes` could not find, assumed: the examples on dim 0 (consecutive
+    rows) of every tensor whose dim 0 is a multiple of the batch, output included."""
+    def assumed(a: Any) -> Axis:
+        if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] % batch == 0:
+            return ExampleAxis(0, a.shape[0] // batch)
+        return None
+
+    axes = tuple(assumed(a) for a in args)
+    return Call(axes, axes, ExampleAxis(0, next((a.per_example for a in axes
+                                                 if isinstance(a, ExampleAxis)), 1)))
 
 
 def _first_examples(args: tuple, kwargs: dict, axes: tuple[Axis, ...], batch: int

@@ -189,7 +189,7 @@ def _axes(values: Any, reference: tuple | None, batch: int) -> tuple[Axis, ...]:
 def _axis(before: tuple | None, after: torch.Tensor, batch: int) -> Axis:
     """The example axis of `after` (on 2B examples) given its shape `before` (on B)."""
     now = tuple(after.shape)
-    if before is None:
+    if not isinstance(before, tuple) or not all(isinstance(n, int) for n in before):
         return f"it was not a tensor, or not there, on the batch of {batch}"
     if before == now:
         return None
