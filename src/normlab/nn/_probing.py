@@ -62,9 +62,10 @@ def tensor_key(value: Any) -> Any:
 
 
 def _module_key(m: nn.Module, flags: bool) -> tuple:
-    config = tuple(sorted((k, _plain(v)) for k, v in vars(m).items()
-                          if not k.startswith("_") and k != "training"
-                          and k not in _MOVING_ATTRIBUTES))
+    # attributes in the order they were set (a module that sets them in another order is keyed
+    # apart: a second behaviour probe, never a wrong answer)
+    config = tuple((k, _plain(v)) for k, v in vars(m).items()
+                   if k[0] != "_" and k != "training" and k not in _MOVING_ATTRIBUTES)
     params = tuple((n, None if p is None else (tuple(p.shape), p.dtype))
                    for n, p in m._parameters.items())
     buffers = tuple((n, None if b is None else (tuple(b.shape), b.dtype))
@@ -74,8 +75,11 @@ def _module_key(m: nn.Module, flags: bool) -> tuple:
     return (type(m), m.training if flags else None, config, params, buffers, hooks)
 
 
+_SIMPLE = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
+
+
 def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if type(value) in _SIMPLE:
         return value
     if isinstance(value, (tuple, list, torch.Size)):
         return tuple(_plain(v) for v in value)
