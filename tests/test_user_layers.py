@@ -508,3 +508,17 @@ def test_mode_train_still_finds_the_norms_of_a_model_written_for_one_batch_size(
     x, _ = _images()
     assert norm_layers(model, x).names == ("norm",)
     assert is_batch_coupled(model.train(), x)
+
+
+def test_a_users_norm_with_a_parametrized_weight_is_still_a_norm():
+    torch.manual_seed(0)
+    model = UserNormNet().double()
+    parametrizations.weight_norm(model.norm, "weight", dim=0)
+    x, y = _images()
+    assert norm_layers(model, x).names == ("norm",)
+    model.train()
+    got = probes.per_example_contributions(model, nn.CrossEntropyLoss(), (x, y))
+    want = contributions_by_copies(model, nn.CrossEntropyLoss(), x, y)
+    assert "norm.parametrizations.weight.original1" in got
+    for name in got:
+        _close(got[name], want[name], name=name)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlab.config import ConfigError
 from normlab.nn._probing import LearnedCache, run_privately, structure_key, tensor_key
@@ -293,8 +294,10 @@ def _first_inputs(model: nn.Module, x: torch.Tensor
 
 
 def _known_not_norm(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn.") \
-        and not isinstance(module, _TORCH_STATISTICS)
+    cls = type(module)
+    if parametrize.is_parametrized(module):  # torch's subclass made for the parametrization
+        cls = cls.__bases__[0]
+    return cls.__module__.startswith("torch.nn.") and not issubclass(cls, _TORCH_STATISTICS)
 
 
 def _copied(values: Any) -> Any:

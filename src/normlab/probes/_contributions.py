@@ -238,9 +238,8 @@ class _Tracker:
         inputs = {t: v.detach().requires_grad_(True) for t, v in tensors.items()}
 
         def run(a: tuple, p: dict[str, torch.Tensor]) -> torch.Tensor:
-            state = {**{n: b.clone() for n, b in buffers.items()}, **p}
-            with _hooks_off(module):
-                return functional_call(module, state, a, kwargs, strict=False)
+            return _call_with(module, {**{n: b.clone() for n, b in buffers.items()}, **p}, a,
+                              kwargs)
 
         self.active = False
         try:
@@ -266,6 +265,11 @@ class _Tracker:
     def result(self, selected: dict[str, nn.Parameter], batch_grads: dict[str, Any],
                finite: bool) -> Contributions:
         rows, left_out = {}, {}
+        # the rows must add up to the batch gradient within sqrt(eps) of their own size, or
+        # within 1000 eps of the largest parameter's (where a parameter's true gradient
+        # vanishes, its rows and its batch gradient are both rounding noise)
+        scales = {n: float(v.abs().sum(0).norm()) for n, v in self.sums.items()}
+        floor = max(scales.values(), default=0.0)
         for name, p in selected.items():
             if name in self.problems:
                 continue
@@ -284,8 +288,11 @@ class _Tracker:
                 continue
             value = self.sums[name]
             if finite and g is not None:
-                error = _relative_gap(value, g)
-                if error > rounding_slack(value.dtype):
+                gap = float((value.sum(0) - g).norm())
+                error = gap / max(scales[name], 1e-300)
+                allowed = max(rounding_slack(value.dtype) * scales[name],
+                              1000 * torch.finfo(value.dtype).eps * floor)
+                if gap > allowed:
                     self.problems[name] = (
                         f"its contributions through {', '.join(map(repr, self.covered[name]))} "
                         f"add up to a gradient {error:.1e} off the batch gradient: it is also "
@@ -454,10 +461,10 @@ def _module_vjp_rows(module: nn.Module, a: torch.Tensor, d: torch.Tensor,
     used = {k: v.detach().contiguous() for k, v in tensors.items()}
 
     def one(an: torch.Tensor, dn: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, pull = vjp(lambda p: functional_call(module, p, (an.unsqueeze(0),)), used)
+        _, pull = vjp(lambda p: _call_with(module, p, (an.unsqueeze(0),)), used)
         return pull(dn.unsqueeze(0))[0]
 
-    with torch.enable_grad(), _hooks_off(module):
+    with torch.enable_grad():
         return vmap(one)(a.contiguous(), d.contiguous())
 
 
@@ -487,8 +494,8 @@ def _normalized(module: nn.Module, a: torch.Tensor, buffers: dict[str, torch.Ten
     state = {"weight": torch.ones_like(tensors["weight"]), **buffers}
     if "bias" in tensors:
         state["bias"] = torch.zeros_like(tensors["bias"])
-    with torch.no_grad(), _hooks_off(module):
-        return functional_call(module, state, (a.detach(),), strict=False)
+    with torch.no_grad():
+        return _call_with(module, state, (a.detach(),))
 
 
 def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -499,6 +506,31 @@ def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
         lead = t.dim() - 1 - len(module.normalized_shape)
         return t.sum(dim=tuple(range(1, 1 + lead))) if lead else t
     return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+def _call_with(module: nn.Module, state: dict[str, torch.Tensor], args: tuple,
+               kwargs: dict | None = None) -> Any:
+    """`module(*args, **kwargs)` without its own hooks, reading `state` (name -> tensor): its
+    parameters and buffers, and the tensors a parametrization or an old-style weight_norm hook
+    computes, used as given (a functional call would pass those through the parametrization's
+    right_inverse and forward, which changes them: weight_norm of zeros is NaN)."""
+    direct, handles, saved = {}, [], {}
+    for name, value in state.items():
+        if parametrize.is_parametrized(module, name):
+            handles.append(module.parametrizations[name].register_forward_hook(
+                lambda _m, _i, _o, value=value: value))
+        elif name in module._parameters or name in module._buffers or "." in name:
+            direct[name] = value
+        else:  # a plain attribute that an old-style hook sets before each forward
+            saved[name] = module.__dict__.get(name)
+            module.__dict__[name] = value
+    try:
+        with _hooks_off(module):
+            return functional_call(module, direct, tuple(args), dict(kwargs or {}), strict=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.__dict__.update(saved)
 
 
 class _hooks_off:
@@ -607,6 +639,3 @@ def _broadcast_view(shape: torch.Size, out_shape: torch.Size, example_axis: int,
     return None
 
 
-def _relative_gap(rows: torch.Tensor, batch_grad: torch.Tensor) -> float:
-    scale = float(rows.abs().sum(0).norm()) or 1.0
-    return float((rows.sum(0) - batch_grad).norm()) / scale
