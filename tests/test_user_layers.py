@@ -439,9 +439,10 @@ def _weight_norm_old_style(module: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("wrap", [parametrizations.weight_norm, parametrizations.spectral_norm,
                                   _weight_norm_old_style, nn.utils.spectral_norm])
-def test_contributions_of_parametrized_layers_equal_the_layer_copies(wrap):
+@pytest.mark.parametrize("conv", [nn.Conv2d, nn.ConvTranspose2d])
+def test_contributions_of_parametrized_layers_equal_the_layer_copies(wrap, conv):
     torch.manual_seed(0)
-    model = nn.Sequential(wrap(nn.Conv2d(2, 3, 3, padding=1)), nn.Tanh(),
+    model = nn.Sequential(wrap(conv(2, 3, 3, padding=1)), nn.Tanh(),
                           nn.Flatten(), wrap(nn.Linear(27, 3))).double().train()
     x, y = _images()
     got = probes.per_example_contributions(model, nn.CrossEntropyLoss(), (x, y))
