@@ -397,11 +397,11 @@ def folded_frames(device):
 
 
 class OutputHooked(nn.Sequential):
-    """An MLP whose first layer's output a user's forward hook changes (doubles and shifts)."""
+    """An MLP whose first layer's output a user's forward hook changes (a nonlinear map)."""
 
     def __init__(self) -> None:
         super().__init__(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
-        self[0].register_forward_hook(lambda m, i, o: 2.0 * o + 0.5)
+        self[0].register_forward_hook(lambda m, i, o: o * torch.sigmoid(o) + 0.5)
 
 
 @register_zoo("output_changing_hook")

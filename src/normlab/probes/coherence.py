@@ -63,7 +63,9 @@ def gradient_coherence(model: nn.Module, loss_fn, data, *,
 
             return hook
 
-        handles = [layer.module.register_forward_hook(capture(layer.name)) for layer in chosen]
+        # first in line: the terms are those of the layer, before a user hook changes its output
+        handles = [layer.module.register_forward_hook(capture(layer.name), prepend=True)
+                   for layer in chosen]
         with hooks_removed(handles):
             loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
             torch.autograd.grad(loss, list(params.values()), allow_unused=True)
