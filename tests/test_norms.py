@@ -288,10 +288,11 @@ def test_is_batch_coupled_matches_behaviour(kind):
         with frozen_norm_statistics(norm):
             (norm(xg)[1] * torch.randn(4, 3, 3, dtype=torch.float64)).sum().backward()
         coupled = xg.grad is not None and bool(xg.grad[0].abs().max() > 1e-12)
-        assert is_batch_coupled(norm) == coupled, (kind, mode)
+        assert is_batch_coupled(norm, x) == coupled, (kind, mode)
     model = resnet_cifar(8, norm=kind, width=4, norm_options=options or None)
-    assert is_batch_coupled(model.train()) == (kind in ("batch", "batch_renorm"))
-    assert not is_batch_coupled(model.eval())
+    images = torch.randn(5, 3, 8, 8)
+    assert is_batch_coupled(model.train(), images) == (kind in ("batch", "batch_renorm"))
+    assert not is_batch_coupled(model.eval(), images)
 
 
 @pytest.mark.parametrize("kind", list_norms())

@@ -11,6 +11,7 @@ from cases import NORM_KINDS, tiny_case
 from normlab.config import ConfigError
 from normlab.probes import per_example_contributions, per_example_loss_grads
 from normlab.probes._hygiene import frozen_norm_statistics
+from normlab.probes.per_example import _rows_disagree
 
 UNCOUPLED = ("none", "group", "layer", "instance")
 
@@ -103,6 +104,39 @@ def test_the_default_rows_equal_the_naive_loop_on_the_device(norm, device):
             got = per_example_loss_grads(case.model, case.loss_fn, (case.x, case.y))
             assert got.method == "vjp"
             assert_close(got, want)
+
+
+def _eager_rows(case, picks):
+    """The per-parameter rows of the brute force, and eager gradients of rows `picks` and of
+    the summed losses, as `_captured_rows` takes them from eager backwards."""
+    want = brute_force_grads(case)
+    rows = [want[n] for n in want]
+    eager = {i: [r[i] for r in rows] for i in picks}
+    whole = [r.sum(0) for r in rows]
+    return rows, eager, whole
+
+
+def test_captured_rows_are_checked_row_by_row_not_only_through_their_sum():
+    """The check `_captured_rows` runs on CUDA, with given rows: rows 0, B/2 and B-1 against
+    eager backwards, and the sum of every row against the summed losses' gradient."""
+    case = tiny_case("batch")
+    picks = (0, 3, 5)
+    rows, eager, whole = _eager_rows(case, picks)
+    assert _rows_disagree(rows, eager, whole) is None
+    noisy = [r * (1 + 1e-10 * torch.randn_like(r)) for r in rows]  # rounding passes
+    assert _rows_disagree(noisy, eager, whole) is None
+    off = [r.clone() for r in rows]
+    off[0][3] *= 1.001  # one checked row 0.1 % off (a sum check at 1 % misses it)
+    assert "row 3" in _rows_disagree(off, eager, whole)
+    swapped = [r.clone() for r in rows]
+    for r in swapped:
+        r[[0, 1]] = r[[1, 0]]  # same sum, a checked row wrong
+    assert "row 0" in _rows_disagree(swapped, eager, whole)
+    unchecked = [r.clone() for r in rows]
+    unchecked[1][2] += 1e-3 * unchecked[1].abs().max()  # a row no eager backward looks at
+    assert "add up" in _rows_disagree(unchecked, eager, whole)
+    whole[0] = whole[0] * float("nan")
+    assert _rows_disagree(off, eager, whole) is None  # nothing to check: finite=False says it
 
 
 def test_max_memory_bounds_the_chunk():

@@ -12,17 +12,19 @@ GPU (TF32 off, float64 where the reference needs it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from brute_force import contributions_by_copies, dense_hessian_eigvals
 from cases import assert_unchanged, model_snapshot
 from normlab import probes
 from normlab._registry import Registry
+from normlab.config import ConfigError
 from zoo import ZOO, ZooCase, in_mode
 
 # -- the brute-force side -------------------------------------------------------------------------
@@ -33,11 +35,12 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def ell(case: ZooCase, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The per-example losses, written out for the zoo's two losses."""
+    """The per-example losses, written out for the zoo's two losses (a mean-reduced loss with
+    several outputs per example, a language model's tokens, averages them)."""
     if isinstance(case.loss_fn, nn.MSELoss):
         sq = (out - y).pow(2).reshape(out.shape[0], -1)
         return sq.sum(1) if case.loss_fn.reduction == "sum" else sq.mean(1)
-    return nn.functional.cross_entropy(out, y, reduction="none")
+    return nn.functional.cross_entropy(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
 
 
 def grads_of(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -73,7 +76,7 @@ def loss_at(case: ZooCase, moved: dict[str, torch.Tensor], x, y) -> float:
 _DENSE: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
+def cached_hessian_eigvals(case: ZooCase) -> torch.Tensor:
     """Eigenvalues of the dense Hessian of the batch loss (cached per zoo model and device)."""
     key = (case.name, str(case.x.device))
     if key not in _DENSE:
@@ -82,23 +85,8 @@ def dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
 
 
 def _dense_hessian_eigvals(case: ZooCase) -> torch.Tensor:
-    ref = in_mode(case.model, "train")
-    params = trainable(ref)
-    shapes = {n: p.shape for n, p in params.items()}
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def loss(theta):
-        state, start = {}, 0
-        for n, shape in shapes.items():
-            state[n] = theta[start:start + shape.numel()].reshape(shape)
-            start += shape.numel()
-        return case.loss_fn(functional_call(ref, state, (case.x,)), case.y)
-
-    try:  # one vectorized double backward; some ops (GroupNorm, hooks) have no batching rule
-        H = torch.autograd.functional.hessian(loss, flat, vectorize=True)
-    except RuntimeError:
-        H = torch.autograd.functional.hessian(loss, flat)
-    return torch.linalg.eigvalsh(H.double())
+    return dense_hessian_eigvals(in_mode(case.model, "train"), case.loss_fn, case.x, case.y,
+                                 by_differences=case.hessian_by_differences)
 
 
 def as_double(value) -> torch.Tensor:
@@ -127,14 +115,16 @@ def records_of(result) -> list[dict]:
 class ProbeEntry:
     run: Callable[[ZooCase], object]
     check: Callable[[ZooCase, object], None]
+    refusal: Callable[[ZooCase], str | None]  # the ConfigError a case must get, if any
 
 
 PROBES: Registry[ProbeEntry] = Registry("probe")
 
 
-def register_probe(name: str, run: Callable[[ZooCase], object]):
+def register_probe(name: str, run: Callable[[ZooCase], object],
+                   refusal: Callable[[ZooCase], str | None] = lambda case: None):
     def decorator(check: Callable[[ZooCase, object], None]):
-        PROBES.register(name)(ProbeEntry(run, check))
+        PROBES.register(name)(ProbeEntry(run, check, refusal))
         return check
 
     return decorator
@@ -154,21 +144,31 @@ def _check_loss_grads(case, got):
 @register_probe("per_example_contributions", lambda c: probes.per_example_contributions(
     c.model, c.loss_fn, c.data, mode="train"))
 def _check_contributions(case, got):
+    """Sums against the batch gradient; rows against the per-example gradients (no coupling)
+    or against the layer copies of `brute_force` (coupling); every other trainable parameter
+    left out with a reason."""
     want_sum = batch_grad(case)
     assert got, "no contributions"
     for n, c in got.items():
         close(c.sum(0), want_sum[n], case, n)
+    assert set(got) | set(got.left_out) == set(trainable(case.model))
+    assert all(got.left_out.values())
     if not case.coupled:
         per = loop_grads(case)
         factor = 1.0 if getattr(case.loss_fn, "reduction", "mean") == "sum" else 1 / len(case.x)
         for n, c in got.items():
             close(c, per[n] * factor, case, n)
+    else:
+        copies = contributions_by_copies(in_mode(case.model, "train"), case.loss_fn, case.x,
+                                         case.y)
+        for n, c in got.items():
+            close(c, copies[n], case, n)
 
 
 @register_probe("hessian_eigs", lambda c: probes.hessian_eigs(
     c.model, c.loss_fn, c.data, k=1, tol=1e-9, max_iter=80))
 def _check_hessian(case, got):
-    want = dense_hessian_eigvals(case)
+    want = cached_hessian_eigvals(case)
     assert abs(got.values[0] - float(want.max())) <= max(case.rtol, 1e-5) * want.abs().max()
     assert got.finite and got.bn_mode in ("train", "eval")
 
@@ -176,7 +176,7 @@ def _check_hessian(case, got):
 @register_probe("spectral_density", lambda c: probes.spectral_density(c.model, c.loss_fn, c.data,
                                                                       steps=6))
 def _check_density(case, got):
-    want = dense_hessian_eigvals(case)
+    want = cached_hessian_eigvals(case)
     slack = max(case.rtol, 1e-6) * want.abs().max()
     assert float(got.weights[0].sum()) == pytest.approx(1.0, rel=1e-6)
     assert float(got.nodes[0].max()) <= float(want.max()) + slack  # Ritz values interlace
@@ -265,6 +265,7 @@ def _check_outputs(case, got):
     ref = in_mode(case.model, "train")
     z = ref(case.x).detach().requires_grad_(True)
     (want,) = torch.autograd.grad(ell(case, z, case.y).sum(), z)
+    want = want.reshape(want.shape[0], -1)
     for r in got:
         close(r["value"], want[r["example"], r["class_index"]], case)
 
@@ -287,9 +288,12 @@ def _check_histogram(case, got):
     c.model, c.loss_fn, c.data, mode="train"))
 def _check_coherence(case, got):
     """Bounds everywhere; where the terms are the per-example gradients (no batch coupling, a
-    Linear layer called once on (B, F) input, its weight not tied) the exact mean coherence."""
-    values = [r["value"] for r in got if r["quantity"].startswith("coherence")]
-    assert values and all(0.0 <= v <= 1.0 + 1e-12 for v in values)
+    Linear layer called once on (B, F) input, its weight not tied) the exact mean coherence.
+    (On a (B*T, F) fold the terms are per row, which the per-example gradients sum up.)"""
+    coherence = [r for r in got if r["quantity"].startswith("coherence")]
+    assert coherence
+    for r in coherence:  # undefined (NaN) only where every term is zero (a gated-off layer)
+        assert 0.0 <= r["value"] <= 1.0 + 1e-12 or (math.isnan(r["value"]) and r["entries"] == 0)
     if case.coupled:
         return
     per = loop_grads(case)  # uncoupled: the terms of a once-called Linear on (B, F) are g_i
@@ -311,7 +315,8 @@ def _two_dimensional_inputs(case: ZooCase) -> set[str]:
     ref = in_mode(case.model, "train")
     seen: set[str] = set()
     handles = [m.register_forward_hook(
-        lambda m, i, o, name=name: seen.add(name) if i[0].dim() == 2 else None)
+        lambda m, i, o, name=name: seen.add(name)
+        if i[0].dim() == 2 and i[0].shape[0] == len(case.x) else None)
         for name, m in ref.named_modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
         ref(case.x)
@@ -321,7 +326,8 @@ def _two_dimensional_inputs(case: ZooCase) -> set[str]:
 
 
 @register_probe("jacobian_singular_values", lambda c: probes.jacobian_singular_values(
-    c.model, c.data, k=2, method="lanczos", mode="train"))
+    c.model, c.data, k=2, method="lanczos", mode="train"),
+    refusal=lambda c: None if c.x.is_floating_point() else "floating-point input")
 def _check_jacobian(case, got):
     ref = in_mode(case.model, "train")
     J = torch.autograd.functional.jacobian(ref, case.x)
@@ -369,6 +375,11 @@ DENSE_HESSIAN = ("hessian_eigs", "spectral_density")  # the reference takes P do
 def test_probe_matches_brute_force_on_the_zoo(probe_name, zoo_name, device, no_tf32):
     case = ZOO.get(zoo_name)(device)
     entry = PROBES.get(probe_name)
+    refusal = entry.refusal(case)
+    if refusal is not None:
+        with pytest.raises(ConfigError, match=refusal):
+            entry.run(case)
+        return
     result = entry.run(case)
     entry.check(case, result)
     rows = records_of(result)
@@ -388,7 +399,12 @@ def test_probe_leaves_a_zoo_model_and_its_pending_graph_alone(probe_name, zoo_na
     pending = case.loss_fn(case.model(case.x), case.y)  # the user's graph, built before
     before = model_snapshot(case.model)
     hooks = [(len(m._forward_hooks), len(m._backward_hooks)) for m in case.model.modules()]
-    PROBES.get(probe_name).run(case)
+    entry = PROBES.get(probe_name)
+    if entry.refusal(case) is None:
+        entry.run(case)
+    else:
+        with pytest.raises(ConfigError):
+            entry.run(case)
     assert_unchanged(before, case.model)
     assert hooks == [(len(m._forward_hooks), len(m._backward_hooks))
                      for m in case.model.modules()]

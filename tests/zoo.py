@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 from normlab._registry import Registry
 
@@ -28,6 +29,9 @@ class ZooCase:
     loss_fn: Callable
     coupled: bool = False  # the batch forward couples examples (BN in train mode, user layer)
     name: str = ""
+    # the dense-Hessian reference by central differences of gradients, not torch's double
+    # backward (which is wrong through weight_norm)
+    hessian_by_differences: bool = False
 
     @property
     def data(self):
@@ -259,6 +263,148 @@ def channels_last_cnn(device):
     return case
 
 
+class UserBatchNorm(nn.Module):
+    """A user's own BatchNorm (not a torch class): batch statistics in train mode (updating its
+    running statistics), running statistics in eval mode, a per-channel affine."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(channels))
+        self.bias = nn.Parameter(0.1 * torch.randn(channels))
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        if self.training:
+            mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                self.mean.lerp_(mean, 0.1)
+                self.var.lerp_(var, 0.1)
+        else:
+            mean, var = self.mean, self.var
+        xhat = (x - mean[:, None, None]) / (var[:, None, None] + 1e-5).sqrt()
+        return xhat * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class ReZeroBlock(nn.Module):
+    """x + alpha * relu(norm(conv(x))), alpha = 0 at initialization (ReZero / SkipInit)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.norm = UserBatchNorm(width)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.alpha * torch.relu(self.norm(self.conv(x)))
+
+
+class ReZeroNet(nn.Module):
+    """conv stem, one ReZero-gated block with the user's BatchNorm, pool, linear head: at
+    initialization the batch-coupled path is gated off, so forward values do not show it."""
+
+    def __init__(self, width: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, width, 3, padding=1)
+        self.block = ReZeroBlock(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.block(torch.tanh(self.stem(x))).mean(dim=(2, 3)))
+
+
+@register_zoo("rezero_user_batchnorm")
+def rezero_user_batchnorm(device):
+    torch.manual_seed(0)
+    return _case(ReZeroNet(), (2, 3, 3), device, dtype=torch.float64, coupled=True)
+
+
+class TiedEmbeddingLM(nn.Module):
+    """Tokens -> embedding -> tanh(linear) -> logits by a head tied to the embedding matrix;
+    one next-token prediction per position: logits (B, vocabulary, T)."""
+
+    def __init__(self, vocabulary: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocabulary, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):  # (B, T) integers
+        h = torch.tanh(self.mix(self.embed(tokens)))  # (B, T, D)
+        return self.head(h).transpose(1, 2)  # (B, V, T)
+
+
+@register_zoo("tied_embedding_lm")
+def tied_embedding_lm(device):
+    torch.manual_seed(0)
+    model = TiedEmbeddingLM().to(device=device, dtype=torch.float64).train()
+    gen = torch.Generator().manual_seed(0)
+    x, x2 = (torch.randint(0, 7, (6, 5), generator=gen).to(device) for _ in range(2))
+    y, y2 = (torch.randint(0, 7, (6, 5), generator=gen).to(device) for _ in range(2))
+    return ZooCase(model, x, y, x2, y2, nn.CrossEntropyLoss())
+
+
+class WeightNormedConvNet(nn.Module):
+    """A weight-normed conv (torch.nn.utils.parametrizations.weight_norm), tanh, pool, a
+    spectrally normalized linear layer (parametrizations.spectral_norm), tanh, a plain head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = weight_norm(nn.Conv2d(2, 3, 3, padding=1))
+        self.mix = spectral_norm(nn.Linear(3, 3))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(torch.tanh(self.conv(x)).mean(dim=(2, 3)))))
+
+
+@register_zoo("weight_normed_conv")
+def weight_normed_conv(device):
+    torch.manual_seed(0)
+    case = _case(WeightNormedConvNet(), (2, 3, 3), device, dtype=torch.float64)
+    case.hessian_by_differences = True  # torch's double backward through weight_norm is wrong
+    return case
+
+
+class FoldedFrames(nn.Module):
+    """A temporal model that folds frames into the batch: a frame encoder on (B*T, F) rows, a
+    mixer on time-major (T*B, H) rows, a mean over time and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(3, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (B, T, F)
+        batch, frames, features = x.shape
+        h = torch.tanh(self.encode(x.reshape(batch * frames, features)))  # (B*T, H)
+        h = h.reshape(batch, frames, -1).transpose(0, 1).reshape(frames * batch, -1)  # (T*B, H)
+        h = torch.tanh(self.mix(h)).reshape(frames, batch, -1)  # (T, B, H)
+        return self.head(h.mean(dim=0))
+
+
+@register_zoo("folded_frames")
+def folded_frames(device):
+    torch.manual_seed(0)
+    return _case(FoldedFrames(), (4, 3), device, dtype=torch.float64)
+
+
+class OutputHooked(nn.Sequential):
+    """An MLP whose first layer's output a user's forward hook changes (a nonlinear map)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        self[0].register_forward_hook(lambda m, i, o: o * torch.sigmoid(o) + 0.5)
+
+
+@register_zoo("output_changing_hook")
+def output_changing_hook(device):
+    torch.manual_seed(0)
+    return _case(OutputHooked(), (5,), device, dtype=torch.float64)
+
+
 def _register_norm_kinds() -> None:
     """normlab's own norms, one tiny conv net each (so `-m device` covers every norm on a GPU)."""
     from cases import NORM_KINDS, TinyConvNet
@@ -277,8 +423,9 @@ _register_norm_kinds()
 
 def in_mode(model: nn.Module, mode: str) -> nn.Module:
     """A deep copy of `model` set up as the probe mode says (the test's own reading of it):
-    "train": normalization layers train, every other module eval; "eval": all eval."""
-    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    "train": normalization layers (torch's, normlab's and the zoo's own) train, every other
+    module eval; "eval": all eval."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, UserBatchNorm)
     other = copy.deepcopy(model)
     for m in other.modules():
         m.training = mode == "train" and isinstance(m, norms)

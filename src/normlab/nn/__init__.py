@@ -12,6 +12,8 @@ See docs/norms_and_init.md for the conventions.
 from __future__ import annotations
 
 from normlab.nn.batch_renorm import BatchRenorm, set_training_fraction
+from normlab.nn.coupling import NormLayers, is_batch_coupled, norm_layers
+from normlab.nn.example_axes import ExampleAxis, example_axes
 from normlab.nn.factory import MODELS, build_model
 from normlab.nn.init import initialize, list_inits, register_init, weight_sampler
 from normlab.nn.layers import LayerInfo, weight_layers
@@ -20,7 +22,6 @@ from normlab.nn.norms import (
     BatchNorm,
     InstanceNorm,
     LayerNormChannels,
-    is_batch_coupled,
     list_norms,
     make_norm,
     register_norm,
@@ -34,16 +35,20 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "CifarConvNet",
+    "ExampleAxis",
     "InstanceNorm",
     "LayerInfo",
     "LayerNormChannels",
+    "NormLayers",
     "build_model",
+    "example_axes",
     "initialize",
     "is_batch_coupled",
     "list_inits",
     "list_norms",
     "make_norm",
     "mlp",
+    "norm_layers",
     "plain_cnn",
     "register_init",
     "register_norm",

@@ -73,18 +73,6 @@ def _keyword_options(factory: NormFactory) -> list[str] | None:
     return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def is_batch_coupled(module: nn.Module) -> bool:
-    """Whether the output for one example currently depends on the other examples of the batch.
-
-    True when `module` or any submodule normalizes with batch statistics right now: a
-    BatchNorm-type layer (BatchNorm, BatchRenorm) in training mode, or one without running
-    statistics. Group, layer and instance norms are never batch-coupled. Depends on the current
-    train/eval mode: call it in the mode the measurement runs in.
-    """
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and (m.training or m.running_mean is None) for m in module.modules())
-
-
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm per channel over the batch (and positions); takes (N, C) or (N, C, H, W)."""
 

@@ -14,8 +14,9 @@ where `data` is `(x, y)` or `x`.
 - any callable returning one loss per example, shape (B,) (`lambda out, y:
   F.cross_entropy(out, y, reduction="none")`): the batch loss is their mean.
 
-The old call forms (`x, y` as two arguments, options by position) work for one release with a
-DeprecationWarning.
+Every probe treats the old call forms alike (`convention`): `x, y` as two arguments, `x=`/`y=`,
+`bn_mode=` and options by position work for one release with a DeprecationWarning that shows
+the new form; anything else is refused with a message that shows it.
 """
 
 from __future__ import annotations
@@ -139,39 +140,65 @@ def _deprecated(message: str) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
-def convention(old_positional: tuple[str, ...] = (), xy: bool = False,
-               takes_loss: bool = True) -> Callable:
-    """Accept a probe's old call forms with a DeprecationWarning: `x, y` as two arguments
-    (`xy`), and options by position (`old_positional` names them in their old order)."""
+def convention(old_positional: tuple[str, ...] = (), takes_loss: bool = True) -> Callable:
+    """The one calling convention, `probe(model, loss_fn, data, *, options)` (`probe(model,
+    data, *, options)` without a loss), with every probe's old forms treated alike: accepted
+    for one release with a DeprecationWarning that shows the new form, or refused with a
+    message that shows it.
+
+    Accepted: `x, y` as two arguments where the data goes, `x=`/`y=` keywords, `bn_mode=`
+    (now `mode=`), and the options named in `old_positional` by position in their old order.
+    Refused (TypeError or ConfigError): more positional arguments than that, a tensor where
+    the loss goes, and `bn_mode` together with a different `mode`."""
 
     def wrap(fn: Callable) -> Callable:
         name = fn.__name__
+        lead = 2 if takes_loss else 1  # (loss_fn, data) or (data,)
+        form = f"{name}(model, {'loss_fn, ' if takes_loss else ''}(x, y), option=...)"
 
         @functools.wraps(fn)
         def probe(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             args = list(args)
-            lead = 2 if takes_loss else 1  # (loss_fn, data) or (data,)
-            if xy and len(args) >= lead + 1 and isinstance(args[lead - 1], torch.Tensor) \
+            if len(args) > lead and isinstance(args[lead - 1], torch.Tensor) \
                     and isinstance(args[lead], torch.Tensor):
-                _deprecated(f"{name}(model, {'loss_fn, ' if takes_loss else ''}x, y, ...) is "
-                            f"deprecated; pass the batch as one argument: "
-                            f"{name}(model, {'loss_fn, ' if takes_loss else ''}(x, y), ...).")
+                _deprecated(f"Passing x and y as two arguments to {name}() is deprecated; "
+                            f"pass the batch as one: {form}.")
                 args[lead - 1:lead + 1] = [(args[lead - 1], args[lead])]
-            if xy and "x" in kwargs:
-                _deprecated(f"{name}(..., x=, y=) is deprecated; pass data=(x, y).")
-                x, y = kwargs.pop("x"), kwargs.pop("y", None)
-                kwargs["data"] = (x, y) if y is not None else x
+            if "x" in kwargs or "y" in kwargs:
+                _deprecated(f"The x= and y= arguments of {name}() are deprecated; pass the "
+                            f"batch as data=(x, y): {form}.")
+                x, y = kwargs.pop("x", None), kwargs.pop("y", None)
+                kwargs["data"] = x if y is None else (x, y)
+            if takes_loss and args and isinstance(args[0], torch.Tensor):
+                raise ConfigError(f"The 'loss_fn' setting of {name} must be a loss (e.g. "
+                                  f"nn.CrossEntropyLoss()); got a tensor. The call form is "
+                                  f"{form}.")
             extra = args[lead:]
+            if len(extra) > len(old_positional):
+                raise TypeError(f"{name}() takes {lead + 1} positional arguments (model, "
+                                f"{'loss_fn, ' if takes_loss else ''}data) and its options by "
+                                f"keyword; got {lead + 1 + len(extra)}. The call form is "
+                                f"{form}.")
             if extra:
-                if len(extra) > len(old_positional):
-                    raise TypeError(f"{name}() takes {lead + 1} positional arguments (model, "
-                                    f"{'loss_fn, ' if takes_loss else ''}data); got "
-                                    f"{lead + 1 + len(extra)}.")
                 names = old_positional[:len(extra)]
                 _deprecated(f"Passing {', '.join(names)} to {name}() by position is deprecated; "
-                            f"pass {'them' if len(names) > 1 else 'it'} by keyword.")
+                            f"pass {'them' if len(names) > 1 else 'it'} by keyword: "
+                            f"{name}(..., {', '.join(f'{n}=...' for n in names)}).")
                 for key, value in zip(names, extra, strict=False):
+                    if key in kwargs:
+                        raise TypeError(f"{name}() got {key!r} both by position and by "
+                                        f"keyword.")
                     kwargs[key] = value
+            if "bn_mode" in kwargs:
+                bn_mode = kwargs.pop("bn_mode")
+                if bn_mode is not None:
+                    if kwargs.get("mode") not in (None, bn_mode):
+                        raise ConfigError(f"The 'bn_mode' setting of {name} (deprecated) and "
+                                          f"its 'mode' setting disagree: {bn_mode!r} and "
+                                          f"{kwargs['mode']!r}; pass mode only.")
+                    _deprecated(f"The 'bn_mode' argument of {name}() is deprecated; use "
+                                f"mode='train', 'eval' or 'keep'.")
+                    kwargs["mode"] = bn_mode
             return fn(model, *args[:lead], **kwargs)
 
         return probe

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlab.config import ConfigError
-
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -134,9 +133,36 @@ def hooks_removed(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[
         handles.clear()
 
 
-def is_norm(module: nn.Module) -> bool:
-    """A normalization layer (BatchNorm, BatchRenorm, GroupNorm, LayerNorm, InstanceNorm)."""
-    return isinstance(module, NORM_TYPES)
+def tensor_used(module: nn.Module, name: str,
+                parametrized: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor | None:
+    """The tensor `module`'s forward used as `name` (e.g. "weight"): its parameter (or the tensor
+    a functional call swapped in), the latest output of its parametrization (from
+    `parametrization_outputs`), or what an old-style weight_norm/spectral_norm hook computed."""
+    if name in module._parameters:
+        return module._parameters[name]
+    if parametrize.is_parametrized(module, name):
+        return parametrized.get((id(module), name))
+    value = module.__dict__.get(name)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+@contextlib.contextmanager
+def parametrization_outputs(modules: Iterable[nn.Module]
+                            ) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+    """Within the block, the latest output of each parametrization of `modules` (the tensor a
+    forward reading `module.weight` got, with its graph), by (id(module), tensor name)."""
+    latest: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def keep(key: tuple[int, str]):
+        return lambda _module, _inputs, output: latest.__setitem__(key, output)
+
+    for module in modules:
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                handles.append(plist.register_forward_hook(keep((id(module), name))))
+    with hooks_removed(handles):
+        yield latest
 
 
 def padded_conv_input(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:

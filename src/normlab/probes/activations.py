@@ -32,7 +32,7 @@ def activation_stats(model: nn.Module, data, *, layers: Sequence[str | int] | No
     error; running statistics are not updated.
     """
     x = inputs_of(data, "activation_stats")
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, x):
         chosen = select_layers(model, layers)
         stats: dict[str, torch.Tensor] = {}
 
@@ -46,7 +46,7 @@ def activation_stats(model: nn.Module, data, *, layers: Sequence[str | int] | No
         handles = [layer.module.register_forward_hook(capture(layer.name)) for layer in chosen]
         with hooks_removed(handles), torch.no_grad():
             Stateless(model)(x)
-        rows = stats_records(chosen, stats, norm_mode(model, mode))
+        rows = stats_records(chosen, stats, norm_mode(model, mode, x))
         return flagged(rows, all_finite([x, *stats.values()]), mode=mode)
 
 

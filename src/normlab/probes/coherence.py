@@ -24,7 +24,7 @@ from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
 
 
-@convention(old_positional=("layers",), xy=True)
+@convention(old_positional=("layers",))
 def gradient_coherence(model: nn.Module, loss_fn, data, *,
                        layers: Sequence[str | int] | None = None, mode: str = "keep"
                        ) -> Records:
@@ -39,13 +39,13 @@ def gradient_coherence(model: nn.Module, loss_fn, data, *,
     value, bn_mode, entries, gradient="batch_gradient_terms".
     """
     x, y = one_batch(data, "gradient_coherence")
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, x):
+        measured = norm_mode(model, mode, x)
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
         names = {id(p): n for n, p in model.named_parameters()}
-        # frozen layers have gradient terms too: differentiate w.r.t. detached leaves
-        params = leaves({names[id(layer.module.weight)]: layer.module.weight
-                         for layer in chosen})
+        # frozen layers have gradient terms too: differentiate w.r.t. detached leaves of every
+        # parameter of the chosen layers (a parametrized weight's originals included)
+        params = leaves({names[id(p)]: p for layer in chosen for p in layer.module.parameters()})
         signed: dict[str, torch.Tensor] = {}
         magnitude: dict[str, torch.Tensor] = {}
 
@@ -63,7 +63,9 @@ def gradient_coherence(model: nn.Module, loss_fn, data, *,
 
             return hook
 
-        handles = [layer.module.register_forward_hook(capture(layer.name)) for layer in chosen]
+        # first in line: the terms are those of the layer, before a user hook changes its output
+        handles = [layer.module.register_forward_hook(capture(layer.name), prepend=True)
+                   for layer in chosen]
         with hooks_removed(handles):
             loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
             torch.autograd.grad(loss, list(params.values()), allow_unused=True)

@@ -340,9 +340,9 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[B
     against finite differences when `check` (`HessianOperator.check`: raises
     `HessianCheckError` where the products are wrong); the model is left exactly as it was."""
     batches = batch_list(data, "the Hessian probes")
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, batches[0][0]):
         op = HessianOperator(model, loss_fn, batches, select_params(model, params), path)
-        op.bn_mode = norm_mode(model, mode)
+        op.bn_mode = norm_mode(model, mode, batches[0][0])
         if check:
             op.check()
         yield op

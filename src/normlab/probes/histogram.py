@@ -20,7 +20,12 @@ from normlab.config import ConfigError, check_interval
 from normlab.probes._calling import batch_loss, convention, one_batch
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
-from normlab.probes._modules import select_layers
+from normlab.probes._modules import (
+    hooks_removed,
+    parametrization_outputs,
+    select_layers,
+    tensor_used,
+)
 from normlab.probes._results import Records, all_finite, flagged
 from normlab.probes._stateless import Stateless, leaves
 
@@ -45,7 +50,7 @@ def tail_statistics(values: torch.Tensor, k: int | None = None) -> dict[str, flo
             "range": (v.max() - v.min()).item()}
 
 
-@convention(old_positional=("layers", "bins"), xy=True)
+@convention(old_positional=("layers", "bins"))
 def gradient_histogram(model: nn.Module, loss_fn, data, *,
                        layers: Sequence[str | int] | None = None, bins: int = 60,
                        mode: str = "keep") -> Records:
@@ -61,16 +66,10 @@ def gradient_histogram(model: nn.Module, loss_fn, data, *,
     """
     check_interval("bins", bins, 1, kind=int, low_open=False)
     x, y = one_batch(data, "gradient_histogram")
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, x):
         chosen = select_layers(model, layers, kinds=(nn.Conv2d, nn.Linear))
-        names = {id(p): n for n, p in model.named_parameters()}
-        params = leaves({names[id(layer.module.weight)]: layer.module.weight
-                         for layer in chosen})
-        loss = batch_loss(loss_fn, Stateless(model)(x, params), y)
-        got = dict(zip(params, torch.autograd.grad(loss, list(params.values()),
-                                                   allow_unused=True), strict=True))
-        grads = [got[names[id(layer.module.weight)]] for layer in chosen]
-        measured = norm_mode(model, mode)
+        grads, loss = _weight_gradients(model, loss_fn, x, y, [layer.module for layer in chosen])
+        measured = norm_mode(model, mode, x)
         records = []
         for layer, g in zip(chosen, grads, strict=True):
             if g is None:
@@ -90,3 +89,30 @@ def gradient_histogram(model: nn.Module, loss_fn, data, *,
             records += [{**base, "quantity": q, "value": val, "hill_k": k}
                         for q, val in stats.items()]
         return flagged(records, all_finite([x, loss]))
+
+
+def _weight_gradients(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                      modules: list[nn.Module]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """d loss / d (the weight each module's forward used), summed over its calls (the weight
+    parameter, or the tensor its parametrization such as weight_norm computed; None if
+    unused), and the loss."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {names[id(p)]: p for m in modules for p in m.parameters()}  # frozen ones included
+    used: list[tuple[int, torch.Tensor | None]] = []
+
+    def record(k: int, latest: dict):
+        return lambda module, _inputs, _output: used.append(
+            (k, tensor_used(module, "weight", latest)))
+
+    with parametrization_outputs(modules) as latest:
+        handles = [m.register_forward_hook(record(k, latest)) for k, m in enumerate(modules)]
+        with hooks_removed(handles):
+            loss = batch_loss(loss_fn, Stateless(model)(x, leaves(own)), y)
+    unique = {(k, id(w)): (k, w) for k, w in used if w is not None and w.requires_grad}
+    wanted = list(unique.values())  # a parameter once per module, each computed weight
+    got = torch.autograd.grad(loss, [w for _, w in wanted], allow_unused=True)
+    grads: list[torch.Tensor | None] = [None] * len(modules)
+    for (k, _), g in zip(wanted, got, strict=True):
+        if g is not None:
+            grads[k] = g if grads[k] is None else grads[k] + g
+    return grads, loss

@@ -153,8 +153,8 @@ def landscape(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], 
         if unknown:
             raise ConfigError.choice("directions", unknown[0], list(params))
     records = []
-    with preserved(model), probe_mode(model, mode), torch.no_grad():
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, batches[0][0]), torch.no_grad():
+        measured = norm_mode(model, mode, batches[0][0])
         forward = Stateless(model)
         second = grid if len(directions) == 2 else [0.0]
         for alpha in grid:

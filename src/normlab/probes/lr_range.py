@@ -8,6 +8,7 @@ its parameters and the user's optimizer are never written, so the test is a prob
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,7 @@ from torch import nn
 
 from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._batches import Batch, LossFn
-from normlab.probes._calling import batch_loss, check_batch, is_batch
+from normlab.probes._calling import batch_loss, check_batch, convention, is_batch
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import MODES, norm_mode, probe_mode
 from normlab.probes._modules import select_params
@@ -73,6 +74,7 @@ def lr_schedule(start: float, end: float, steps: int, ramp: str = "exp") -> list
     return [float(v) for v in np.linspace(start, end, steps)]
 
 
+@convention()
 def lr_range_test(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
                   start: float = 1e-5, end: float = 10.0, steps: int = 100, ramp: str = "exp",
                   smoothing: float = 0.98, diverge_factor: float = 4.0, momentum: float = 0.0,
@@ -108,14 +110,17 @@ def lr_range_test(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
         data = [data]
     schedule = lr_schedule(start, end, steps, ramp)
     lrs, losses, smoothed = [], [], []
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    batches = _forever(data)
+    first = next(batches)
+    with preserved(model), probe_mode(model, mode, first[0]):
+        measured = norm_mode(model, mode, first[0])
         forward = Stateless(model, carry_buffers=True)
         params = {n: p.detach().clone().requires_grad_(True)
                   for n, p in select_params(model, None).items()}
         trainer = _copied_optimizer(model, optimizer, params, momentum, weight_decay)
         average, best = 0.0, math.inf
-        for i, (lr, (x, y)) in enumerate(zip(schedule, _forever(data), strict=False)):
+        for i, (lr, (x, y)) in enumerate(zip(schedule, itertools.chain([first], batches),
+                                                      strict=False)):
             for group in trainer.param_groups:
                 group["lr"] = lr
             loss = batch_loss(loss_fn, forward(x, params), y)

@@ -70,15 +70,15 @@ def mean_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
 
         raise ConfigError(f"The 'data' setting of mean_gradient must hold at least 2 batches "
                           f"(two halves are compared); got {len(batches)}.")
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, batches[0][0]):
+        measured = norm_mode(model, mode, batches[0][0])
         grads = [minibatch_gradient(model, loss_fn, x, y) for x, y in batches]
         mean = _average(grads)
         stability = _cosine(_average(grads[0::2]), _average(grads[1::2]))
         records = radial_tangential(model, grads=mean, granularity="layer",
                                     source="mean_gradient", mode=mode)
         for record in records:
-            record["batches"] = len(batches)
+            record.update(batches=len(batches), bn_mode=measured)
         if spectrum_batch is not None:
             records += _top_direction_cosines(model, loss_fn, spectrum_batch, mean)
         share = radial_share_total(model, mean)

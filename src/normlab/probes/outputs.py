@@ -17,7 +17,7 @@ from normlab.probes._results import Records, all_finite, flagged
 from normlab.probes._stateless import Stateless
 
 
-@convention(xy=True)
+@convention()
 def output_gradients(model: nn.Module, loss_fn, data, *, mode: str = "keep") -> Records:
     """d ell_i / d z_i (z_i: example i's logits, ell_i its per-example loss) on one batch
     `data` = (x, y), in `mode` ("keep": the model's own modes); cost: one forward pass and a
@@ -30,13 +30,13 @@ def output_gradients(model: nn.Module, loss_fn, data, *, mode: str = "keep") -> 
     gradient="per_example_loss_grads". Running statistics are not updated.
     """
     x, y = one_batch(data, "output_gradients")
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, x):
         with torch.no_grad():
             logits = Stateless(model)(x)
         z = logits.detach().requires_grad_(True)
         losses = per_example_losses(loss_fn, z, y)
         (grad,) = torch.autograd.grad(losses.sum(), z)  # row i = d ell_i / d z_i
-        measured = norm_mode(model, mode)
+        measured = norm_mode(model, mode, x)
         labels = y.tolist()
         rows = [{"example": i, "class_index": c, "label": labels[i],
                  "quantity": "output_gradient", "value": v, "bn_mode": measured, "mode": mode,

@@ -19,26 +19,20 @@ Both take one batch: `probe(model, loss_fn, (x, y), *, ...)`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.grad import conv2d_weight
 
 from normlab.config import ConfigError, check_choice, check_interval
-from normlab.probes._calling import batch_loss, convention, one_batch, per_example_losses
+from normlab.nn.coupling import batch_coupling
+from normlab.probes._calling import convention, one_batch, per_example_losses
+from normlab.probes._contributions import contributions
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
-from normlab.probes._modules import (
-    canonical_names,
-    hooks_removed,
-    is_norm,
-    padded_conv_input,
-    param_layers,
-    select_params,
-)
-from normlab.probes._results import RecordsMixin, all_finite
+from normlab.probes._modules import hooks_removed, param_layers, select_params
+from normlab.probes._results import RecordsMixin, all_finite, rounding_slack
 from normlab.probes._stateless import Stateless, leaves
 
 METHODS = ("auto", "vjp", "vmap")
@@ -53,13 +47,15 @@ class PerExampleGradients(dict, RecordsMixin):
     (batch statistics) or "eval"; `mode`: the probe mode asked for; `layers`: parameter name ->
     (module name, depth or None); `method`: how it was computed ("vmap", "vjp",
     "layer_hooks"); `reason`: why "auto" did not use vmap (None if it did or was not asked);
-    `finite`: False when the input, a loss or a gradient was not finite.
+    `finite`: False when the input, a loss or a gradient was not finite; `left_out`: parameter
+    name -> why it has no rows (contributions only).
     `records()`: one row per parameter and example with the gradient's norm.
     """
 
     def __init__(self, grads: dict[str, torch.Tensor], *, quantity: str, bn_mode: str,
                  layers: dict[str, tuple[str, int | None]], method: str, mode: str = "keep",
-                 reason: str | None = None, finite: bool = True) -> None:
+                 reason: str | None = None, finite: bool = True,
+                 left_out: dict[str, str] | None = None) -> None:
         super().__init__(grads)
         self.quantity = quantity
         self.bn_mode = bn_mode
@@ -68,6 +64,7 @@ class PerExampleGradients(dict, RecordsMixin):
         self.mode = mode
         self.reason = reason
         self.finite = finite
+        self.left_out = dict(left_out or {})
 
     def records(self) -> list[dict[str, Any]]:
         rows = []
@@ -82,16 +79,13 @@ class PerExampleGradients(dict, RecordsMixin):
         return rows
 
 
-def _coupled(model: nn.Module) -> bool:
-    from normlab.nn import is_batch_coupled
-
-    return is_batch_coupled(model)
-
-
-def _vmap_obstacle(model: nn.Module) -> str | None:
+def _vmap_obstacle(model: nn.Module, coupled: bool | None) -> str | None:
     """Why vmap cannot run this model's forward faithfully, known before trying (None: try)."""
-    if _coupled(model):
-        return "batch-coupled normalization (BatchNorm/BatchRenorm using batch statistics)"
+    if coupled:
+        return ("batch coupling: the output of one example depends on the others (BatchNorm/"
+                "BatchRenorm using batch statistics, or a layer of your own)")
+    if coupled is None:
+        return "whether the model couples the examples cannot be tested (integer input)"
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             return f"Dropout in train mode ({name or 'model'}): random masks"
@@ -106,7 +100,7 @@ def _vmap_obstacle(model: nn.Module) -> str | None:
     return None
 
 
-@convention(old_positional=("params", "chunk_size", "max_memory", "method"), xy=True)
+@convention(old_positional=("params", "chunk_size", "max_memory", "method"))
 def per_example_loss_grads(model: nn.Module, loss_fn, data, *,
                            params: Iterable[str] | None = None, chunk_size: int | None = None,
                            max_memory: float | None = None, method: str = "auto",
@@ -137,14 +131,16 @@ def per_example_loss_grads(model: nn.Module, loss_fn, data, *,
         check_interval("chunk_size", chunk_size, 1, kind=int, low_open=False)
     if max_memory is not None:
         check_interval("max_memory", max_memory, 0)
-    with preserved(model), probe_mode(model, mode):
+    with preserved(model), probe_mode(model, mode, x):
         selected = select_params(model, params)
         forward = Stateless(model)
-        reason = _vmap_obstacle(model) if method == "auto" else None
-        if method == "vmap" and _coupled(model):
+        coupled = batch_coupling(model, x) if method != "vjp" else None
+        reason = _vmap_obstacle(model, coupled) if method == "auto" else None
+        if method == "vmap" and coupled:
             raise ConfigError("The 'method' setting 'vmap' runs each example alone, which is a "
                               "different function for a batch-coupled model (BatchNorm or "
-                              "BatchRenorm in train mode); use 'vjp' or 'auto'.")
+                              "BatchRenorm in train mode, or a layer of your own whose output "
+                              "for one example depends on the others); use 'vjp' or 'auto'.")
         grads = None
         if method == "vmap" or (method == "auto" and reason is None):
             try:
@@ -164,7 +160,7 @@ def per_example_loss_grads(model: nn.Module, loss_fn, data, *,
         else:
             used, reason = "vmap", None
         finite = all_finite([x]) and all_finite(grads.values())
-        return PerExampleGradients(grads, quantity=LOSS_GRADS, bn_mode=norm_mode(model, mode),
+        return PerExampleGradients(grads, quantity=LOSS_GRADS, bn_mode=norm_mode(model, mode, x),
                                    layers={k: param_layers(model)[k] for k in grads},
                                    method=used, mode=mode, reason=reason, finite=finite)
 
@@ -235,12 +231,11 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
     """`_rows_one_at_a_time` on CUDA with the forward recorded in one CUDA graph and the
     one-row backward in another (sharing its memory pool; retain_graph, so the saved
     activations outlive every replay), replayed once per row: a backward at B = 128 is
-    launch-bound eagerly on a GPU. Checked at run time against one eager backward of the summed
-    losses (sum_i g_i = d sum_i ell_i / d theta, to sqrt(eps) of the dtype relative to
-    sum_i norm(g_i), the scale of their rounding: probes run without TF32, so only float
-    rounding separates the two; nothing to check when that gradient is not finite); None (with
-    a RuntimeWarning) when `modules` carry user hooks (they would run only while the graph is
-    recorded), CUDA refuses the capture or the check fails, and the caller takes the eager
+    launch-bound eagerly on a GPU. Checked at run time against eager backwards
+    (`_rows_disagree`: the first, middle and last rows and the sum of all of them, within
+    `rounding_slack`; probes run without TF32, so only float rounding separates the two); None
+    (with a RuntimeWarning) when `modules` carry user hooks (they would run only while the graph
+    is recorded), CUDA refuses the capture or the check fails, and the caller takes the eager
     path."""
     from normlab.train.graphed import cudnn_autotuned, hooks_refusal, on_side_stream
 
@@ -277,19 +272,51 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
                       f"run eagerly instead ({type(err).__name__}: {err})", RuntimeWarning,
                       stacklevel=4)
         return None
-    whole = [(r, g) for r, g in zip(rows, torch.autograd.grad(
-        eager_losses.sum(), tensors, retain_graph=True, allow_unused=True), strict=True)
-        if g is not None]
-    if not all_finite(g for _, g in whole):
-        return rows  # nothing to check against: the result says finite=False either way
-    error = max((float((r.sum(0) - g).norm() / r.flatten(1).norm(dim=1).sum().clamp_min(1e-30))
-                 for r, g in whole), default=0.0)
-    if not error < torch.finfo(tensors[0].dtype).eps ** 0.5:
-        warnings.warn(f"The per-example rows replayed from a CUDA graph do not add up to the "
-                      f"batch gradient (relative error {error:.1e}); they run eagerly instead.",
-                      RuntimeWarning, stacklevel=4)
+    batch = len(eager_losses)
+    eager = {i: torch.autograd.grad(eager_losses[i], tensors, retain_graph=True,
+                                    allow_unused=True) for i in sorted({0, batch // 2, batch - 1})}
+    whole = torch.autograd.grad(eager_losses.sum(), tensors, retain_graph=True, allow_unused=True)
+    problem = _rows_disagree(rows, eager, whole)
+    if problem is not None:
+        warnings.warn(f"The per-example rows replayed from a CUDA graph are not trusted: "
+                      f"{problem}; they run eagerly instead.", RuntimeWarning, stacklevel=4)
         return None
     return rows
+
+
+def _rows_disagree(rows: list[torch.Tensor], eager: Mapping[int, Sequence[torch.Tensor | None]],
+                   whole: Sequence[torch.Tensor | None]) -> str | None:
+    """Why per-example `rows` (one (B, *shape) tensor per parameter) cannot be trusted, or
+    None: each row i in `eager` (its gradients from an eager backward, None where unused) and
+    the sum of all rows against `whole` (the eager gradient of the summed losses) must agree
+    within `rounding_slack` of the dtype, relative to the norm over all parameters; nothing is
+    checked when the eager gradients are not finite (the result says finite=False)."""
+    if not all_finite(g for g in [*whole, *(g for gs in eager.values() for g in gs)]
+                      if g is not None):
+        return None
+    slack = rounding_slack(rows[0].dtype) if rows else 0.0
+
+    def gap(got: list[torch.Tensor], want: Sequence[torch.Tensor | None],
+            scale: float) -> float:
+        diff = sum(float(((g - (torch.zeros_like(g) if w is None else w)).double() ** 2).sum())
+                   for g, w in zip(got, want, strict=True))
+        return diff ** 0.5 / max(scale, 1e-30)
+
+    for i, grads in eager.items():
+        got = [r[i] for r in rows]
+        scale = max(_norm(got), _norm([g for g in grads if g is not None]))
+        error = gap(got, grads, scale)
+        if not error <= slack:
+            return f"row {i} differs from an eager backward by {error:.1e} (relative)"
+    scale = _norm([r.abs().sum(0) for r in rows])
+    error = gap([r.sum(0) for r in rows], whole, scale)
+    if not error <= slack:
+        return f"the rows add up to the batch gradient only within {error:.1e} (relative)"
+    return None
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return sum(float((t.double() ** 2).sum()) for t in tensors) ** 0.5
 
 
 def _default_chunk(batch: int, x: torch.Tensor, tensors: list[torch.Tensor], activations: int,
@@ -324,168 +351,46 @@ def _vmap_grads(forward, loss_fn, x, y, selected, chunk_size):
     grads, values = grad_fn(trainable, x.contiguous(), y)
     with torch.no_grad():
         batch = per_example_losses(loss_fn, forward(x, trainable), y)
-    if not torch.allclose(values, batch, rtol=1e-2, atol=1e-4 * float(batch.abs().max()) + 1e-12,
+    slack = rounding_slack(values.dtype)
+    if not torch.allclose(values, batch, rtol=slack, atol=slack * float(batch.abs().max()) + 1e-12,
                           equal_nan=True):
         raise _VmapMismatch("the per-example losses computed one example at a time differ from "
                             "those of the batch forward (a batch-coupled layer?)")
     return {k: v.detach() for k, v in grads.items()}
 
 
-@convention(xy=True)
-def per_example_contributions(model: nn.Module, loss_fn, data, *, mode: str = "keep"
+@convention()
+def per_example_contributions(model: nn.Module, loss_fn, data, *,
+                              params: Iterable[str] | None = None, mode: str = "keep"
                               ) -> PerExampleGradients:
     """c_i, example i's share of the batch gradient of `loss_fn` on one batch `data` = (x, y),
     in `mode` (default "keep": the model's own modes); cost ~2-3 backward passes (one backward
-    plus per-example products in layer hooks).
+    plus per-example products in layer hooks), plus two forwards without gradients the first
+    time a model structure and input shape is seen (to find the example axis of every layer).
 
     For Conv2d/Linear weight and bias, c_i = sum over positions of d_i (x) a_i (output gradient
-    of example i times its input); for other convolutions (Conv1d, ConvTranspose2d, ...) the
-    layer's own VJP per example; for norm affine parameters c_i(weight) = sum over positions of
-    d_i * xhat_i (the normalized input) and c_i(bias) = sum of d_i. A module called several
-    times, or a weight tied across modules, adds up its calls. sum_i c_i equals the batch
-    gradient exactly, for every norm. Parameters of other modules are not included.
+    of example i times its input); for other convolutions the layer's own VJP per example; for
+    nn.Embedding d_i at example i's tokens; for norm affine parameters c_i(weight) = sum over
+    positions of d_i * xhat_i (the normalized input) and c_i(bias) = sum of d_i; for a layer of
+    your own without submodules, the VJP of its forward with d kept on example i's rows (or,
+    when it couples the examples, d_i times the factor by which each parameter scales or
+    shifts its output). Examples are found per layer (a (B*T, D) fold is summed per example);
+    a weight tied across modules adds up every use; a parametrized weight (weight_norm,
+    spectral_norm) is pulled back to its original parameters. sum_i c_i equals the batch
+    gradient (checked). `params` names the parameters to attribute (default: every parameter
+    that requires grad); those no covered layer uses are left out and listed in `.left_out`
+    with the reason; a parameter that cannot be attributed exactly (a layer whose input is not
+    example-major, a weight also used in a functional call, ...) raises ConfigError naming it.
     Note: the d_i are gradients of the *reduced* batch loss (mean: they carry 1/B), and with BN
     in train mode c_i is not d ell_i / d theta (see `per_example_loss_grads`).
     Running statistics are not updated and parameters never written.
     """
     x, y = one_batch(data, "per_example_contributions")
-    sums: dict[str, torch.Tensor] = {}
-    canonical = canonical_names(model)
-
-    def add(name: str, value: torch.Tensor) -> None:
-        sums[name] = sums[name] + value if name in sums else value
-
-    def forward_hook(module_name: str):
-        def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            a = inputs[0].detach()
-            xhat = _normalized(module, a) if is_norm(module) else None
-
-            def on_grad(d: torch.Tensor) -> None:
-                for pname, value in _layer_contributions(module, a, d.detach(), xhat).items():
-                    add(canonical[(module_name, pname)], value)
-
-            output.register_hook(on_grad)
-
-        return hook
-
-    with preserved(model), probe_mode(model, mode):
-        selected = select_params(model, None)
-        params = leaves(selected)
-        forward = Stateless(model)
-        modules = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-                   or (is_norm(m) and _affine(m))]
-        handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules]
-        with hooks_removed(handles):
-            loss = batch_loss(loss_fn, forward(x, params), y)
-            torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        grads = {k: v for k, v in sums.items() if k in selected}
-        finite = all_finite([x, loss]) and all_finite(grads.values())
-        return PerExampleGradients(grads, quantity=CONTRIBUTIONS, bn_mode=norm_mode(model, mode),
-                                   layers={k: param_layers(model)[k] for k in grads},
-                                   method="layer_hooks", mode=mode, finite=finite)
-
-
-def _affine(module: nn.Module) -> bool:
-    return getattr(module, "weight", None) is not None
-
-
-def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """xhat: the norm's output with unit scale and zero shift (so output = xhat * w + b).
-
-    Recomputed with the norm's own forward on private buffers, which is exact for every norm
-    kind, BatchRenorm's r/d corrections included.
-    """
-    from torch.func import functional_call
-
-    state = {"weight": torch.ones_like(module.weight)}
-    if getattr(module, "bias", None) is not None:
-        state["bias"] = torch.zeros_like(module.bias)
-    state.update({n: b.detach().clone() for n, b in module.named_buffers(recurse=False)})
-    with torch.no_grad(), _hooks_off(module):
-        return functional_call(module, state, (a,), strict=False)
-
-
-class _hooks_off:
-    """Run a module's forward without its forward hooks (avoids re-entering our own hook)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.saved = self.module._forward_hooks
-        self.module._forward_hooks = type(self.saved)()
-
-    def __exit__(self, *exc) -> None:
-        self.module._forward_hooks = self.saved
-
-
-def _layer_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor,
-                         xhat: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Per-example parameter gradients of one module call: name -> (B, *param.shape)."""
-    out = {}
-    if isinstance(module, nn.Conv2d):
-        out["weight"] = _conv_weight_contributions(module, a, d)
-        if module.bias is not None:
-            out["bias"] = d.sum(dim=(2, 3))
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        out = _module_vjp_contributions(module, a, d)
-    elif isinstance(module, nn.Linear):
-        a2 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, positions, in)
-        d2 = d.reshape(d.shape[0], -1, d.shape[-1])  # (B, positions, out)
-        out["weight"] = torch.einsum("bpo,bpi->boi", d2, a2)
-        if module.bias is not None:
-            out["bias"] = d2.sum(dim=1)
-    else:  # a norm's affine parameters, shaped like `weight`
-        out["weight"] = _reduce_to(d * xhat, module)
-        if getattr(module, "bias", None) is not None:
-            out["bias"] = _reduce_to(d, module)
-    return out
-
-
-def _module_vjp_contributions(module: nn.Module, a: torch.Tensor, d: torch.Tensor
-                              ) -> dict[str, torch.Tensor]:
-    """The VJP of the module's own forward for each example (a_i, d_i), vectorized: exact for
-    any layer that treats examples independently (every convolution)."""
-    from torch.func import functional_call, vjp, vmap
-
-    params = {k: v.detach().contiguous() for k, v in module.named_parameters(recurse=False)}
-
-    def one(ai: torch.Tensor, di: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, pull = vjp(lambda p: functional_call(module, p, (ai.unsqueeze(0),)), params)
-        return pull(di.unsqueeze(0))[0]
-
-    with torch.enable_grad(), _hooks_off(module):
-        return vmap(one)(a.contiguous(), d.contiguous())
-
-
-def _reduce_to(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Sum a (B, ...) tensor to (B, *affine shape): over positions for per-channel affine
-    parameters (BN, BatchRenorm, GN, IN: channel dim 1), over the leading dims for
-    nn.LayerNorm's affine parameters shaped like its trailing `normalized_shape`."""
-    if isinstance(module, nn.LayerNorm):
-        lead = t.dim() - 1 - len(module.normalized_shape)
-        return t.sum(dim=tuple(range(1, 1 + lead))) if lead else t
-    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
-
-
-def _conv_weight_contributions(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor
-                               ) -> torch.Tensor:
-    """sum over positions of d[i, o, p] * patch(a)[i, (c, kh, kw), p]: (B, *conv.weight.shape).
-
-    One weight-gradient convolution with the batch folded into the groups (example i's channels
-    form groups of their own), exact, and on a CPU 1-9x faster than unfold + einsum (ResNet-20
-    layer shapes at B = 128, measured here) without the unfolded copy of the input."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        a = padded_conv_input(conv, a)  # 'same'/'valid' or reflect/replicate/circular padding
-        padding: tuple[int, ...] | int = 0
-    else:
-        padding = conv.padding
-    batch = a.shape[0]
-    out, fan_in = conv.weight.shape[:2]
-    per = conv2d_weight(a.reshape(1, -1, *a.shape[2:]), (batch * out, fan_in, *conv.kernel_size),
-                        d.reshape(1, -1, *d.shape[2:]), stride=conv.stride, padding=padding,
-                        dilation=conv.dilation, groups=batch * conv.groups)
-    return per.reshape(batch, *conv.weight.shape)
+    with preserved(model), probe_mode(model, mode, x):
+        selected = select_params(model, params)
+        got = contributions(model, loss_fn, x, y, selected)
+        layers = param_layers(model)
+        return PerExampleGradients(got.rows, quantity=CONTRIBUTIONS,
+                                   bn_mode=norm_mode(model, mode, x),
+                                   layers={k: layers[k] for k in got.rows}, method="layer_hooks",
+                                   mode=mode, finite=got.finite, left_out=got.left_out)

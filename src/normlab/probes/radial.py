@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from normlab.config import ConfigError, check_choice
 from normlab.probes._batches import LossFn, Vector
-from normlab.probes._calling import batch_loss, one_batch
+from normlab.probes._calling import batch_loss, convention, one_batch
 from normlab.probes._geometry import GRANULARITIES, _rows, radial_part
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
@@ -55,10 +54,11 @@ def _quantities(g: torch.Tensor, w: torch.Tensor, granularity: str, module: nn.M
     return out
 
 
+@convention(old_positional=("lr",))
 def radial_tangential(model: nn.Module, loss_fn: LossFn | None = None, data=None, *,
                       grads: Vector | None = None, granularity: str = "filter",
                       lr: float | None = None, source: str = "minibatch_gradient",
-                      mode: str = "keep", **old: Any) -> Records:
+                      mode: str = "keep") -> Records:
     """Norms of the radial and tangential parts of a gradient for each conv/linear weight (per
     output filter, dim 1 of a transposed convolution, or per layer), their ratio, cos(g, w),
     ||w|| and the effective lr lr/||w||^2.
@@ -67,22 +67,22 @@ def radial_tangential(model: nn.Module, loss_fn: LossFn | None = None, data=None
     model's own modes; one forward + backward, nothing written), or given as `grads`
     (parameter name -> tensor: a mean gradient or any direction; then loss_fn and data are not
     needed). Records carry `bn_mode`, `mode`, the `source` label and `granularity`;
-    `radial_share` is ||g_rad|| / ||g||. The old form radial_tangential(model, grads, ...,
-    loss_fn=, x=, y=) works for one release with a DeprecationWarning.
+    `radial_share` is ||g_rad|| / ||g||. The old form radial_tangential(model, grads,
+    granularity, lr) works for one release with a DeprecationWarning (x=, y= as for every
+    probe, see `probes._calling.convention`).
 
     Note: weight decay is not part of the loss here; its gradient (lambda w) is purely radial.
     """
-    if isinstance(loss_fn, dict) or old:
-        loss_fn, data, grads, granularity, lr, source = _old_form(
-            loss_fn, data, grads, granularity, lr, source, old)
+    if isinstance(loss_fn, dict):
+        loss_fn, data, grads, granularity = _old_form(loss_fn, data, granularity)
     check_choice("granularity", granularity, GRANULARITIES)
-    with probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    if grads is None and (loss_fn is None or data is None):
+        raise ConfigError("radial_tangential needs the 'loss_fn' and 'data' settings "
+                          "(one (x, y) batch), or the 'grads' setting; got neither.")
+    x, y = one_batch(data, "radial_tangential") if grads is None else (None, None)
+    with probe_mode(model, mode, x):
+        measured = norm_mode(model, mode, x)
         if grads is None:
-            if loss_fn is None or data is None:
-                raise ConfigError("radial_tangential needs the 'loss_fn' and 'data' settings "
-                                  "(one (x, y) batch), or the 'grads' setting; got neither.")
-            x, y = one_batch(data, "radial_tangential")
             grads = minibatch_gradient(model, loss_fn, x, y)
     finite = all_finite(grads.values())
     records = []
@@ -110,28 +110,17 @@ def radial_tangential(model: nn.Module, loss_fn: LossFn | None = None, data=None
     return flagged(records, finite)
 
 
-def _old_form(loss_fn, data, grads, granularity, lr, source, old):
-    """radial_tangential(model, grads, granularity, lr, loss_fn=, x=, y=, source=)."""
+def _old_form(grads: Vector, data, granularity: str):
+    """radial_tangential(model, grads, granularity, lr): the gradient where the loss goes."""
     import warnings
 
-    warnings.warn("radial_tangential(model, grads, ...) and its x=, y= arguments are "
-                  "deprecated; use radial_tangential(model, loss_fn, (x, y)) or "
-                  "radial_tangential(model, grads=grads). This form will be removed in the "
-                  "next release.", DeprecationWarning, stacklevel=3)
-    unknown = set(old) - {"x", "y", "loss_fn"}
-    if unknown:
-        raise TypeError(f"radial_tangential() got unexpected arguments {sorted(unknown)}")
-    if isinstance(loss_fn, dict):
-        grads = loss_fn
-        if isinstance(data, str):  # old third positional: granularity
-            granularity = data
-        loss_fn = None
-    loss_fn = old.get("loss_fn", loss_fn)
-    if "x" in old:
-        data = (old["x"], old["y"])
-    elif not isinstance(data, tuple):
-        data = None
-    return loss_fn, data, grads, granularity, lr, source
+    warnings.warn("radial_tangential(model, grads, ...) is deprecated; use "
+                  "radial_tangential(model, grads=grads) or radial_tangential(model, loss_fn, "
+                  "(x, y)). This form will be removed in the next release.",
+                  DeprecationWarning, stacklevel=4)
+    if isinstance(data, str):  # the old third positional: granularity
+        granularity = data
+    return None, None, grads, granularity
 
 
 def radial_share_total(model: nn.Module, grads: Vector) -> float:

@@ -302,7 +302,11 @@ def jacobian_singular_values(model: nn.Module, data, *, k: int | None = None,
     if k is not None:
         check_interval("k", k, 1, kind=int, low_open=False)
     x = inputs_of(data, "jacobian_singular_values")
-    with preserved(model), probe_mode(model, mode):
+    if not x.is_floating_point():
+        raise ConfigError(f"The 'data' setting of jacobian_singular_values must hold a "
+                          f"floating-point input (the Jacobian is taken with respect to it); "
+                          f"got {x.dtype} (token ids have none).")
+    with preserved(model), probe_mode(model, mode, x):
         fn = _restricted(model, Stateless(model), layer)
         op = _JacobianOperator(fn, x)
         size = op.n_in * op.n_out
@@ -321,7 +325,7 @@ def jacobian_singular_values(model: nn.Module, data, *, k: int | None = None,
                 values = golub_kahan_singular_values(op, min(full, 2 * want + 20), seed)[:want]
             else:
                 values = randomized_singular_values(op, want, seed)
-        return JacobianSpectrum(values.cpu(), method, norm_mode(model, mode),
+        return JacobianSpectrum(values.cpu(), method, norm_mode(model, mode, x),
                                 (op.n_out, op.n_in), op.products)
 
 

@@ -55,8 +55,8 @@ def step_loss(model: nn.Module, loss_fn, data: Batch, *,
     mode = resolve_mode(mode, bn_mode, "train")
     batch = one_batch(data, "step_loss")
     grid = _check_steps(steps)
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, batch[0]):
+        measured = norm_mode(model, mode, batch[0])
         forward = Stateless(model)
         moved, label = _direction(model, forward, loss_fn, batch, direction)
         norm = math.sqrt(sum((d.double() ** 2).sum().item() for _, d in moved.values()))
@@ -98,8 +98,8 @@ def step_anatomy(model: nn.Module, loss_fn, data: Batch, *, step: float,
     check_interval("points", points, 2, kind=int, low_open=False)
     mode = resolve_mode(mode, bn_mode, "train")
     batch = one_batch(data, "step_anatomy")
-    with preserved(model), probe_mode(model, mode):
-        measured = norm_mode(model, mode)
+    with preserved(model), probe_mode(model, mode, batch[0]):
+        measured = norm_mode(model, mode, batch[0])
         forward = Stateless(model)
         chosen = select_layers(model, layers)
         moved, _ = _direction(model, forward, loss_fn, batch, direction)

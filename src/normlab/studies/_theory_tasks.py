@@ -124,12 +124,12 @@ def sgd_noise_task(spec: RunSpec, context: RunContext) -> RunResult:
     options = read_options(spec)
     train_set, _ = load(spec.data, **spec.mapping("data_options"))
     model = build_init_model(spec, train_set.image_shape, train_set.num_classes, "relu")
-    if is_batch_coupled(model):
+    n = min(options["examples"], len(train_set))
+    x, y = train_set.x[:n].double(), train_set.y[:n]
+    if is_batch_coupled(model, x):
         raise ConfigError(f"The 'norm' setting of the {NOISE_TASK!r} task must not couple the "
                           f"examples of a batch (eq. 2 needs fixed per-example gradients); got "
                           f"{spec.norm!r}. Use 'none', 'group', 'layer' or 'instance'.")
-    n = min(options["examples"], len(train_set))
-    x, y = train_set.x[:n].double(), train_set.y[:n]
     grads = per_example_loss_grads(model, nn.CrossEntropyLoss(), (x, y), chunk_size=64)
     records = sgd_noise(grads, [b for b in options["batch_sizes"] if b <= n],
                         samples=options["samples"], seed=spec.seed)
