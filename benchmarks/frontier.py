@@ -1,0 +1,143 @@
+"""The main job's frontier and cost: the smoke lr-sweep with and without replicates, packed and not.
+
+    python benchmarks/frontier.py                  # four runs of the smoke lr-sweep (minutes)
+    python benchmarks/frontier.py --quick          # the same with --set steps=40
+    python benchmarks/frontier.py --steps 40 --replicates 39 --keep DIR
+                                                   # packed vs solo over 200+ edge runs
+
+Each row is `normlab run lr-sweep --scale smoke` in its own process and folder, timed by wall
+clock with its report (as the README's main job runs):
+- before: `--set replicates=0` (main's plan before issue 18: the same run ids), default --pack:
+  the baseline;
+- after: the default replicates, default --pack: the main job now; its ratio to "before" is the
+  cost of the replicates (target <= 1.5 on the 2-core CPU, issue 18);
+- pack 1, pack 8: the default replicates with --pack 1 and --pack 8.
+
+Then, pack 1 against pack 8: whether the findings' verdicts and every curve's frontier bracket
+agree; the runs whose status differs between the two and whether each is an edge run in both
+folders (issue 18's criterion); and over the runs at edge points (0 < p < 1 in either folder)
+the paired comparison of p(diverge | pack 8) with p(diverge | pack 1): McNemar's exact test and
+a 95 % interval (normlab.studies._compare). `--replicates R` sets the replicates of the last
+three rows (more edge runs for the comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from normlab.report.terminal import format_table
+from normlab.studies import StudyResults, get_study, load_results
+from normlab.studies._compare import flipped_runs, paired_divergence, paired_runs
+from normlab.studies._lr_sweep_figures import FRONTIER_GROUPS
+from normlab.studies._trains import stable_and_trained
+
+CURVE = ["group", "norm", "depth"]
+
+
+def main_job(out: Path, settings: list[str], pack: int | None, device: str | None) -> float:
+    """Wall seconds of `normlab run lr-sweep --scale smoke` into `out` (its report included)."""
+    command = [sys.executable, "-m", "normlab.cli", "run", "lr-sweep", "--scale", "smoke",
+               "--out", str(out), *(["--pack", str(pack)] if pack else []),
+               *(["--device", device] if device else [])]
+    for setting in settings:
+        command += ["--set", setting]
+    start = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(command)} exited {done.returncode}:\n"
+                         f"{done.stderr[-2000:]}")
+    return seconds
+
+
+def brackets(out: Path) -> pd.DataFrame:
+    runs = load_results(out)
+    table = stable_and_trained(runs[runs["group"].isin(FRONTIER_GROUPS)], CURVE)
+    return table[[*CURVE, "largest_stable_lr", "smallest_always_diverged_lr", "edge_lrs"]]
+
+
+def verdicts(out: Path) -> list[tuple[str, str, str | None]]:
+    findings = get_study("lr-sweep").findings(StudyResults.load(out))
+    return [(f.experiment, f.claim, f.verdict) for f in findings]
+
+
+def same_brackets(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    both = a.merge(b, on=CURVE, suffixes=("_a", "_b"))
+    columns = ("largest_stable_lr", "smallest_always_diverged_lr")
+    return len(both) == len(a) == len(b) and all(
+        np.array_equal(both[f"{c}_a"], both[f"{c}_b"], equal_nan=True) for c in columns)
+
+
+def compare(solo: Path, packed: Path) -> None:
+    """Pack 1 (a) against pack 8 (b): verdicts, brackets, flipped runs, p(diverge)."""
+    agree_verdicts = verdicts(solo) == verdicts(packed)
+    agree_brackets = same_brackets(brackets(solo), brackets(packed))
+    pairs = paired_runs(load_results(solo), load_results(packed))
+    flipped = flipped_runs(pairs)
+    not_edge = flipped[~(flipped["edge_a"].astype(bool) & flipped["edge_b"].astype(bool))]
+    print(f"\npack 1 vs pack 8: verdicts {'agree' if agree_verdicts else 'DIFFER'}, frontier "
+          f"brackets {'agree' if agree_brackets else 'DIFFER'}; {len(flipped)} of {len(pairs)} "
+          f"runs changed status, {len(not_edge)} of them not an edge run in both folders.")
+    if len(flipped):
+        shown = flipped.assign(replicate=flipped.get("options.replicate"))
+        print(format_table(shown, [*CURVE, "lr", "seed", "replicate", "status_a", "status_b",
+                                   "p_diverge_a", "p_diverge_b"]))
+    edge = pairs[pairs["edge_a"].astype(bool) | pairs["edge_b"].astype(bool)]
+    counts = paired_divergence(edge)
+    low, high = counts.interval
+    print(f"\nover the {counts.runs} runs at edge points (0 < p < 1 in either folder): "
+          f"p(diverge | pack 1) = {counts.p_a:.3f}, p(diverge | pack 8) = {counts.p_b:.3f}, "
+          f"difference {counts.difference:+.3f} (95 % interval {low:+.3f} .. {high:+.3f}); "
+          f"diverged with pack 1 only: {counts.only_a}, with pack 8 only: {counts.only_b}; "
+          f"McNemar exact p = {counts.p_value:.3g}.")
+    per_point = pd.DataFrame([{**dict(zip([*CURVE, "lr"], key, strict=True)),
+                               **vars(paired_divergence(part))}
+                              for key, part in edge.groupby([*CURVE, "lr"])])
+    print(format_table(per_point, [*CURVE, "lr", "runs", "diverged_a", "diverged_b", "only_a",
+                                   "only_b"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every run 40 steps (--steps 40)")
+    parser.add_argument("--steps", type=int, default=None, help="--set steps=N in every row")
+    parser.add_argument("--replicates", type=int, default=None,
+                        help="--set replicates=R in the rows after the baseline")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="write the four study folders under DIR (default: a temporary one)")
+    parser.add_argument("--device", default=None, help="--device of every run")
+    args = parser.parse_args()
+    steps = 40 if args.quick and args.steps is None else args.steps
+    common = [f"steps={steps}"] if steps else []
+    after = common + ([f"replicates={args.replicates}"] if args.replicates is not None else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.keep or scratch)
+        rows = []
+        for name, settings, pack in (("before (replicates=0)", [*common, "replicates=0"], None),
+                                     ("after (default replicates)", after, None),
+                                     ("pack 1", after, 1), ("pack 8", after, 8)):
+            out = root / name.split(" (")[0].replace(" ", "")
+            seconds = main_job(out, settings, pack, args.device)
+            runs = load_results(out)
+            rows.append({"row": name, "pack": pack or "default", "wall_s": seconds,
+                         "runs": len(runs), "edge_runs": int(runs["edge"].sum())})
+            print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+        table = pd.DataFrame(rows)
+        table["x before"] = table["wall_s"] / table["wall_s"].iloc[0]
+        print(f"smoke lr-sweep{f', {steps} steps' if steps else ''}: wall time of `normlab run` "
+              f"(report included), ratio to the row before issue 18's replicates")
+        print(format_table(table, ["row", "pack", "runs", "edge_runs", "wall_s", "x before"]))
+        compare(root / "pack1", root / "pack8")
+
+
+if __name__ == "__main__":
+    main()
