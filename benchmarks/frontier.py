@@ -30,14 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from normlab.report.terminal import format_table
 from normlab.studies import StudyResults, get_study, load_results
-from normlab.studies._compare import flipped_runs, paired_divergence, paired_runs
-from normlab.studies._lr_sweep_figures import FRONTIER_GROUPS
-from normlab.studies._trains import stable_and_trained
+from normlab.studies._compare import (
+    flipped_runs,
+    paired_divergence,
+    paired_runs,
+    same_brackets,
+    verdicts,
+)
+from normlab.studies._lr_sweep_figures import divergence_table
 
 CURVE = ["group", "norm", "depth"]
 
@@ -59,28 +63,11 @@ def main_job(out: Path, settings: list[str], pack: int | None, device: str | Non
     return seconds
 
 
-def brackets(out: Path) -> pd.DataFrame:
-    runs = load_results(out)
-    table = stable_and_trained(runs[runs["group"].isin(FRONTIER_GROUPS)], CURVE)
-    return table[[*CURVE, "largest_stable_lr", "smallest_always_diverged_lr", "edge_lrs"]]
-
-
-def verdicts(out: Path) -> list[tuple[str, str, str | None]]:
-    findings = get_study("lr-sweep").findings(StudyResults.load(out))
-    return [(f.experiment, f.claim, f.verdict) for f in findings]
-
-
-def same_brackets(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    both = a.merge(b, on=CURVE, suffixes=("_a", "_b"))
-    columns = ("largest_stable_lr", "smallest_always_diverged_lr")
-    return len(both) == len(a) == len(b) and all(
-        np.array_equal(both[f"{c}_a"], both[f"{c}_b"], equal_nan=True) for c in columns)
-
-
 def compare(solo: Path, packed: Path) -> None:
     """Pack 1 (a) against pack 8 (b): verdicts, brackets, flipped runs, p(diverge)."""
-    agree_verdicts = verdicts(solo) == verdicts(packed)
-    agree_brackets = same_brackets(brackets(solo), brackets(packed))
+    study, results = get_study("lr-sweep"), [StudyResults.load(d) for d in (solo, packed)]
+    agree_verdicts = verdicts(study.findings(results[0])) == verdicts(study.findings(results[1]))
+    agree_brackets = same_brackets(*(divergence_table(r) for r in results), ["depth", "norm"])
     pairs = paired_runs(load_results(solo), load_results(packed))
     flipped = flipped_runs(pairs)
     not_edge = flipped[~(flipped["edge_a"].astype(bool) & flipped["edge_b"].astype(bool))]

@@ -443,3 +443,87 @@ def test_the_divergence_figure_draws_p_per_norm_with_its_bracket(tmp_path):
     assert data.loc[("batch", 1.0), ["bracket_low", "bracket_high"]].tolist() == [0.1, 10.0]
     assert data.loc[("none", 0.1), ["bracket_low", "bracket_high"]].tolist() == [0.1, 1.0]
     assert "replicates" in figure.caption and "bracket" in figure.caption
+
+
+# -- issue 18's criterion: the main job's findings do not depend on the pack size ----------------
+
+@pytest.mark.slow
+def test_the_smoke_lr_sweep_has_the_same_findings_alone_and_in_packs_of_8(tmp_path):
+    """`normlab run lr-sweep` at smoke scale (40 steps per run, the budget the issue measured
+    the flips at) with --pack 1 and --pack 8: the same verdicts and frontier brackets, and every
+    run whose status differs between the two is an edge run in both folders. Deterministic on
+    one CPU; `benchmarks/frontier.py` measures the same at the full budget."""
+    from normlab.executor import LocalExecutor
+    from normlab.studies._compare import flipped_runs, paired_runs, same_brackets, verdicts
+    from normlab.studies._lr_sweep_figures import divergence_table
+
+    study = get_study("lr-sweep")
+    results = [run_study(study, tmp_path / f"pack{k}", overrides={"steps": "40"}, report=False,
+                         executor=LocalExecutor(pack=k)) for k in (1, 8)]
+    assert verdicts(study.findings(results[0])) == verdicts(study.findings(results[1]))
+    assert same_brackets(*(divergence_table(r) for r in results), ["depth", "norm"])
+    pairs = paired_runs(*(load_results(tmp_path / f"pack{k}") for k in (1, 8)))
+    assert len(pairs) >= 100  # the grid and its replicates, in both folders
+    flipped = flipped_runs(pairs)
+    assert (flipped["edge_a"] & flipped["edge_b"]).all(), flipped[["norm", "lr", "depth"]]
+
+
+# -- comparing two folders of one plan ------------------------------------------------------------
+
+def test_paired_divergence_counts_and_tests_against_the_binomial_by_hand():
+    from normlab.studies._compare import (
+        PairedDivergence,
+        flipped_runs,
+        paired_divergence,
+        paired_runs,
+    )
+
+    statuses_a = ["diverged"] * 6 + ["completed"] * 12 + ["failed"]
+    statuses_b = ["diverged"] * 4 + ["completed"] * 2 + ["diverged"] * 1 + ["completed"] * 11 \
+        + ["completed"]
+    ids = [f"r{i}" for i in range(len(statuses_a))]
+    a = pd.DataFrame({"run_id": ids, "lr": 1.0, "status": statuses_a, "p_diverge": 0.3,
+                      "edge": True})
+    b = a.assign(status=statuses_b)
+    pairs = paired_runs(a, b)
+    assert len(pairs) == 18  # the failed run is left out
+    assert len(flipped_runs(pairs)) == 3
+    counts = paired_divergence(pairs)
+    assert (counts.runs, counts.diverged_a, counts.diverged_b, counts.only_a, counts.only_b) == \
+        (18, 6, 5, 2, 1)
+    assert counts.difference == pytest.approx(-1 / 18)
+    # McNemar's exact test by hand: 3 discordant runs split 2:1, two-sided under Bin(3, 1/2)
+    by_hand = min(1.0, 2 * sum(math.comb(3, k) for k in range(0, 2)) / 2**3)
+    assert counts.p_value == pytest.approx(by_hand)
+    low, high = counts.interval
+    half = 1.959963984540054 * math.sqrt((3 / 18 - (1 / 18) ** 2) / 18)
+    assert (low, high) == pytest.approx((-1 / 18 - half, -1 / 18 + half))
+    uneven = PairedDivergence(runs=20, diverged_a=10, diverged_b=4, only_a=7, only_b=1)
+    assert uneven.p_value == pytest.approx(2 * (math.comb(8, 0) + math.comb(8, 1)) / 2**8)
+
+
+def test_same_brackets_compares_every_curve_with_nan_ends():
+    from normlab.studies._compare import same_brackets
+
+    table = pd.DataFrame({"norm": ["a", "a", "b"], "lr": [1.0, 10.0, 1.0],
+                          "largest_stable_lr": [1.0, 1.0, np.nan],
+                          "smallest_always_diverged_lr": [np.nan, np.nan, 1.0]})
+    assert same_brackets(table, table.copy(), ["norm"])
+    moved = table.assign(largest_stable_lr=[1.0, 1.0, 0.1])
+    assert not same_brackets(table, moved, ["norm"])
+    assert not same_brackets(table, table[table["norm"] == "a"], ["norm"])
+
+
+def test_the_paper_study_runs_and_shares_its_members_follow_ups(tmp_path, monkeypatch):
+    from normlab.studies import paper
+
+    monkeypatch.setattr(paper, "MEMBERS", ("fake-frontier", "fake"))
+    study = get_study("paper")
+    assert set(study.settings) == {"replicates"}
+    results = run_study(study, tmp_path / "s", overrides={"replicates": "1"}, report=False)
+    shares = {member.name: share for member, share in study._shares(results)}
+    assert len(shares["fake"].runs) == 3  # fake takes no replicates: it is asked without them
+    replicated = shares["fake-frontier"].runs["options.replicate"].fillna(0)
+    assert len(replicated) == 4 + 3 and set(replicated) == {0, 1}
+    assert "fake-frontier: 1 perturbation replicate(s)" in study.follow_up_note("smoke",
+                                                                               {"replicates": 1})

@@ -11,9 +11,13 @@ difference of the two proportions. Cost: pandas over two `load_results` tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+
+from normlab.studies._findings import Finding
 
 FINISHED = ("completed", "diverged")
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
@@ -82,3 +86,20 @@ def paired_divergence(pairs: pd.DataFrame) -> PairedDivergence:
     a, b = pairs["status_a"].eq("diverged"), pairs["status_b"].eq("diverged")
     return PairedDivergence(runs=len(pairs), diverged_a=int(a.sum()), diverged_b=int(b.sum()),
                             only_a=int((a & ~b).sum()), only_b=int((b & ~a).sum()))
+
+
+def verdicts(findings: Sequence[Finding]) -> list[tuple[str, str, str | None]]:
+    """(experiment, claim, verdict) of each finding: what must agree between two folders (the
+    measured numbers beside a verdict, e.g. accuracies, differ by float reassociation)."""
+    return [(f.experiment, f.claim, f.verdict) for f in findings]
+
+
+def same_brackets(a: pd.DataFrame, b: pd.DataFrame, curve: Sequence[str]) -> bool:
+    """Whether two tables of frontier brackets (`_trains.stable_and_trained` columns, one row
+    per setting of `curve`) hold the same curves with the same brackets (NaN equal to NaN)."""
+    columns = ["largest_stable_lr", "smallest_always_diverged_lr"]
+    left = a.groupby(list(curve))[columns].first()
+    right = b.groupby(list(curve))[columns].first()
+    return left.index.equals(right.index) and all(
+        np.array_equal(left[c].to_numpy(float), right.loc[left.index, c].to_numpy(float),
+                       equal_nan=True) for c in columns)
