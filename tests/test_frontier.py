@@ -527,3 +527,14 @@ def test_the_paper_study_runs_and_shares_its_members_follow_ups(tmp_path, monkey
     assert len(replicated) == 4 + 3 and set(replicated) == {0, 1}
     assert "fake-frontier: 1 perturbation replicate(s)" in study.follow_up_note("smoke",
                                                                                {"replicates": 1})
+
+
+def test_a_bad_replicates_is_reported_with_the_other_problems(tmp_path, capsys):
+    code = main(["run", "lr-sweep", "--out", str(tmp_path / "s"), "--set", "replicates=-3",
+                 "--set", "lr=x", "--workers", "0"])
+    assert code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["normlab: error: The '--workers' setting must be an int in [1, inf); got 0.",
+                      "normlab: error: The 'replicates' setting must be an int in [0, inf); "
+                      "got -3.",
+                      "normlab: error: The 'lr' setting must be a float in (0, inf); got 'x'."]

@@ -144,7 +144,6 @@ def _run(args: argparse.Namespace) -> int:
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
     from normlab.runner import follow_ups_so_far, plan_study, run_study, study_settings
-    from normlab.spec import RunSpec
     from normlab.store import RunStore
     from normlab.studies import StudyResults, get_study
     from normlab.studies.base import check_scale, read_study_file
@@ -161,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
                                                     low_open=False),
         also=lambda: _all_or_problems(
             lambda: check_scale(args.scale),
-            lambda: RunSpec().with_overrides(parse_overrides(args.settings))),
+            lambda: _check_overrides(args, parse_overrides(args.settings))),
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
@@ -340,6 +339,21 @@ def _all_or_problems(*checks: Callable[[], Any],
     if problems:
         raise ConfigError(problems)
     return values
+
+
+def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """The problems of `overrides`: planned with the study (its own settings, e.g.
+    `replicates`, included) when it exists, as RunSpec settings when it does not."""
+    from normlab.runner import plan_study
+    from normlab.spec import RunSpec
+    from normlab.studies import get_study
+
+    try:
+        study = get_study(args.study)
+    except ConfigError:
+        RunSpec().with_overrides(overrides)
+        return
+    plan_study(study, args.scale, args.data, overrides)
 
 
 def _check_device(device: str) -> None:
