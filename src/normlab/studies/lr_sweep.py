@@ -131,8 +131,8 @@ def norm_options(norm: str, width: int) -> dict:
 @register_study
 class LrSweepStudy(Study):
     name = "lr-sweep"
-    description = ("Final accuracy and the largest stable learning rate per normalization, "
-                   "vs depth, and the paper's four E1 runs (E1, E10, R1).")
+    description = ("p(diverge) vs learning rate and the frontier bracket per normalization and "
+                   "depth, final accuracy, and the paper's four E1 runs (E1, E10, R1).")
     experiments = ("E1", "E10", "R1")
     settings: ClassVar[Mapping[str, Option]] = REPLICATES
 
