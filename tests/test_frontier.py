@@ -447,25 +447,46 @@ def test_the_divergence_figure_draws_p_per_norm_with_its_bracket(tmp_path):
 
 # -- issue 18's criterion: the main job's findings do not depend on the pack size ----------------
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_the_smoke_lr_sweep_has_the_same_findings_alone_and_in_packs_of_8(tmp_path):
+def test_the_smoke_lr_sweep_has_the_same_findings_alone_and_in_packs_of_8(tmp_path, one_thread):
     """`normlab run lr-sweep` at smoke scale (40 steps per run, the budget the issue measured
-    the flips at) with --pack 1 and --pack 8: the same verdicts and frontier brackets, and every
-    run whose status differs between the two is an edge run in both folders. Deterministic on
-    one CPU; `benchmarks/frontier.py` measures the same at the full budget."""
+    the flips at) with --pack 1 and --pack 8: the same verdicts; each curve's frontier
+    brackets meet; and every run whose status differs between the two lies within its curve's
+    bracket (ends included) in both folders, where the data cannot say which side of the
+    frontier it is on. (Not asserted: that each such run is an *edge* run, 0 < p < 1, in both:
+    with 5 runs per point an edge point shows p = 0 or 1 too often, docs/training.md.) One
+    thread, so that the numbers do not depend on the machine's core count;
+    `benchmarks/frontier.py` measures the same at the full budget."""
     from normlab.executor import LocalExecutor
-    from normlab.studies._compare import flipped_runs, paired_runs, same_brackets, verdicts
+    from normlab.studies._compare import (
+        brackets_overlap,
+        flipped_runs,
+        paired_runs,
+        verdicts,
+        within_bracket,
+    )
     from normlab.studies._lr_sweep_figures import divergence_table
 
     study = get_study("lr-sweep")
     results = [run_study(study, tmp_path / f"pack{k}", overrides={"steps": "40"}, report=False,
                          executor=LocalExecutor(pack=k)) for k in (1, 8)]
     assert verdicts(study.findings(results[0])) == verdicts(study.findings(results[1]))
-    assert same_brackets(*(divergence_table(r) for r in results), ["depth", "norm"])
+    brackets = [divergence_table(r) for r in results]
+    assert brackets_overlap(*brackets, ["depth", "norm"])
     pairs = paired_runs(*(load_results(tmp_path / f"pack{k}") for k in (1, 8)))
     assert len(pairs) >= 100  # the grid and its replicates, in both folders
     flipped = flipped_runs(pairs)
-    assert (flipped["edge_a"] & flipped["edge_b"]).all(), flipped[["norm", "lr", "depth"]]
+    for table in brackets:
+        inside = within_bracket(flipped, table, ["depth", "norm"])
+        assert inside.all(), flipped.loc[~inside, ["norm", "depth", "lr", "options.replicate"]]
 
 
 # -- comparing two folders of one plan ------------------------------------------------------------
@@ -503,7 +524,7 @@ def test_paired_divergence_counts_and_tests_against_the_binomial_by_hand():
 
 
 def test_same_brackets_compares_every_curve_with_nan_ends():
-    from normlab.studies._compare import same_brackets
+    from normlab.studies._compare import brackets_overlap, same_brackets, within_bracket
 
     table = pd.DataFrame({"norm": ["a", "a", "b"], "lr": [1.0, 10.0, 1.0],
                           "largest_stable_lr": [1.0, 1.0, np.nan],
@@ -512,6 +533,16 @@ def test_same_brackets_compares_every_curve_with_nan_ends():
     moved = table.assign(largest_stable_lr=[1.0, 1.0, 0.1])
     assert not same_brackets(table, moved, ["norm"])
     assert not same_brackets(table, table[table["norm"] == "a"], ["norm"])
+    # a: [1, open], b: [open, 1]; moved: a as before, b [0.1, 1]
+    assert brackets_overlap(table, moved, ["norm"])
+    apart = table.assign(largest_stable_lr=[3.0, 3.0, np.nan],
+                         smallest_always_diverged_lr=[10.0, 10.0, 1.0])
+    assert brackets_overlap(table, apart, ["norm"])  # a: [1, open] meets [3, 10]
+    assert not brackets_overlap(moved.assign(smallest_always_diverged_lr=[2.0, 2.0, 1.0]),
+                                apart, ["norm"])  # a: [1, 2] misses [3, 10]
+    runs = pd.DataFrame({"norm": ["a", "a", "a", "b", "c"], "lr": [0.5, 1.0, 30.0, 1.0, 1.0]})
+    assert within_bracket(runs, apart, ["norm"]).tolist() == [False, False, False, True, False]
+    assert within_bracket(runs, table, ["norm"]).tolist() == [False, True, True, True, False]
 
 
 def test_the_paper_study_runs_and_shares_its_members_follow_ups(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Two study folders of one plan, compared run by run: which runs changed status, and whether
+"""Two study folders of one plan, compared run by run: which runs changed status, whether they
+lie where the data cannot decide divergence (their curve's frontier bracket), and whether
 p(diverge) differs between the two ways they were executed (e.g. `--pack 1` and `--pack 8`).
 
 The runs are paired by run id (the same spec: the same seed, replicate and initial weights), so
@@ -103,3 +104,34 @@ def same_brackets(a: pd.DataFrame, b: pd.DataFrame, curve: Sequence[str]) -> boo
     return left.index.equals(right.index) and all(
         np.array_equal(left[c].to_numpy(float), right.loc[left.index, c].to_numpy(float),
                        equal_nan=True) for c in columns)
+
+
+def _ends(brackets: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """A bracket table's (low, high) ends with the open ones at -inf and +inf."""
+    return (brackets["largest_stable_lr"].fillna(-math.inf),
+            brackets["smallest_always_diverged_lr"].fillna(math.inf))
+
+
+def brackets_overlap(a: pd.DataFrame, b: pd.DataFrame, curve: Sequence[str]) -> bool:
+    """Whether every curve's frontier bracket in `a` meets its bracket in `b` (closed intervals,
+    a NaN end open): two folders whose frontiers could lie at the same lr."""
+    left = a.groupby(list(curve))[["largest_stable_lr", "smallest_always_diverged_lr"]].first()
+    right = b.groupby(list(curve))[["largest_stable_lr", "smallest_always_diverged_lr"]].first()
+    if not left.index.equals(right.index):
+        return False
+    (low_a, high_a), (low_b, high_b) = _ends(left), _ends(right.loc[left.index])
+    return bool((np.maximum(low_a, low_b) <= np.minimum(high_a, high_b)).all())
+
+
+def within_bracket(runs: pd.DataFrame, brackets: pd.DataFrame, curve: Sequence[str]
+                   ) -> pd.Series:
+    """Per run: does its lr lie within its curve's frontier bracket, ends included (where the
+    grid's data cannot say which side of the frontier it is on)? False for a run whose curve
+    has no bracket."""
+    ends = brackets.groupby(list(curve))[["largest_stable_lr",
+                                          "smallest_always_diverged_lr"]].first()
+    low, high = _ends(ends)
+    table = runs[[*curve, "lr"]].merge(pd.DataFrame({"low": low, "high": high}).reset_index(),
+                                       on=list(curve), how="left")
+    inside = (table["low"] <= table["lr"]) & (table["lr"] <= table["high"])
+    return pd.Series(inside.to_numpy(), index=runs.index)
