@@ -17,6 +17,7 @@ from normlab.report.figures import (
     DIVERGED,
     NONE_QUALIFIED,
     NORM_COLORS,
+    PANEL,
     FigureInfo,
     diverged_strip,
     label_axes,
@@ -72,13 +73,16 @@ def divergence_table(results: StudyResults) -> pd.DataFrame:
 
 def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     """R1, E10: p(diverge) vs lr, one line per norm and one panel per depth, each curve's
-    frontier bracket shaded (the edge band) and drawn as a bar below the panel."""
+    frontier bracket shaded (the edge band) and drawn as a bar in a strip below the panel."""
     table = require(divergence_table(results))
     depths = sorted(table["depth"].unique(), reverse=True)
-    fig, axes = new_figure(1, len(depths))
+    rows = max(table.groupby("depth")["norm"].nunique())
+    fig, axes = new_figure(2, len(depths), sharex="col",
+                           gridspec_kw={"height_ratios": [1.0, 0.1 + 0.05 * rows]})
+    fig.set_size_inches(PANEL[0] * len(depths), PANEL[1] * (1.1 + 0.05 * rows))
     lrs = table["lr"].to_numpy(dtype=float)
     left, right = lrs.min() / 2, lrs.max() * 2
-    for ax, depth in zip(axes[0], depths, strict=True):
+    for ax, strip, depth in zip(axes[0], axes[1], depths, strict=True):
         part = table[table["depth"] == depth]
         norms = norm_order(part["norm"])
         for row, norm in enumerate(norms):
@@ -93,11 +97,15 @@ def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
             low = left if np.isnan(low) else low
             high = right if np.isnan(high) else high
             ax.axvspan(low, high, color=color, alpha=0.06, lw=0)
-            _bracket_bar(ax, low, high, color, row, len(norms))
+            strip.plot([low, high], [row, row], "-|", color=color, lw=2.5, markersize=5)
         ax.set_xlim(left, right)
         ax.set_ylim(-0.04, 1.04)
-        label_axes(ax, "peak learning rate", "p(diverge) over seeds and replicates",
+        ax.tick_params(axis="x", which="both", labelbottom=False)
+        label_axes(ax, "", "p(diverge) over seeds and replicates",
                    f"Divergence vs learning rate, depth {int(depth)}", xlog=True)
+        strip.set_ylim(len(norms) - 0.4, -0.6)
+        strip.set_yticks([])
+        label_axes(strip, "peak learning rate", "bracket")
     axes[0, 0].legend(loc="center left", title="shaded: edge band")
     data = table.rename(columns={"largest_stable_lr": "bracket_low",
                                  "smallest_always_diverged_lr": "bracket_high"})
@@ -109,25 +117,10 @@ def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         "measured over their seeds and perturbation replicates (initial weights "
                         "perturbed by a relative 1e-7), the others over their seeds; 'k/n' "
                         "beside an edge point: k of its n runs diverged. Shaded, and drawn as a "
-                        "bar under each panel (one row per norm): the bracket from the largest "
-                        "lr with p = 0 to the smallest with p = 1 (to the panel's edge where "
-                        "the grid has none)." + (f" {_setup(sweep)}." if len(sweep) else ""))
-
-
-def _bracket_bar(ax, low: float, high: float, color: str | None, row: int, rows: int) -> None:
-    """One norm's bracket as a horizontal bar in a thin strip under `ax` (made on first use)."""
-    strip = getattr(ax, "_bracket_strip", None)
-    if strip is None:
-        height = 0.03 * max(rows, 2) + 0.02
-        strip = ax.inset_axes([0.0, -0.2 - height, 1.0, height], sharex=ax)
-        strip.set_ylim(rows - 0.4, -0.6)
-        strip.set_yticks([])
-        strip.tick_params(axis="x", which="both", labelbottom=False, length=0)
-        strip.set_ylabel("bracket", rotation=0, ha="right", va="center", fontsize=7)
-        for side in strip.spines.values():
-            side.set_color("#bbbbbb")
-        ax._bracket_strip = strip
-    strip.plot([low, high], [row, row], "-|", color=color, lw=2.5, markersize=5)
+                        "bar under each panel (one row per norm, in the legend's order): the "
+                        "bracket from the largest lr with p = 0 to the smallest with p = 1 (to "
+                        "the panel's edge where the grid has none)."
+                        + (f" {_setup(sweep)}." if len(sweep) else ""))
 
 
 def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
