@@ -366,7 +366,7 @@ def test_the_lr_sweep_replicates_its_sweep_and_e10_curves_only():
     assert {s.group for s in follow} == {"sweep", "E10"}
     assert {s.lr for s in follow} == {3.0, 10.0}  # one grid step either side of the frontier
     curves = {(s.group, s.norm, s.depth) for s in follow}
-    assert len(follow) == len(curves) * 2 * 4  # two points, 4 replicates (smoke), one seed
+    assert len(follow) == len(curves) * 2 * 3  # two points, 3 replicates (smoke), one seed
     assert len(study.follow_ups(planned, StudyResults(Path("."), runs), "smoke",
                                 {"replicates": 1})) == len(curves) * 2
 

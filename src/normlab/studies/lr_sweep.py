@@ -85,7 +85,7 @@ class SweepGrid(ScaleConfig):
     e1_seeds: tuple[int, ...]
     log_every: int
     norms: tuple[str, ...] = NORMS
-    replicates: int = 4
+    replicates: int = 3
 
 
 def _half_decades(low: float, high: float) -> tuple[float, ...]:
@@ -101,7 +101,7 @@ GRIDS = {
                        lrs=_half_decades(0.01, 10.0), seeds=(0,), e10_depths=(8,), e1_depth=8,
                        e1_runs=(("batch", 0.1, 5), ("batch", 0.003, 40),
                                 ("batch", 0.0001, 72), ("none", 0.0001, 72)),
-                       e1_seeds=(0,), log_every=5, replicates=4),
+                       e1_seeds=(0,), log_every=5, replicates=3),
     # CIFAR-10, ResNet-20 (E10: 56; E1: 56), shortened schedules: one GPU, hours
     "reduced": SweepGrid(depth=20, width=16, batch_size=128, epochs=30,
                          lrs=_half_decades(0.001, 3.0), seeds=(0,), e10_depths=(56,),
