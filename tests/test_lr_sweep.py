@@ -236,7 +236,7 @@ TINY = SweepGrid(depth=8, width=4, batch_size=32, epochs=1, lrs=(0.1, 1e3), seed
                  e10_depths=(14,), e1_depth=8,
                  e1_runs=(("batch", 0.1, 2), ("batch", 0.003, 2), ("batch", 0.0001, 2),
                           ("none", 0.0001, 2)),
-                 e1_seeds=(0,), log_every=2, norms=("none", "batch"))
+                 e1_seeds=(0,), log_every=2, norms=("none", "batch"), replicates=1)
 
 
 @pytest.mark.slow
@@ -245,12 +245,17 @@ def test_a_tiny_sweep_runs_end_to_end_and_draws_its_figures(tmp_path: Path):
     overrides = {"steps": 4, "data": "synthetic", "data_options": {"n_train": 64, "n_test": 32}}
     results = run_study(study, tmp_path, scale="smoke", overrides=overrides, report=False)
     runs = results.runs
-    assert len(runs) == 4 + 4 + 4
+    # the grid, then one replicate of both points of each of the four curves (sweep and E10,
+    # none and batch): each curve steps from p = 0 to p = 1 between its two lrs
+    assert len(runs) == 4 + 4 + 4 + 4 * 2
     assert set(runs.loc[runs["lr"] == 1e3, "status"]) == {"diverged"}  # and the study went on
     assert set(runs.loc[runs["lr"] < 1, "status"]) == {"completed"}
+    replicated = runs.groupby("lr")["options.replicate"].count()
+    assert replicated[replicated > 0].to_dict() == {0.1: 4, 1e3: 4}
     figures = study.figures(results, tmp_path / "figures")
-    assert {f.name for f in figures} == {"accuracy_vs_lr", "largest_stable_lr",
-                                         "stable_lr_vs_depth", "e1_accuracy"}
+    assert {f.name for f in figures} == {"divergence_vs_lr", "accuracy_vs_lr",
+                                         "largest_stable_lr", "stable_lr_vs_depth",
+                                         "e1_accuracy"}
     assert {f.experiment for f in figures} == {"R1", "E10", "E1"}
     for figure in figures:
         assert {p.suffix for p in figure.files.values()} == {".png", ".pdf", ".csv"}
