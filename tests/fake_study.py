@@ -5,6 +5,8 @@ The "fake" task logs `steps` metric rows (a loss that depends on lr and seed) an
 
     sleep          seconds to sleep per step (so a test can kill a run mid-way)
     diverge_lr     the run diverges at step 2 when lr > diverge_lr
+    edge_lr        ... and also at lr == edge_lr when seed + replicate is odd (an edge point)
+    replicate      the perturbation replicate (as the train task's option)
     crash          raise RuntimeError(crash) at step 1
     crash_unless   crash unless this file exists (a failure that a re-run can get past)
     counter        append the run id to this file when the run completes (counts executions)
@@ -29,8 +31,8 @@ from normlab.tasks import RunContext, register_task, register_task_check
 
 LRS = (0.01, 0.1, 1.0)
 STEPS = 5
-OPTIONS = {"steps": STEPS, "sleep": 0.0, "diverge_lr": None, "crash": None, "crash_unless": None,
-           "counter": None}
+OPTIONS = {"steps": STEPS, "sleep": 0.0, "diverge_lr": None, "edge_lr": None, "replicate": 0,
+           "crash": None, "crash_unless": None, "counter": None}
 
 
 @register_task_check("fake")
@@ -52,7 +54,9 @@ def fake_task(spec: RunSpec, context: RunContext) -> RunResult:
         if "crash_unless" in options and not Path(options["crash_unless"]).exists():
             raise RuntimeError(f"{options['crash_unless']} does not exist")
         loss = spec.lr * step + 0.001 * spec.seed
-        if "diverge_lr" in options and spec.lr > options["diverge_lr"] and step == 2:
+        odd = (spec.seed + options.get("replicate", 0)) % 2
+        above = "diverge_lr" in options and spec.lr > options["diverge_lr"]
+        if (above or (spec.lr == options.get("edge_lr") and odd)) and step == 2:
             context.log_metrics({"step": step, "train_loss": 1e4})
             return RunResult(status="diverged", steps=step, diverged_step=step,
                              diverged_loss=1e4, provenance=provenance(spec.run_id, "cpu", 0))

@@ -90,21 +90,37 @@ E1_MATCHED = "At a matched small learning rate (1e-4) BN gives no advantage"
 def test_r1_agrees_when_bn_is_stable_at_larger_rates(tmp_path):
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (0.1, 0.7)})), tmp_path)
     assert found[R1].verdict == AGREES
-    assert "BN: 1, no norm: 0.1;" in found[R1].ours
+    assert "frontier bracket: BN [1, 10], no norm [0.1, 1];" in found[R1].ours
+
+
+def test_r1_differs_when_no_norms_bracket_lies_above_bns(tmp_path):
+    found = _findings(_runs(_sweep({"batch": (0.1, 0.9), "none": (1.0, 0.7)})), tmp_path)
+    assert found[R1].verdict == DIFFERS and "depth 8" in found[R1].reason
 
 
 def test_r1_uses_the_divergence_criterion_not_accuracy(tmp_path):
-    # no norm never reaches the "trains" accuracy, but it is stable exactly as far as BN:
-    # by the paper's criterion the gap it reports is not there
+    # no norm never reaches the "trains" accuracy, but its frontier lies in the same grid step
+    # as BN's: by the paper's criterion the grid cannot tell them apart
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (1.0, 0.1)})), tmp_path)
-    assert found[R1].verdict == DIFFERS and "depth 8" in found[R1].reason
+    assert found[R1].verdict == NOT_TESTABLE and "depth 8" in found[R1].reason
+    assert "brackets overlap (BN [1, 10], no norm [1, 10])" in found[R1].reason
     assert "largest that trains: BN: 1, no norm: no lr of the grid" in found[R1].ours
+
+
+def test_r1_is_not_testable_when_an_edge_band_makes_the_brackets_overlap(tmp_path):
+    runs = _runs(_sweep({"batch": (1.0, 0.9), "none": (0.1, 0.7)}))
+    # a replicate of BN at 1.0 diverged: BN's bracket widens to [0.1, 10] and meets no norm's
+    runs.loc[len(runs)] = ["replica", "sweep", "batch", 8, 1.0, 0, "diverged", np.nan,
+                           "digits", 8, 64, "xavier_normal"]
+    found = _findings(runs, tmp_path)
+    assert found[R1].verdict == NOT_TESTABLE
+    assert "BN [0.1, 10], no norm [0.1, 1]" in found[R1].reason
 
 
 def test_r1_is_not_testable_when_both_are_stable_at_the_grids_end(tmp_path):
     found = _findings(_runs(_sweep({"batch": (10.0, 0.9), "none": (10.0, 0.1)})), tmp_path)
     assert found[R1].verdict == NOT_TESTABLE and "(10)" in found[R1].reason
-    assert "BN: >= 10, no norm: >= 10" in found[R1].ours
+    assert "BN [10, > 10], no norm [10, > 10]" in found[R1].ours
 
 
 def test_e1_agrees_and_differs_on_fitted_runs(tmp_path):
@@ -127,21 +143,36 @@ def test_e1_is_not_testable_when_the_budget_does_not_fit_the_training_set(tmp_pa
             found[claim].reason
 
 
-def test_e10_reads_censored_limits_as_lower_bounds(tmp_path):
+def test_e10_reads_the_brackets_with_censored_ends(tmp_path):
     rows = _sweep({"none": (10.0, 0.5)}) + _sweep({"none": (0.1, 0.5)}, depth=20, group="E10")
     found = _findings(_runs(rows), tmp_path)
     assert found[E10].verdict == AGREES
-    assert "depth 8: >= 10, depth 20: 0.1" in found[E10].ours
+    assert "depth 8: [10, > 10], depth 20: [0.1, 1]" in found[E10].ours
+    # the deep network is stable at 10, where the shallow one always diverged
     rows = _sweep({"none": (1.0, 0.5)}) + _sweep({"none": (10.0, 0.5)}, depth=20, group="E10")
-    found = _findings(_runs(rows), tmp_path)
-    assert found[E10].verdict == NOT_TESTABLE and "deepest" in found[E10].reason
+    assert _findings(_runs(rows), tmp_path)[E10].verdict == DIFFERS
     rows = _sweep({"none": (0.1, 0.5)}) + _sweep({"none": (1.0, 0.5)}, depth=20, group="E10")
     assert _findings(_runs(rows), tmp_path)[E10].verdict == DIFFERS
-    # the shallow limit lies at or above 1, the deep one is 1: the comparison is open
+    # the shallow frontier lies above 1 (never reached), the deep one in (1, 10]: open
     rows = _sweep({"none": (1.0, 0.5)}, lrs=(0.1, 1.0)) + _sweep({"none": (1.0, 0.5)}, depth=20,
                                                                   group="E10")
     found = _findings(_runs(rows), tmp_path)[E10]
-    assert found.verdict == NOT_TESTABLE and "shallowest" in found.reason
+    assert found.verdict == NOT_TESTABLE
+    assert "brackets overlap (depth 8 [1, > 1], depth 20 [1, 10])" in found.reason
+
+
+def test_e1_is_not_testable_when_an_e1_lr_is_not_below_its_bracket(tmp_path):
+    # at the E1 depth BN always diverged at 0.1 in the sweep: E1's BN at 0.1 is chance or worse
+    rows = _sweep({"batch": (0.01, 0.9), "none": (0.01, 0.5)}, lrs=(0.01, 0.1, 1.0))
+    runs = pd.concat([_runs(rows), _e1()], ignore_index=True)
+    found = _findings(runs, tmp_path)
+    for claim in (E1_ORDER, E1_MATCHED):
+        assert found[claim].verdict == NOT_TESTABLE
+        assert "BN at 0.1 is not below its frontier bracket [0.01, 0.1] at depth 8" in \
+            found[claim].reason
+    rows = _sweep({"batch": (1.0, 0.9), "none": (0.01, 0.5)}, lrs=(0.01, 0.1, 1.0))
+    found = _findings(pd.concat([_runs(rows), _e1()], ignore_index=True), tmp_path)
+    assert found[E1_ORDER].verdict == AGREES
 
 
 def test_the_e10_figure_data_marks_censored_limits(tmp_path):
@@ -164,6 +195,8 @@ def test_an_lr_is_stable_only_if_every_seed_was():
                   ("d", "sweep", "batch", 8, 1.0, 1, "diverged", np.nan)])
     table = stable_and_trained(runs, ["norm"]).set_index("norm")
     assert table.loc["batch", "largest_stable_lr"] == 0.1  # one seed diverged at 1.0
+    assert np.isnan(table.loc["batch", "smallest_always_diverged_lr"])  # p(1.0) = 0.5
+    assert table.loc["batch", "edge_lrs"] == 1
     assert np.isnan(table.loc["batch", "largest_trained_lr"])  # seed 1 at 0.1: 15 %
 
 
@@ -203,7 +236,7 @@ TINY = SweepGrid(depth=8, width=4, batch_size=32, epochs=1, lrs=(0.1, 1e3), seed
                  e10_depths=(14,), e1_depth=8,
                  e1_runs=(("batch", 0.1, 2), ("batch", 0.003, 2), ("batch", 0.0001, 2),
                           ("none", 0.0001, 2)),
-                 e1_seeds=(0,), log_every=2, norms=("none", "batch"))
+                 e1_seeds=(0,), log_every=2, norms=("none", "batch"), replicates=1)
 
 
 @pytest.mark.slow
@@ -212,12 +245,17 @@ def test_a_tiny_sweep_runs_end_to_end_and_draws_its_figures(tmp_path: Path):
     overrides = {"steps": 4, "data": "synthetic", "data_options": {"n_train": 64, "n_test": 32}}
     results = run_study(study, tmp_path, scale="smoke", overrides=overrides, report=False)
     runs = results.runs
-    assert len(runs) == 4 + 4 + 4
+    # the grid, then one replicate of both points of each of the four curves (sweep and E10,
+    # none and batch): each curve steps from p = 0 to p = 1 between its two lrs
+    assert len(runs) == 4 + 4 + 4 + 4 * 2
     assert set(runs.loc[runs["lr"] == 1e3, "status"]) == {"diverged"}  # and the study went on
     assert set(runs.loc[runs["lr"] < 1, "status"]) == {"completed"}
+    replicated = runs.groupby("lr")["options.replicate"].count()
+    assert replicated[replicated > 0].to_dict() == {0.1: 4, 1e3: 4}
     figures = study.figures(results, tmp_path / "figures")
-    assert {f.name for f in figures} == {"accuracy_vs_lr", "largest_stable_lr",
-                                         "stable_lr_vs_depth", "e1_accuracy"}
+    assert {f.name for f in figures} == {"divergence_vs_lr", "accuracy_vs_lr",
+                                         "largest_stable_lr", "stable_lr_vs_depth",
+                                         "e1_accuracy"}
     assert {f.experiment for f in figures} == {"R1", "E10", "E1"}
     for figure in figures:
         assert {p.suffix for p in figure.files.values()} == {".png", ".pdf", ".csv"}

@@ -143,11 +143,10 @@ def _run(args: argparse.Namespace) -> int:
     from normlab.preflight import duplicate_note, plan_problems
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
-    from normlab.runner import plan_study, run_study
-    from normlab.spec import RunSpec
+    from normlab.runner import follow_ups_so_far, plan_study, run_study, study_settings
     from normlab.store import RunStore
-    from normlab.studies import get_study
-    from normlab.studies.base import check_scale
+    from normlab.studies import StudyResults, get_study
+    from normlab.studies.base import check_scale, read_study_file
     from normlab.throughput import default_parallelism, plan_estimate
     from normlab.verify import damaged_runs, verify_store
 
@@ -161,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
                                                     low_open=False),
         also=lambda: _all_or_problems(
             lambda: check_scale(args.scale),
-            lambda: RunSpec().with_overrides(parse_overrides(args.settings))),
+            lambda: _check_overrides(args, parse_overrides(args.settings))),
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
@@ -176,8 +175,14 @@ def _run(args: argparse.Namespace) -> int:
         if note:
             print(f"note: {note}")
         damaged = set(damaged_runs(verify_store(out_dir)))
-        print(plan_summary(plan_table(list(dict.fromkeys(specs)), RunStore(out_dir), damaged)))
-        print(plan_estimate(list(dict.fromkeys(specs)), pack, fixed=args.pack is not None))
+        planned = list(dict.fromkeys(specs)) if damaged else follow_ups_so_far(
+            study, specs, StudyResults.load(out_dir), args.scale, overrides)
+        print(plan_summary(plan_table(planned, RunStore(out_dir), damaged)))
+        print(plan_estimate(planned, pack, fixed=args.pack is not None))
+        follow_ups = study.follow_up_note(args.scale, study_settings(study, overrides)[0])
+        if follow_ups:
+            print(f"follow-up rounds: {follow_ups}; the table and the estimate hold the runs "
+                  "the results so far decide.")
         return 0
     if args.device is not None:
         os.environ["NORMLAB_DEVICE"] = args.device
@@ -185,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         args, LocalExecutor(workers, _pool_devices(workers, args.device), pack=pack))
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
                         progress=TerminalProgress(sys.stderr), preflight=False)
-    print(summary_table(in_plan_order(results.runs, [s.run_id for s in specs])))
+    print(summary_table(in_plan_order(results.runs, read_study_file(out_dir)["run_ids"])))
     print(f"\nreport: {out_dir / 'report.html'}")
     failed = int((results.runs["status"] == "failed").sum()) if "status" in results.runs else 0
     if failed:
@@ -334,6 +339,21 @@ def _all_or_problems(*checks: Callable[[], Any],
     if problems:
         raise ConfigError(problems)
     return values
+
+
+def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """The problems of `overrides`: planned with the study (its own settings, e.g.
+    `replicates`, included) when it exists, as RunSpec settings when it does not."""
+    from normlab.runner import plan_study
+    from normlab.spec import RunSpec
+    from normlab.studies import get_study
+
+    try:
+        study = get_study(args.study)
+    except ConfigError:
+        RunSpec().with_overrides(overrides)
+        return
+    plan_study(study, args.scale, args.data, overrides)
 
 
 def _check_device(device: str) -> None:

@@ -17,7 +17,7 @@ from normlab.report.columns import in_plan_order
 from normlab.report.terminal import status_counts
 from normlab.result import provenance
 from normlab.store import RunStore, read_result
-from normlab.studies._trains import TRAINS_DEFINITION
+from normlab.studies._trains import FRONTIER_DEFINITION, TRAINS_DEFINITION
 from normlab.studies.base import Finding, Study, StudyResults, get_study, read_study_file
 
 T = TypeVar("T")
@@ -46,7 +46,8 @@ def build_report(out_dir: str | Path) -> Path:
             "measurement at this scale with what the paper reported; 'not testable at this "
             "scale' says why this scale's budget, data or grid cannot decide the claim. "
             f"Divergence: a mini-batch loss non-finite or above diverge_loss (1e3, the paper's "
-            f"criterion); {TRAINS_DEFINITION}."))
+            f"criterion); {TRAINS_DEFINITION}; {FRONTIER_DEFINITION}, and a verdict that "
+            f"compares two overlapping brackets is not testable at this scale."))
     sections.append(html.section("runs", "Runs", [html.run_table(results.runs)]))
     sections.append(html.section("environment", "Environment", [
         html.environment_table(run_provenances(out_dir, list(results.runs.get("run_id", []))),

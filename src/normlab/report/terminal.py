@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import numpy as np
 import pandas as pd
 
 from normlab.report.columns import varying_settings
@@ -59,12 +60,37 @@ def status_counts(statuses: pd.Series) -> str:
 
 
 def summary_table(runs: pd.DataFrame) -> str:
-    """`normlab show`: run id, the settings that vary, status, steps, test accuracy, divergence."""
+    """`normlab show`: run id, the settings that vary, status, steps, test accuracy, divergence,
+    and for runs at an edge point (0 < p(diverge) < 1) an "edge" mark with the point's p; then
+    the status counts, and a note when the runs were trained in packs of different sizes."""
     if runs.empty:
         return "No runs."
     columns = ["run_id", *varying_settings(runs), "status", "steps_done", "test_acc",
                "diverged_step"]
-    return format_table(runs, columns) + "\n\n" + status_counts(runs["status"])
+    lines = []
+    edge = runs["edge"].fillna(False).astype(bool) if "edge" in runs else None
+    if edge is not None and edge.any():
+        runs = runs.assign(edge=np.where(edge, "edge", ""))
+        columns += ["edge", "p_diverge"]
+        lines.append(f"edge: {int(edge.sum())} run(s) at points whose runs (seeds and "
+                     f"perturbation replicates) both diverged and did not, 0 < p_diverge < 1: "
+                     f"their own outcome is chance.")
+    note = pack_size_note(runs)
+    lines += [note] if note else []
+    return "\n".join([format_table(runs, columns), "", status_counts(runs["status"]), *lines])
+
+
+def pack_size_note(runs: pd.DataFrame) -> str | None:
+    """E.g. "note: these runs were trained in packs of different sizes (1: 4 runs, 7: 56 runs);
+    ...", or None when every finished run had the same pack size (`load_results`' pack_size)."""
+    sizes = runs["pack_size"].dropna() if "pack_size" in runs else pd.Series(dtype=float)
+    counts = sizes.astype(int).value_counts().sort_index()
+    if len(counts) < 2:
+        return None
+    return ("note: these runs were trained in packs of different sizes ("
+            + ", ".join(f"{k}: {n} run{'s' if n > 1 else ''}" for k, n in counts.items())
+            + "); near a divergence frontier that can flip a run's outcome "
+            "(docs/training.md, 'Divergence').")
 
 
 def plan_summary(plan: pd.DataFrame) -> str:
@@ -114,6 +140,7 @@ class TerminalProgress(ProgressReporter):
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = interval_s
         self.labels: dict[str, str] = {}
+        self.study = ""
         self.total = self.skipped = self.done = 0
         self._fraction = 0.0
         self._start = time.monotonic()
@@ -132,6 +159,7 @@ class TerminalProgress(ProgressReporter):
 
     def study_start(self, study: str, planned: Sequence[RunSpec],
                     todo: Sequence[RunSpec]) -> None:
+        self.study = study
         self.labels = run_labels(planned)
         self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
         self._start = time.monotonic()
@@ -139,6 +167,18 @@ class TerminalProgress(ProgressReporter):
                    f"{len(todo)} to run")
         if self.tty and todo:
             self._live = _LiveBars(self.stream, study, len(todo))
+
+    def more_runs(self, planned: Sequence[RunSpec], todo: Sequence[RunSpec],
+                  reason: str) -> None:
+        """A further round: its runs are counted, and the time left estimated, from now on."""
+        self.labels = run_labels(planned)
+        self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
+        self._start = time.monotonic()
+        self._line(f"{self.study}: {reason}; {len(todo)} to run")
+        if self._live is not None:
+            self._live.restart(len(todo))
+        elif self.tty and todo:
+            self._live = _LiveBars(self.stream, self.study, len(todo))
 
     def run_progress(self, run_id: str, fraction: float, message: str) -> None:
         self._fraction = min(max(fraction, 0.0), 1.0)
@@ -201,6 +241,10 @@ class _LiveBars:
         self.run = self.progress.add_task("", total=1.0, message="")
         self.label = ""
         self.progress.start()
+
+    def restart(self, todo: int) -> None:
+        """The study bar anew, for a further round of `todo` runs."""
+        self.progress.reset(self.study, total=todo)
 
     def update(self, label: str, message: str, fraction: float, runs_done: float) -> None:
         if label != self.label:  # a new run: its own clock

@@ -1,4 +1,5 @@
-"""The lr-sweep study's figures: accuracy vs lr, largest stable lr (per norm, vs depth), E1.
+"""The lr-sweep study's figures: p(diverge) vs lr with the frontier brackets, accuracy vs lr,
+largest stable lr (per norm, vs depth), E1.
 
 Each function returns a FigureInfo, or None when its runs are not in the results (e.g. a study
 folder planned with a grid that has no E10 depths).
@@ -16,6 +17,7 @@ from normlab.report.figures import (
     DIVERGED,
     NONE_QUALIFIED,
     NORM_COLORS,
+    PANEL,
     FigureInfo,
     diverged_strip,
     label_axes,
@@ -29,9 +31,16 @@ from normlab.report.figures import (
     save_figure,
     saved_figure,
 )
-from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
+from normlab.studies._trains import (
+    FRONTIER_DEFINITION,
+    TRAINS_DEFINITION,
+    TRAINS_MIN_TEST_ACC,
+    point_table,
+    stable_and_trained,
+)
 from normlab.studies.base import StudyResults
 
+FRONTIER_GROUPS = ("sweep", "E10")  # the groups whose lr grids have a divergence frontier
 # E1: (norm, lr) -> the paper's reported final test accuracy (%)
 PAPER_E1 = {("batch", 0.1): 93.0, ("batch", 0.003): 90.5, ("batch", 0.0001): 81.0,
             ("none", 0.0001): 82.0}
@@ -49,6 +58,69 @@ def _setup(runs: pd.DataFrame) -> str:
     first = runs.iloc[0]
     return (f"{first['data']}, ResNet-{int(first['depth'])} of width {int(first['width'])}, "
             f"batch {int(first['batch_size'])}, {first['init']} init")
+
+
+def divergence_table(results: StudyResults) -> pd.DataFrame:
+    """p(diverge) per (depth, norm, lr) of the sweep and E10, with each curve's bracket."""
+    runs = _group(results, *FRONTIER_GROUPS)
+    if runs.empty:
+        return pd.DataFrame()
+    points = point_table(runs, ["depth", "norm"])
+    brackets = stable_and_trained(runs, ["depth", "norm"])
+    return points.merge(brackets[["depth", "norm", "largest_stable_lr",
+                                  "smallest_always_diverged_lr"]], on=["depth", "norm"])
+
+
+def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+    """R1, E10: p(diverge) vs lr, one line per norm and one panel per depth, each curve's
+    frontier bracket shaded (the edge band) and drawn as a bar in a strip below the panel."""
+    table = require(divergence_table(results))
+    depths = sorted(table["depth"].unique(), reverse=True)
+    rows = max(table.groupby("depth")["norm"].nunique())
+    fig, axes = new_figure(2, len(depths), sharex="col",
+                           gridspec_kw={"height_ratios": [1.0, 0.1 + 0.05 * rows]})
+    fig.set_size_inches(PANEL[0] * len(depths), PANEL[1] * (1.1 + 0.05 * rows))
+    lrs = table["lr"].to_numpy(dtype=float)
+    left, right = lrs.min() / 2, lrs.max() * 2
+    for ax, strip, depth in zip(axes[0], axes[1], depths, strict=True):
+        part = table[table["depth"] == depth]
+        norms = norm_order(part["norm"])
+        for row, norm in enumerate(norms):
+            curve = part[part["norm"] == norm].sort_values("lr")
+            color = NORM_COLORS.get(norm)
+            ax.plot(curve["lr"], curve["p_diverge"], "o-", color=color, label=norm)
+            for _, point in curve[(curve["p_diverge"] > 0) & (curve["p_diverge"] < 1)].iterrows():
+                ax.annotate(f"{int(point['diverged'])}/{int(point['runs'])}",
+                            (point["lr"], point["p_diverge"]), xytext=(3, 3),
+                            textcoords="offset points", fontsize=6, color=color)
+            low, high = curve[["largest_stable_lr", "smallest_always_diverged_lr"]].iloc[0]
+            low = left if np.isnan(low) else low
+            high = right if np.isnan(high) else high
+            ax.axvspan(low, high, color=color, alpha=0.06, lw=0)
+            strip.plot([low, high], [row, row], "-|", color=color, lw=2.5, markersize=5)
+        ax.set_xlim(left, right)
+        ax.set_ylim(-0.04, 1.04)
+        ax.tick_params(axis="x", which="both", labelbottom=False)
+        label_axes(ax, "", "p(diverge) over seeds and replicates",
+                   f"Divergence vs learning rate, depth {int(depth)}", xlog=True)
+        strip.set_ylim(len(norms) - 0.4, -0.6)
+        strip.set_yticks([])
+        label_axes(strip, "peak learning rate", "bracket")
+    axes[0, 0].legend(loc="center left", title="shaded: edge band")
+    data = table.rename(columns={"largest_stable_lr": "bracket_low",
+                                 "smallest_always_diverged_lr": "bracket_high"})
+    sweep = _group(results, "sweep")
+    return saved_figure(fig, fig_dir, data, "R1", "divergence_vs_lr",
+                        "Probability of divergence vs learning rate per norm and depth",
+                        f"{FRONTIER_DEFINITION}. A run diverges when a mini-batch loss (train "
+                        "mode) is non-finite or above diverge_loss. Points near a frontier are "
+                        "measured over their seeds and perturbation replicates (initial weights "
+                        "perturbed by a relative 1e-7), the others over their seeds; 'k/n' "
+                        "beside an edge point: k of its n runs diverged. Shaded, and drawn as a "
+                        "bar under each panel (one row per norm, in the legend's order): the "
+                        "bracket from the largest lr with p = 0 to the smallest with p = 1 (to "
+                        "the panel's edge where the grid has none)."
+                        + (f" {_setup(sweep)}." if len(sweep) else ""))
 
 
 def accuracy_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
@@ -126,9 +198,10 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                              for _, _, label, hatch, alpha in criteria])
     return saved_figure(fig, fig_dir, table, "R1", "largest_stable_lr",
                         "Largest stable learning rate per norm",
-                        "The largest learning rate of the grid at which every seed was stable. "
-                        "Hatched: no divergence (every mini-batch loss finite and <= "
-                        f"diverge_loss, the paper's criterion); solid: the run also trains "
+                        "The largest learning rate of the grid with p(diverge) = 0 there and at "
+                        "every smaller lr (over seeds and perturbation replicates: the frontier "
+                        "bracket's low end). Hatched: no divergence (every mini-batch loss finite "
+                        f"and <= diverge_loss, the paper's criterion); solid: the run also trains "
                         f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried, so the "
                         f"limit lies at or above the grid's end; a triangle: no lr of the grid "
                         f"qualified. {_setup(sweep)}.")
@@ -152,9 +225,10 @@ def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | Non
     marker_legend(ax, used)
     return saved_figure(fig, fig_dir, table, "E10", "stable_lr_vs_depth",
                         "Largest stable learning rate vs depth",
-                        "The largest learning rate of the grid at which every seed was stable, "
-                        "for ResNets of several depths without normalization and with BN. Dashed: "
-                        "no divergence (the paper's criterion); solid: also trains "
+                        "The largest learning rate of the grid with p(diverge) = 0 there and at "
+                        "every smaller lr (over seeds and perturbation replicates), for ResNets "
+                        "of several depths without normalization and with BN. Dashed: no "
+                        "divergence (the paper's criterion); solid: also trains "
                         f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
                         "lies at or above the grid's end); a triangle on the bottom edge: no lr "
                         "of the grid was stable (open) or trained (filled).")

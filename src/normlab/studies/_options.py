@@ -44,9 +44,10 @@ class Option:
     def default_for(self, spec: RunSpec) -> Any:
         return self.default(spec) if callable(self.default) else self.default
 
-    def problem(self, key: str, value: Any) -> str | None:
-        """The problem sentence for `value` of `options.key`, or None when it is valid."""
-        setting = f"options.{key}"
+    def problem(self, key: str, value: Any, prefix: str = "options.") -> str | None:
+        """The problem sentence for `value` of the setting `prefix + key` (a task's
+        `options.key` by default), or None when it is valid."""
+        setting = f"{prefix}{key}"
         if value is None and self.optional:
             return None
         if self.kind in ("int", "float"):

@@ -4,12 +4,18 @@ A study subclasses `Study`, declares `name`, `description` and the experiment id
 (E1-E10, R1-R9), its scales (a `ScaleConfig` dataclass per scale, by keyword), and implements
 `specs(scale, data)` (the grid), `figures(results, fig_dir)` and `findings(results)`.
 `@register_study` makes it available to `normlab run NAME`.
+
+A study may also declare `settings` of its own (given with `--set KEY=VALUE` beside the RunSpec
+settings, e.g. "replicates") and `follow_ups`: runs it adds once it has seen results, e.g.
+perturbation replicates of the points near a divergence frontier; `run_study` runs such rounds
+until no new run appears.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,13 +36,18 @@ from normlab.studies._findings import (  # noqa: F401 (re-exported)
     Finding,
     verdict,
 )
+from normlab.studies._options import Option
 from normlab.studies._scales import SCALES, check_scale, default_data  # noqa: F401 (re-exported)
+from normlab.studies._trains import is_edge, p_diverge
 
 
 class Study(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     experiments: ClassVar[tuple[str, ...]] = ()
+    # Study settings `--set KEY=VALUE` may give besides the RunSpec settings, checked like task
+    # options (a default of None: the scale's own value, see `follow_ups`).
+    settings: ClassVar[Mapping[str, Option]] = {}
 
     @abstractmethod
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
@@ -49,6 +60,17 @@ class Study(ABC):
     def findings(self, results: StudyResults) -> list[Finding]:
         """Measured answers to the paper's claims, for the summary table (none by default)."""
         return []
+
+    def follow_ups(self, planned: Sequence[RunSpec], results: StudyResults, scale: str,
+                   settings: Mapping[str, Any]) -> list[RunSpec]:
+        """Runs to add now that the `planned` runs' `results` are in (finished ones only): the
+        next adaptive round. `settings` holds the study settings the user gave (parsed and
+        checked); the plan's overrides are already in `planned`. None by default."""
+        return []
+
+    def follow_up_note(self, scale: str, settings: Mapping[str, Any]) -> str:
+        """One sentence on what `follow_ups` adds, for `--dry-run` ("" when nothing)."""
+        return ""
 
 
 _STUDIES: Registry[type[Study]] = Registry("study")
@@ -89,31 +111,49 @@ def _spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# The settings that tell the runs of one point apart: p(diverge) is measured over them.
+_REPLICATED_BY = ("seed", "options.replicate")
+
+
 def load_results(out_dir: str | Path) -> pd.DataFrame:
     """One row per run: run_id, every spec setting (`steps` is the budget), status, steps_done
-    (the optimizer steps the run made), divergence and final metrics.
+    (the optimizer steps the run made), divergence, the pack size it was trained in
+    (`pack_size`: 1 alone; None for a failed run), final metrics, and its point's
+    `p_diverge` and `edge`.
 
-    Runs without a result.json have status "unfinished". A corrupt spec or result file raises
-    CorruptRecordError naming the file.
+    A point is every setting but `seed` and `options.replicate` (the perturbation replicate);
+    `p_diverge` is the fraction of its finished runs that diverged (NaN: none finished) and
+    `edge` says 0 < p_diverge < 1 (studies._trains). Runs without a result.json have status
+    "unfinished". A corrupt spec or result file raises CorruptRecordError naming the file.
     """
-    rows = []
+    rows, settings = [], {}
     for run_dir in RunStore(out_dir).run_dirs():
         spec_path = run_dir / "spec.json"
         if not spec_path.exists():
             continue
-        row = {"run_id": run_dir.name, **_spec_columns(read_json(spec_path))}
+        spec = _spec_columns(read_json(spec_path))
+        settings.update(dict.fromkeys(spec))
+        row = {"run_id": run_dir.name, **spec}
         result_path = run_dir / "result.json"
         if result_path.exists():
             result = read_result(result_path)
             row.update(status=result.status, steps_done=result.steps,
                        diverged_step=result.diverged_step, diverged_loss=result.diverged_loss,
                        wall_time_s=result.wall_time_s, error=result.error,
-                       device=result.provenance.get("device", row.get("device")))
+                       device=result.provenance.get("device", row.get("device")),
+                       pack_size=result.provenance.get("pack_size", 1)
+                       if result.provenance else None)
             row.update(result.final)
         else:
             row["status"] = "unfinished"
         rows.append(row)
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        return runs
+    point = [c for c in settings if c not in _REPLICATED_BY]
+    runs["p_diverge"] = runs.groupby(point, dropna=False)["status"].transform(p_diverge)
+    runs["edge"] = is_edge(runs["p_diverge"])
+    return runs
 
 
 @dataclass

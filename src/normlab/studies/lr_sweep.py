@@ -15,33 +15,52 @@ momentum 0.9 and weight decay 5e-4, lr divided by 10 at 50 % and 75 % of trainin
 augmentation. GroupNorm uses width/4 groups; BatchRenorm relaxes rmax, dmax from BatchNorm's
 (1, 0) to (3, 5) between 5 % and 50 % of training.
 
-"Stable" and "trains" as every study defines them (`studies._trains`; an lr counts only if
-every seed was): no divergence (mini-batch loss finite and <= 1e3, the paper's criterion), and
-for "trains" also a final test accuracy >= 20 %. Figures report both, since unnormalized
-networks often collapse to chance accuracy without diverging; the verdicts on the paper's
-claims (R1, E10) use the paper's divergence criterion.
+"Stable" and "trains" as every study defines them (`studies._trains`): no divergence
+(mini-batch loss finite and <= 1e3, the paper's criterion) in any run of the point, and for
+"trains" also a final test accuracy >= 20 %. Figures report both, since unnormalized networks
+often collapse to chance accuracy without diverging.
+
+Divergence near the limit is a random event (a 1e-7 change of the initial weights can flip it),
+so the study measures p(diverge) per (norm, depth, lr) and reports each curve's frontier as a
+bracket [largest lr with p = 0, smallest lr with p = 1]. After the grid's first round, every
+point within one grid step of a frontier gets `replicates` perturbation replicates per seed
+(`studies._frontier`; `--set replicates=R`, default per scale), in rounds until the frontiers
+settle. The verdicts on the paper's claims (R1, E10, and E1's runs) read the brackets, and say
+"not testable at this scale" where two brackets overlap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from normlab.report.figures import FigureInfo, draw_figures
 from normlab.spec import RunSpec
 from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
+from normlab.studies._frontier import (
+    REPLICATES,
+    follow_up_note,
+    frontier_replicates,
+    replicates_setting,
+    status_series,
+)
 from normlab.studies._lr_sweep_figures import (
+    FRONTIER_GROUPS,
     PAPER_E1,
     accuracy_vs_lr,
+    divergence_vs_lr,
     e1_curves,
     stable_lr_bars,
     stable_lr_vs_depth,
 )
+from normlab.studies._options import Option
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
-from normlab.studies._trains import lr_text, stable_and_trained
+from normlab.studies._trains import bracket_text, frontier_order, lr_text, stable_and_trained
 from normlab.studies.base import Study, StudyResults, register_study
 
 NORMS = ("none", "batch", "group", "layer", "instance", "batch_renorm")
@@ -51,7 +70,8 @@ E1_FITS_TRAINING = 0.95  # the paper's E1 runs all reach ~100 % train accuracy
 
 @dataclass(frozen=True)
 class SweepGrid(ScaleConfig):
-    """The runs of one scale. `e1_runs` holds (norm, lr, epochs) per E1 run."""
+    """The runs of one scale. `e1_runs` holds (norm, lr, epochs) per E1 run; `replicates` is
+    the number of perturbation replicates per seed of each point near a frontier."""
 
     depth: int
     width: int
@@ -65,6 +85,7 @@ class SweepGrid(ScaleConfig):
     e1_seeds: tuple[int, ...]
     log_every: int
     norms: tuple[str, ...] = NORMS
+    replicates: int = 3
 
 
 def _half_decades(low: float, high: float) -> tuple[float, ...]:
@@ -80,21 +101,21 @@ GRIDS = {
                        lrs=_half_decades(0.01, 10.0), seeds=(0,), e10_depths=(8,), e1_depth=8,
                        e1_runs=(("batch", 0.1, 5), ("batch", 0.003, 40),
                                 ("batch", 0.0001, 72), ("none", 0.0001, 72)),
-                       e1_seeds=(0,), log_every=5),
+                       e1_seeds=(0,), log_every=5, replicates=3),
     # CIFAR-10, ResNet-20 (E10: 56; E1: 56), shortened schedules: one GPU, hours
     "reduced": SweepGrid(depth=20, width=16, batch_size=128, epochs=30,
                          lrs=_half_decades(0.001, 3.0), seeds=(0,), e10_depths=(56,),
                          e1_depth=56,
                          e1_runs=(("batch", 0.1, 30), ("batch", 0.003, 120),
                                   ("batch", 0.0001, 200), ("none", 0.0001, 200)),
-                         e1_seeds=(0,), log_every=50),
+                         e1_seeds=(0,), log_every=50, replicates=3),
     # the paper: ResNet-110, CIFAR-10, 165 epochs (E1: 165, 1320, 2400, 2400), 5 seeds
     "paper": SweepGrid(depth=110, width=16, batch_size=128, epochs=165,
                        lrs=_half_decades(0.0001, 1.0), seeds=(0, 1, 2, 3, 4),
                        e10_depths=(20, 56), e1_depth=110,
                        e1_runs=(("batch", 0.1, 165), ("batch", 0.003, 1320),
                                 ("batch", 0.0001, 2400), ("none", 0.0001, 2400)),
-                       e1_seeds=(0, 1, 2, 3, 4), log_every=100),
+                       e1_seeds=(0, 1, 2, 3, 4), log_every=100, replicates=1),
 }
 
 
@@ -110,9 +131,10 @@ def norm_options(norm: str, width: int) -> dict:
 @register_study
 class LrSweepStudy(Study):
     name = "lr-sweep"
-    description = ("Final accuracy and the largest stable learning rate per normalization, "
-                   "vs depth, and the paper's four E1 runs (E1, E10, R1).")
+    description = ("p(diverge) vs learning rate and the frontier bracket per normalization and "
+                   "depth, final accuracy, and the paper's four E1 runs (E1, E10, R1).")
     experiments = ("E1", "E10", "R1")
+    settings: ClassVar[Mapping[str, Option]] = REPLICATES
 
     def __init__(self, grids: Mapping[str, SweepGrid] | None = None) -> None:
         self.grids = dict(GRIDS if grids is None else grids)
@@ -136,9 +158,23 @@ class LrSweepStudy(Study):
                   for norm, lr, epochs in grid.e1_runs for seed in grid.e1_seeds]
         return specs
 
+    def follow_ups(self, planned: Sequence[RunSpec], results: StudyResults, scale: str,
+                   settings: Mapping[str, Any]) -> list[RunSpec]:
+        """Perturbation replicates of the sweep's and E10's points near their frontiers."""
+        return frontier_replicates(planned, status_series(results.runs),
+                                   ("group", "norm", "depth"), self._replicates(scale, settings),
+                                   lambda spec: spec.group in FRONTIER_GROUPS)
+
+    def follow_up_note(self, scale: str, settings: Mapping[str, Any]) -> str:
+        return follow_up_note(self._replicates(scale, settings),
+                              "per norm and depth, groups " + " and ".join(FRONTIER_GROUPS))
+
+    def _replicates(self, scale: str, settings: Mapping[str, Any]) -> int:
+        return replicates_setting(settings, pick_scale(self.grids, scale).replicates)
+
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        return draw_figures(results, fig_dir, accuracy_vs_lr, stable_lr_bars, stable_lr_vs_depth,
-                            e1_curves)
+        return draw_figures(results, fig_dir, divergence_vs_lr, accuracy_vs_lr, stable_lr_bars,
+                            stable_lr_vs_depth, e1_curves)
 
     def findings(self, results: StudyResults) -> list[Finding]:
         runs = results.runs
@@ -147,26 +183,35 @@ class LrSweepStudy(Study):
         return [*_stable_lr_findings(runs), *_e1_findings(runs), *_depth_findings(runs)]
 
 
+def _brackets(runs, by: list[str]):
+    """`stable_and_trained` of the sweep's and E10's runs (the curves with a frontier)."""
+    return stable_and_trained(runs[runs["group"].isin(FRONTIER_GROUPS)], by)
+
+
 def _stable_lr_findings(runs) -> list[Finding]:
-    """R1 by the paper's criterion (no divergence); "trains" is reported beside it."""
+    """R1 by the paper's criterion (divergence), read off the frontier brackets; "trains" is
+    reported beside it."""
     table = stable_and_trained(runs[runs["group"] == "sweep"], ["norm"]).set_index("norm")
     if not {"none", "batch"} <= set(table.index):
         return []
     bn, none = table.loc["batch"], table.loc["none"]
-    ours = (f"largest lr without divergence: BN: {_stable(bn)}, no norm: {_stable(none)}; "
+    ours = (f"frontier bracket: BN {bracket_text(bn)}, no norm {bracket_text(none)}; "
             f"largest that trains: BN: {_trained(bn)}, no norm: {_trained(none)}")
-    top = bn["largest_lr_tried"]
-    if bn["stable_censored"] and none["stable_censored"]:
+    order, reason = frontier_order(bn, none), ""
+    depth = int(runs.loc[runs["group"] == "sweep", "depth"].iloc[0])
+    if order:
+        judged = verdict(order > 0)
+        if order < 0:
+            reason = (f"at depth {depth} no norm's bracket lies at or above BN's; the paper's "
+                      f"gap is at depth 110 (E10)")
+    elif bn["stable_censored"] and none["stable_censored"]:
         judged, reason = NOT_TESTABLE, (f"both are stable up to the largest lr of the grid "
-                                        f"({top:g}): the grid does not reach either limit")
-    elif np.isnan(bn["largest_stable_lr"]):
-        judged, reason = verdict(False), "BN is stable at no lr of the grid"
+                                        f"({bn['largest_lr_tried']:g}): the grid does not "
+                                        f"reach either frontier")
     else:
-        bigger = np.isnan(none["largest_stable_lr"]) or bn["largest_stable_lr"] > \
-            none["largest_stable_lr"]
-        judged = verdict(bool(bigger))
-        reason = "" if bigger else (f"at depth {int(runs['depth'].iloc[0])} both diverge only "
-                                    f"above the same lr; the paper's gap is at depth 110 (E10)")
+        judged, reason = NOT_TESTABLE, _overlap("BN", bn, "no norm", none,
+                                                f" at depth {depth}; the paper's gap is at "
+                                                f"depth 110 (E10)")
     out = [Finding("R1", "BN trains at far larger learning rates than no normalization "
                    "(the paper's divergence criterion)",
                    "BN at 0.1; no BN converged only up to 0.0001", ours, judged, reason)]
@@ -174,10 +219,15 @@ def _stable_lr_findings(runs) -> list[Finding]:
         row = table.loc[norm]
         out.append(Finding("R1", f"{norm} allows a learning rate as large as BN's",
                            "not tested in the paper (the review asks)",
-                           f"largest lr without divergence: {norm}: {_stable(row)}, BN: "
-                           f"{_stable(bn)}; largest that trains: {norm}: {_trained(row)}, BN: "
-                           f"{_trained(bn)}"))
+                           f"frontier bracket: {norm} {bracket_text(row)}, BN "
+                           f"{bracket_text(bn)}; largest that trains: {norm}: {_trained(row)}, "
+                           f"BN: {_trained(bn)}"))
     return out
+
+
+def _overlap(a_name: str, a, b_name: str, b, where: str = "") -> str:
+    return (f"the frontier brackets overlap ({a_name} {bracket_text(a)}, {b_name} "
+            f"{bracket_text(b)}): the grid cannot order the two frontiers{where}")
 
 
 def _e1_findings(runs) -> list[Finding]:
@@ -201,9 +251,11 @@ def _e1_findings(runs) -> list[Finding]:
     ours = ", ".join(f"{_label(n)} {lr:g}: {100 * a:.1f} %"
                      for (n, lr), a in zip(keys, measured, strict=True))
     bn_hi, bn_mid, bn_lo, none_lo = measured
-    reason, judged = "", None
+    reason, judged = _e1_on_the_edge(runs, int(e1["depth"].iloc[0])), None
     unfitted = [] if fitted is None else [k for k in keys if fitted.loc[k] < E1_FITS_TRAINING]
-    if unfitted:
+    if reason:
+        judged = NOT_TESTABLE
+    elif unfitted:
         judged = NOT_TESTABLE
         reason = ("the budget does not let every run fit the training set (final train "
                   "accuracy " + ", ".join(f"{_label(n)} {lr:g}: {100 * fitted.loc[(n, lr)]:.0f} %"
@@ -220,35 +272,42 @@ def _e1_findings(runs) -> list[Finding]:
     ]
 
 
+def _e1_on_the_edge(runs, depth: int) -> str:
+    """Why E1 cannot be read (an E1 lr above its norm's largest lr with p(diverge) = 0 at the
+    E1 depth, where its outcome is chance), or "" when every E1 lr lies below its bracket."""
+    table = _brackets(runs[runs["depth"] == depth], ["norm"]).set_index("norm")
+    risky = [(norm, lr) for norm, lr in PAPER_E1 if norm in table.index
+             and not lr <= table.loc[norm, "largest_stable_lr"]]  # NaN: not below either
+    if not risky:
+        return ""
+    return ("E1 reads runs at learning rates where divergence is chance or certain: "
+            + ", ".join(f"{_label(n)} at {lr:g} is not below its frontier bracket "
+                        f"{bracket_text(table.loc[n])} at depth {depth}" for n, lr in risky)
+            + " (brackets from the sweep's budget)")
+
+
 def _depth_findings(runs) -> list[Finding]:
-    """E10 by the paper's criterion (no divergence), with censored limits read as '>='."""
-    deep = runs[runs["group"].isin(["sweep", "E10"]) & (runs["norm"] == "none")]
-    table = stable_and_trained(deep, ["depth"]).sort_values("depth")
+    """E10 by the paper's criterion, read off the frontier brackets of no norm per depth."""
+    table = _brackets(runs[runs["norm"] == "none"], ["depth"]).sort_values("depth")
     if len(table) < 2:
         return []
-    values = table["largest_stable_lr"].to_numpy(dtype=float)
-    censored = table["stable_censored"].to_numpy(dtype=bool)
-    ours = ", ".join(f"depth {int(d)}: {lr_text(v, c)}"
-                     for d, v, c in zip(table["depth"], values, censored, strict=True))
+    rows = [row for _, row in table.iterrows()]
+    ours = ", ".join(f"depth {int(r['depth'])}: {bracket_text(r)}" for r in rows)
+    pairs = list(itertools.pairwise(rows))
+    orders = [frontier_order(shallow, deep) for shallow, deep in pairs]
     reason = ""
-    if np.isnan(values[0]):
-        judged, reason = NOT_TESTABLE, "the shallowest network is stable at no lr of the grid"
-    elif censored[-1]:
-        judged, reason = NOT_TESTABLE, ("the deepest network is stable up to the largest lr of "
-                                        "the grid, so its limit is not measured")
-    elif censored[0] and values[-1] >= values[0]:
-        judged, reason = NOT_TESTABLE, ("the shallowest network is stable up to the largest lr "
-                                        "it tried, no larger than the deepest one's limit")
+    if all(o > 0 for o in orders):
+        judged = verdict(True)
+    elif any(o < 0 for o in orders):
+        judged = verdict(False)
     else:
-        filled = np.nan_to_num(values, nan=0.0)
-        judged = verdict(bool(np.all(np.diff(filled) <= 0) and filled[-1] < filled[0]))
+        judged = NOT_TESTABLE
+        shallow, deep = pairs[orders.index(0)]
+        reason = _overlap(f"depth {int(shallow['depth'])}", shallow,
+                          f"depth {int(deep['depth'])}", deep)
     return [Finding("E10", "Without normalization, deeper networks tolerate smaller learning "
                     "rates", "shallower ResNets tolerate larger learning rates",
-                    f"largest lr without divergence (no norm): {ours}", judged, reason)]
-
-
-def _stable(row) -> str:
-    return lr_text(row["largest_stable_lr"], bool(row["stable_censored"]))
+                    f"frontier bracket (no norm): {ours}", judged, reason)]
 
 
 def _trained(row) -> str:

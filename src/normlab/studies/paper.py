@@ -2,15 +2,20 @@
 (R1-R9), run into one folder and reported together.
 
 It is the union of the member studies' runs; each member draws its own figures and findings from
-its share of the results, and the report groups them into one section per experiment id.
+its share of the results, and the report groups them into one section per experiment id. Its
+settings are the members' (each member takes those it declares), and its follow-up rounds are
+the members' (each asks on its own share).
 """
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from normlab.spec import RunSpec
+from normlab.studies._options import Option
 from normlab.studies.base import (
     FigureInfo,
     Finding,
@@ -65,6 +70,11 @@ class PaperStudy(Study):
     name = "paper"
     description = "Every experiment of the paper (E1-E10) and the review (R1-R9), one report."
     experiments = tuple(EXPERIMENTS)
+    @property
+    def settings(self) -> Mapping[str, Option]:  # type: ignore[override]
+        """The members' study settings (each member takes those it declares)."""
+        return {key: option for member in self.members()
+                for key, option in member.settings.items()}
 
     def members(self) -> list[Study]:
         return [get_study(name) for name in MEMBERS]
@@ -73,16 +83,41 @@ class PaperStudy(Study):
         specs = [spec for member in self.members() for spec in member.specs(scale, data)]
         return list(dict.fromkeys(specs))
 
-    def _shares(self, results: StudyResults) -> list[tuple[Study, StudyResults]]:
-        """Each member study with the results of its own runs (as planned for this folder)."""
-        from normlab.runner import plan_study  # runner imports the studies package: import late
+    def follow_ups(self, planned: Sequence[RunSpec], results: StudyResults, scale: str,
+                   settings: Mapping[str, Any]) -> list[RunSpec]:
+        """Each member's follow-ups, asked on the member's share of `results`."""
+        return [spec for _, plan, _ in self._plans(results, scale) for spec in plan]
+
+    def follow_up_note(self, scale: str, settings: Mapping[str, Any]) -> str:
+        notes = [(m.name, m.follow_up_note(scale, self._own(m, settings)))
+                 for m in self.members()]
+        return "; ".join(f"{name}: {note}" for name, note in notes if note)
+
+    def _own(self, member: Study, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The `overrides` a member takes: every RunSpec override, and the study settings it
+        declares."""
+        return {k: v for k, v in overrides.items()
+                if k not in self.settings or k in member.settings}
+
+    def _plans(self, results: StudyResults, scale: str
+               ) -> list[tuple[Study, list[RunSpec], StudyResults]]:
+        """Each member with its whole plan as far as `results` decide it (its first round and
+        every follow-up so far), and its share of `results`."""
+        from normlab.runner import follow_ups_so_far, plan_study  # runner imports the studies
 
         plan = read_study_file(results.out_dir)
-        shares = []
+        out = []
         for member in self.members():
-            specs = plan_study(member, plan["scale"], plan.get("data"), plan.get("overrides"))
-            shares.append((member, results.subset([s.run_id for s in specs])))
-        return shares
+            given = self._own(member, plan.get("overrides") or {})
+            first = plan_study(member, scale, plan.get("data"), given)
+            specs = follow_ups_so_far(member, first, results, scale, given)
+            out.append((member, specs, results.subset([s.run_id for s in specs])))
+        return out
+
+    def _shares(self, results: StudyResults) -> list[tuple[Study, StudyResults]]:
+        """Each member study with the results of its own runs (as planned for this folder)."""
+        plan = read_study_file(results.out_dir)
+        return [(member, share) for member, _, share in self._plans(results, plan["scale"])]
 
     def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
         """Each member's figures; a member whose figures fail gets an error entry, not silence."""
@@ -108,3 +143,4 @@ class PaperStudy(Study):
                                         f"findings of study {member.name!r}", "—",
                                         f"could not be computed: {type(err).__name__}: {err}"))
         return findings
+

@@ -3,24 +3,40 @@ they hold up at small batches, where BN's batch statistics become noisy?
 
 BatchNorm, GroupNorm, LayerNorm, InstanceNorm and Batch Renormalization, each at batch sizes
 from 2 to 128 and over a learning-rate grid, with a fixed budget in epochs (the same number of
-examples seen at every batch size): the best test accuracy per (norm, batch size) and the
-largest learning rate that trains.
+examples seen at every batch size): the best test accuracy per (norm, batch size), the largest
+learning rate that trains, and each curve's divergence frontier as a bracket (`studies._trains`;
+the points near a frontier get `replicates` perturbation replicates per seed, `studies._frontier`).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from normlab.report import figures as plot
 from normlab.spec import RunSpec
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
+from normlab.studies._frontier import (
+    REPLICATES,
+    follow_up_note,
+    frontier_replicates,
+    replicates_setting,
+    status_series,
+)
+from normlab.studies._options import Option
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
-from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
+from normlab.studies._trains import (
+    TRAINS_DEFINITION,
+    bracket_text,
+    frontier_order,
+    same_cell,
+    stable_and_trained,
+)
 from normlab.studies.base import Study, StudyResults, register_study
 
 NORMS = ("batch", "group", "layer", "instance", "batch_renorm")
@@ -35,19 +51,20 @@ class SmallBatchScale(ScaleConfig):
     lrs: tuple[float, ...]
     epochs: float
     norms: tuple[str, ...] = NORMS
+    replicates: int = 2  # perturbation replicates per seed of each point near a frontier
 
 
 SCALES = {
     # digits, ResNet-8 of width 8 (GroupNorm with 2 groups: 8 would be InstanceNorm)
     "smoke": SmallBatchScale(depth=8, width=8, groups=2, batch_sizes=(2, 8, 32, 128),
-                             lrs=(0.01, 0.1, 1.0), epochs=1.0),
+                             lrs=(0.01, 0.1, 1.0), epochs=1.0, replicates=2),
     # CIFAR-10, ResNet-20: one GPU
     "reduced": SmallBatchScale(depth=20, width=16, groups=4, batch_sizes=(2, 4, 8, 16, 32, 64, 128),
                                lrs=tuple(float(v) for v in np.geomspace(1e-3, 3.0, 8)),
-                               epochs=30.0),
+                               epochs=30.0, replicates=2),
     "paper": SmallBatchScale(depth=110, width=16, groups=8, batch_sizes=(2, 4, 8, 16, 32, 64, 128),
                              lrs=tuple(float(v) for v in np.geomspace(1e-4, 3.0, 10)),
-                             epochs=160.0),
+                             epochs=160.0, replicates=1),
 }
 
 
@@ -57,6 +74,7 @@ class SmallBatchStudy(Study):
     description = ("R1: BN, GroupNorm, LayerNorm, InstanceNorm and Batch Renormalization at "
                    "batch sizes 2..128: best test accuracy and the largest lr that trains.")
     experiments = ("R1",)
+    settings: ClassVar[Mapping[str, Option]] = REPLICATES
 
     # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
@@ -66,6 +84,20 @@ class SmallBatchStudy(Study):
         return [base.replace(norm=norm, batch_size=b, lr=lr,
                              norm_options={"groups": s.groups} if norm == "group" else {})
                 for norm in s.norms for b in s.batch_sizes for lr in s.lrs]
+
+    def follow_ups(self, planned: Sequence[RunSpec], results: StudyResults, scale: str,
+                   settings: Mapping[str, Any]) -> list[RunSpec]:
+        """Perturbation replicates of the points near each (norm, batch size) frontier."""
+        return frontier_replicates(planned, status_series(results.runs), ("norm", "batch_size"),
+                                   self._replicates(scale, settings),
+                                   lambda spec: spec.group == "R1")
+
+    def follow_up_note(self, scale: str, settings: Mapping[str, Any]) -> str:
+        return follow_up_note(self._replicates(scale, settings), "per norm and batch size")
+
+    @staticmethod
+    def _replicates(scale: str, settings: Mapping[str, Any]) -> int:
+        return replicates_setting(settings, pick_scale(SCALES, scale).replicates)
 
     # -- figures ----------------------------------------------------------------------------------
     def figures(self, results: StudyResults, fig_dir: Path) -> list[plot.FigureInfo]:
@@ -88,19 +120,46 @@ class SmallBatchStudy(Study):
                     + ", ".join(f"{n} {a:.3f}" for n, a in acc.items()),
                     verdict(bool(rival > acc["batch"]))))
         table = _stable_table(results)
-        if not table.empty:
+        if not table.empty and "batch" in set(table["norm"]) and table["norm"].nunique() > 1:
             lrs = table.groupby("norm")["largest_trained_lr"].max()  # over batch sizes
-            if "batch" in lrs and len(lrs) > 1:
-                others = {n: v for n, v in lrs.items() if n != "batch"}
-                rows.append(Finding(
-                    "R1", "LayerNorm, GroupNorm, InstanceNorm and Batch Renormalization allow "
-                    "learning rates as large as BN's",
-                    "not in the paper (review R1)",
-                    "largest lr that trains (at any batch size): "
-                    + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items()),
-                    None if math.isnan(lrs["batch"]) else
-                    verdict(all(v >= lrs["batch"] for v in others.values()))))
+            judged, reason = _as_large_as_bn(table)
+            rows.append(Finding(
+                "R1", "LayerNorm, GroupNorm, InstanceNorm and Batch Renormalization allow "
+                "learning rates as large as BN's (the paper's divergence criterion)",
+                "not in the paper (review R1)",
+                "largest lr that trains (at any batch size): "
+                + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items())
+                + "; frontier brackets per batch size: "
+                + "; ".join(f"{int(b)}: " + ", ".join(f"{r['norm']} {bracket_text(r)}"
+                                                     for _, r in part.iterrows())
+                            for b, part in table.groupby("batch_size")),
+                judged, reason))
         return rows
+
+
+def _as_large_as_bn(table: pd.DataFrame) -> tuple[str, str]:
+    """The verdict on "the alternatives allow BN's learning rates", read off the frontier
+    brackets at each batch size: "differs" when one lies below BN's, "agrees" when each lies at
+    or above BN's or in the same grid step, else not testable (the brackets overlap)."""
+    below, open_ = [], []
+    for batch, part in table.groupby("batch_size"):
+        rows = part.set_index("norm")
+        if "batch" not in rows.index:
+            continue
+        bn = rows.loc["batch"]
+        for norm, row in rows.drop(index="batch").iterrows():
+            order = frontier_order(row, bn)
+            if order < 0:
+                below.append(f"{norm} at batch {int(batch)}")
+            elif order == 0 and not same_cell(row, bn):
+                open_.append(f"{norm} {bracket_text(row)} vs BN {bracket_text(bn)} at batch "
+                             f"{int(batch)}")
+    if below:
+        return verdict(False), "below BN's frontier: " + ", ".join(below)
+    if open_:
+        return NOT_TESTABLE, ("the frontier brackets overlap, so the grid cannot order the "
+                              "frontiers: " + "; ".join(open_))
+    return verdict(True), ""
 
 
 # -- measurements, as tables ---------------------------------------------------------------------

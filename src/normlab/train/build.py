@@ -13,7 +13,11 @@ Conventions:
   schedules.py), `fused_sgd` (bool: torch's fused SGD kernel; same update, faster on GPU) and
   `eval_batch_size` (int, default 1024: chunk size of evaluation, no effect on the numbers)
   and `cuda_graph` ("auto", "on", "off" or "eager": the CUDA-graph step, see graphed.py);
-  `deterministic` and `tf32` (bools, default False: the run's float numerics, see numerics.py).
+  `deterministic` and `tf32` (bools, default False: the run's float numerics, see numerics.py);
+  and `replicate` (int >= 0, default 0): a *perturbation replicate* of the run. Replicate r > 0
+  starts from the seed's initial weights perturbed by a relative 1e-7 (`perturb_initial_weights`),
+  everything else (data order, augmentation) as in replicate 0, the unperturbed run. Studies
+  write it only for r > 0, so an unperturbed spec (and its run id) has no `replicate` key.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from normlab.train.graphed import CUDA_GRAPH_SETTINGS
 from normlab.train.numerics import NUMERICS_OPTIONS, numerics_options
 
 TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph",
-                 *NUMERICS_OPTIONS)
+                 "replicate", *NUMERICS_OPTIONS)
+REPLICATE_PERTURBATION = 1e-7  # relative size of a replicate's change to the initial weights
+MAX_REPLICATE = 2**32 - 1  # the replicate's share of the perturbation generator's seed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,9 +65,14 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
         problems.append(choice_problem("options.cuda_graph", graph, CUDA_GRAPH_SETTINGS))
     numerics, numerics_problems = numerics_options(options)
     problems += numerics_problems
+    replicate = options.get("replicate", 0)
+    problem = interval_problem("options.replicate", replicate, 0, MAX_REPLICATE, kind=int,
+                               low_open=False, high_open=False)
+    problems += [problem] if problem else []
     if problems:
         raise ConfigError(problems)
-    return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph, **numerics}
+    return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph,
+            "replicate": replicate, **numerics}
 
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:
@@ -83,7 +94,8 @@ def build_batches(spec: RunSpec, train_set: Any, device: torch.device) -> Any:
 
 
 def build_model(spec: RunSpec, train_set: Any, device: torch.device) -> nn.Module:
-    """The spec's model for `train_set`'s image shape and classes, initialized with the seed."""
+    """The spec's model for `train_set`'s image shape and classes, initialized with the seed
+    (and perturbed when the spec is a replicate, `options.replicate` > 0)."""
     from normlab.nn import build_model as build
 
     model = build(spec.model, depth=spec.depth, width=spec.width, norm=spec.norm,
@@ -91,10 +103,32 @@ def build_model(spec: RunSpec, train_set: Any, device: torch.device) -> nn.Modul
                   init=spec.init, init_gain=spec.init_gain, num_classes=train_set.num_classes,
                   in_channels=train_set.image_shape[0], seed=spec.seed,
                   input_shape=train_set.image_shape)
+    replicate = spec.mapping("options").get("replicate", 0)
+    if replicate:
+        perturb_initial_weights(model, spec.seed, replicate)
     model = model.to(device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+@torch.no_grad()
+def perturb_initial_weights(model: nn.Module, seed: int, replicate: int,
+                            relative: float = REPLICATE_PERTURBATION) -> None:
+    """Perturb every parameter w of `model` in place: w + relative * rms(w) * z, z ~ N(0, I).
+
+    So ||change|| / ||w|| is about `relative` per tensor (1e-7: a few float32 ulps, the size of
+    a change of reduction order); all-zero tensors (biases) stay zero. z comes from a CPU
+    generator seeded with seed * 2**32 + replicate, drawn in float64 per parameter in
+    `named_parameters` order; the sum is rounded to the parameter's dtype. Buffers (BN running
+    statistics) are left alone. The same (seed, replicate) gives the same weights on any device.
+    """
+    generator = torch.Generator().manual_seed(seed * 2**32 + replicate)
+    for _, weight in model.named_parameters():
+        exact = weight.detach().to("cpu", torch.float64)
+        rms = exact.square().mean().sqrt()
+        z = torch.randn(exact.shape, generator=generator, dtype=torch.float64)
+        weight.copy_((exact + relative * rms * z).to(weight.device, weight.dtype))
 
 
 def build_optimizer(spec: RunSpec, model: nn.Module, fused: bool = False) -> torch.optim.SGD:
