@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from normlab.preflight import device_problem
+from normlab.execute.preflight import device_problem
 from normlab.train.build import resolve_device
 
 

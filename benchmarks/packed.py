@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from _timing import add_json_option, benchmark_device, device_name, sync, write_json
 from torch.func import vmap
 
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext
-from normlab.throughput import with_measured_rows
+from normlab.execute.throughput import with_measured_rows
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext
 from normlab.train.loop import _Run
 from normlab.train.packed import _Pack
 
@@ -118,7 +118,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
 
 def record(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     """Put the rows in the table in place of this device kind's rows of the same configuration
-    (`normlab.throughput.with_measured_rows`); keep all others."""
+    (`normlab.execute.throughput.with_measured_rows`); keep all others."""
     table = json.loads(TABLE.read_text(encoding="utf-8"))
     name = device_name(device) + (f" ({args.note})" if args.note else "")
     new = [{"device_kind": device.type, "device": name, "model": "resnet", "depth": args.depth,

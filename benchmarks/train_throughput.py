@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from normlab.data import load
 from normlab.nn import build_model
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.train import train
 from normlab.train.build import resolve_device
 from normlab.train.graphed import WARMUP_STEPS

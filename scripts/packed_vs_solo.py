@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.executor import LocalExecutor
+from normlab.execute.local import LocalExecutor
 from normlab.report.terminal import format_table
 from normlab.studies import get_study, load_results
 from normlab.studies._compare import paired_divergence, paired_runs

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fake_study import FakeStudy
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies._frontier import (
     REPLICATES,
     follow_up_note,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fake_study import LRS, FakeStudy
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies.base import register_study
 
 SEEDS = (0, 1, 2)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.config import ConfigError
-from normlab.report.figures import NORM_COLORS, new_figure, save_figure
-from normlab.result import RunResult, provenance
-from normlab.spec import RunSpec
+from normlab.runs.result import RunResult, provenance
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task, register_task_check
 from normlab.studies.base import AGREES, FigureInfo, Finding, Study, StudyResults, register_study
-from normlab.tasks import RunContext, register_task, register_task_check
+from normlab.studies.figures import NORM_COLORS, new_figure, save_figure
+from normlab.utils.config import ConfigError
 
 LRS = (0.01, 0.1, 1.0)
 STEPS = 5

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from normlab import probes
-from normlab.config import ConfigError
+from normlab.utils.config import ConfigError
 
 
 def mlp() -> nn.Module:

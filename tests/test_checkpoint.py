@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
-from normlab.store import CHECKPOINT_FILE, read_json, read_jsonl
-from normlab.tasks import execute_run
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import CHECKPOINT_FILE, read_json, read_jsonl
+from normlab.runs.tasks import execute_run
 from normlab.train import loop
 from normlab.train.checkpoint import CHECKPOINT_ENV, CheckpointEvery
+from normlab.utils.config import ConfigError
 
 # An MLP with BatchNorm on digits, batch 32: 44 steps an epoch, 100 steps in all, SGD with
 # momentum and weight decay, augmentation on, a step schedule (lr changes at 50 and 75).
@@ -113,7 +113,8 @@ def test_without_checkpoints_an_interrupted_run_starts_again_from_scratch(tmp_pa
 def test_a_run_killed_mid_way_resumes_to_the_same_numbers(tmp_path):
     """SIGKILL of the process between checkpoints, then a resume in another process."""
     spec = SPEC.replace(steps=100)
-    code = ("import sys; from normlab.spec import RunSpec; from normlab.tasks import execute_run;"
+    code = ("import sys; from normlab.runs.spec import RunSpec;"
+            " from normlab.runs.tasks import execute_run;"
             " execute_run(RunSpec.from_json(sys.argv[1]), sys.argv[2])")
     env = {**os.environ, CHECKPOINT_ENV: "1epoch", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "resumed" / "runs" / spec.run_id

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.config import ConfigError
 from normlab.data import DataError, load
 from normlab.data.cifar10 import ARCHIVE, MD5, URL
+from normlab.utils.config import ConfigError
 
 N_PER_TRAIN_BATCH, N_TEST = 4, 6
 LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",

@@ -14,12 +14,13 @@ import torch
 
 import fake_study
 from normlab.cli import main, parse_overrides
-from normlab.config import ConfigError
 from normlab.report import build_report
 from normlab.report.terminal import TerminalProgress, format_table, run_labels
-from normlab.result import RunResult
-from normlab.runner import plan_study, run_study
-from normlab.spec import RunSpec
+from normlab.runner import run_study
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.studies.plan import plan_study
+from normlab.utils.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_format_table_aligns_columns_and_cuts_long_cells():
 
 
 def test_show_works_on_a_bare_run_store(tmp_path, capsys):
-    from normlab.tasks import execute_run
+    from normlab.runs.tasks import execute_run
 
     execute_run(RunSpec(task="fake", model="mlp", depth=3, lr=0.3), tmp_path)
     assert main(["show", str(tmp_path)]) == 0
@@ -393,7 +394,7 @@ def test_a_disk_without_room_exits_2_before_any_run(small_disk, capsys):
 
 
 def test_a_disk_that_fills_up_ends_in_a_message(small_disk, capsys, monkeypatch):
-    monkeypatch.setattr("normlab.preflight.MIN_FREE_BYTES", 0)
+    monkeypatch.setattr("normlab.execute.preflight.MIN_FREE_BYTES", 0)
     filler = small_disk / "filler"
     with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
         while True:  # fill the disk to the last byte
@@ -404,7 +405,7 @@ def test_a_disk_that_fills_up_ends_in_a_message(small_disk, capsys, monkeypatch)
 
 
 def test_report_on_a_read_only_folder_ends_in_a_message(small_disk, capsys, monkeypatch):
-    monkeypatch.setattr("normlab.preflight.MIN_FREE_BYTES", 0)
+    monkeypatch.setattr("normlab.execute.preflight.MIN_FREE_BYTES", 0)
     assert main(["run", "fake", "--out", str(small_disk)]) == 0
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     assert main(["report", str(small_disk)]) == 1
@@ -434,7 +435,7 @@ def test_bench_names_its_benchmarks_and_says_when_there_are_none(capsys, monkeyp
     assert main(["bench", "nope"]) == 2
     err = capsys.readouterr().err
     assert "'hessian', 'packed', 'per_example', 'train_throughput'; got 'nope'" in err
-    monkeypatch.setattr("normlab.bench.benchmarks_dir", lambda: None)
+    monkeypatch.setattr("normlab.cli.bench.benchmarks_dir", lambda: None)
     assert main(["bench"]) == 2
     assert "runs the scripts in benchmarks/ of a source checkout" in capsys.readouterr().err
 
@@ -445,7 +446,7 @@ def test_bench_runs_each_script_with_the_flags_and_stops_at_a_failure(tmp_path, 
     (tmp_path / "a.py").write_text("import sys; print('ran a', sys.argv[1:])\n")
     (tmp_path / "b.py").write_text("import sys; print('ran b'); sys.exit(3)\n")
     (tmp_path / "c.py").write_text("print('ran c')\n")
-    monkeypatch.setattr("normlab.bench.benchmarks_dir", lambda: tmp_path)
+    monkeypatch.setattr("normlab.cli.bench.benchmarks_dir", lambda: tmp_path)
     assert main(["bench", "a", "--quick", "--device", "cpu"]) == 0
     assert "ran a ['--quick', '--device', 'cpu']" in capfd.readouterr().out
     assert main(["bench"]) == 3

@@ -5,9 +5,9 @@ import torch
 from torch.func import functional_call
 
 from cases import NORM_KINDS, assert_unchanged, model_snapshot, tiny_case
-from normlab.config import ConfigError
 from normlab.probes import hessian_eigs, hessian_trace, spectral_density
 from normlab.probes.curvature import hessian_operator, hvp
+from normlab.utils.config import ConfigError
 
 
 def dense_hessian(case, names=None):
@@ -151,7 +151,7 @@ def test_bad_settings_are_named():
 def test_sharpness_callback_records_thresholds():
     from types import SimpleNamespace
 
-    from normlab.tasks import RunContext
+    from normlab.runs.tasks import RunContext
     from normlab.train.callbacks import scheduled
 
     case = tiny_case("batch")

@@ -268,7 +268,7 @@ def test_a_kink_at_the_point_leaves_the_check_inconclusive_with_a_warning():
 def test_the_sharpness_callback_checks_once_and_records_it():
     from types import SimpleNamespace
 
-    from normlab.tasks import RunContext
+    from normlab.runs.tasks import RunContext
 
     model = weight_normed_net("parametrizations")
     x, y = batch()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from normlab.config import ConfigError
 from normlab.data import ArrayDataset, available, load, register_dataset
+from normlab.utils.config import ConfigError
 
 
 def raw_pixels(data: ArrayDataset) -> np.ndarray:

@@ -15,11 +15,10 @@ import torch
 import fake_frontier  # noqa: F401 (registers the "fake-frontier" study)
 import fake_study  # noqa: F401 (registers the "fake" task)
 from normlab.cli import main
-from normlab.config import ConfigError
-from normlab.preflight import plan_problems
+from normlab.execute.preflight import plan_problems
 from normlab.report.terminal import pack_size_note, summary_table
-from normlab.runner import follow_ups_so_far, plan_study, run_study, study_settings
-from normlab.spec import RunSpec
+from normlab.runner import run_study
+from normlab.runs.spec import RunSpec
 from normlab.studies import get_study, list_studies, load_results
 from normlab.studies._frontier import frontier_replicates, near_frontier, with_replicate
 from normlab.studies._trains import (
@@ -31,12 +30,14 @@ from normlab.studies._trains import (
     stable_and_trained,
 )
 from normlab.studies.base import StudyResults
+from normlab.studies.plan import follow_ups_so_far, plan_study, study_settings
 from normlab.train.build import (
     REPLICATE_PERTURBATION,
     build_model,
     perturb_initial_weights,
     train_options,
 )
+from normlab.utils.config import ConfigError
 
 RUN_IDS = Path(__file__).parent / "data" / "study_run_ids.json"
 
@@ -274,7 +275,7 @@ def test_replicates_zero_runs_the_grid_once(tmp_path):
 
 
 def test_the_rounds_work_with_a_process_pool(tmp_path):
-    from normlab.executor import LocalExecutor
+    from normlab.execute.local import LocalExecutor
 
     overrides, _ = _counted(tmp_path)
     results = run_study("fake-frontier", tmp_path / "s", overrides=overrides, report=False,
@@ -377,7 +378,7 @@ def test_a_diverged_members_weights_do_not_reach_the_others_before_its_read_back
     """A member that diverges at step 1 keeps stepping (with non-finite weights) until the
     losses are read back (here at step 30, one window); the other member still follows its solo
     run to float reassociation, so a pack cannot decide a member's divergence for it."""
-    from normlab.tasks import RunContext
+    from normlab.runs.tasks import RunContext
     from normlab.train.loop import train
     from normlab.train.packed import train_packed
 
@@ -465,7 +466,7 @@ def test_the_smoke_lr_sweep_has_the_same_findings_alone_and_in_packs_of_8(tmp_pa
     with 5 runs per point an edge point shows p = 0 or 1 too often, docs/training.md.) One
     thread, so that the numbers do not depend on the machine's core count;
     `benchmarks/frontier.py` measures the same at the full budget."""
-    from normlab.executor import LocalExecutor
+    from normlab.execute.local import LocalExecutor
     from normlab.studies._compare import (
         brackets_overlap,
         flipped_runs,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies import get_study
 from normlab.studies._options import read_options
+from normlab.utils.config import ConfigError
 
 TINY = {"depth": "8", "steps": "2", "batch_size": "16",
         "options": json.dumps({"measure_at": [0, 2], "step_loss_at": [0, 1],
@@ -21,7 +21,7 @@ PROBES = ("step_loss", "gradient_histogram", "activation_stats", "output_gradien
 
 def test_specs_cover_every_norm_with_recorded_init():
     from normlab.nn import list_norms
-    from normlab.runner import plan_study
+    from normlab.studies.plan import plan_study
 
     specs = plan_study("gradients", "smoke")
     assert sorted(s.norm for s in specs) == sorted(list_norms())
@@ -35,7 +35,7 @@ def test_specs_cover_every_norm_with_recorded_init():
 
 @pytest.mark.parametrize("scale", ["smoke", "reduced", "paper"])
 def test_the_at_initialization_experiments_run_at_the_papers_depth_at_every_scale(scale):
-    from normlab.runner import plan_study
+    from normlab.studies.plan import plan_study
 
     specs = plan_study("gradients", scale)
     assert {s.depth for s in specs} == {110}

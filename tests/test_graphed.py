@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from cases import NORM_KINDS, tiny_case
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext
 from normlab.train import train
 from normlab.train.graphed import (
     WARMUP_STEPS,
@@ -28,6 +27,7 @@ from normlab.train.graphed import (
     sgd_update_,
     step_provenance,
 )
+from normlab.utils.config import ConfigError
 
 TINY_DATA = {"n_train": 96, "n_test": 48, "shape": [3, 8, 8], "num_classes": 4}
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}  # float32 rounding; on a CPU the paths are bit-identical

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ConfigError
 from normlab.nn import init as init_module
 from normlab.nn import initialize, list_inits, mlp, register_init, resnet_cifar, weight_sampler
+from normlab.utils.config import ConfigError
 
 
 def _init_one(layer: nn.Module, scheme: str, gain: float = 1.0, seed: int = 0) -> torch.Tensor:

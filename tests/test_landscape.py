@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from cases import NORM_KINDS, assert_unchanged, model_snapshot, tiny_case
-from normlab.config import ConfigError
 from normlab.probes import landscape, mean_gradient
 from normlab.probes._batches import dot
 from normlab.probes.landscape import (
@@ -17,6 +16,7 @@ from normlab.probes.landscape import (
     scaled_direction,
     tangential_direction,
 )
+from normlab.utils.config import ConfigError
 
 
 def _batches(case, n=4, seed=1):

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 import fake_grid
-from normlab.lease import HEARTBEAT_ENV, STALE_ENV, Lease, Owner, try_claim
-from normlab.runner import plan_study
-from normlab.store import read_json, read_jsonl
+from normlab.runs.lease import HEARTBEAT_ENV, STALE_ENV, Lease, Owner, try_claim
+from normlab.runs.store import read_json, read_jsonl
+from normlab.studies.plan import plan_study
 
 CLAIMER = """
 import sys, time
-from normlab.lease import LeaseLostError, try_claim
+from normlab.runs.lease import LeaseLostError, try_claim
 lease = try_claim(sys.argv[1], "run1")
 print("claimed" if lease.__class__.__name__ == "Lease" else "refused", flush=True)
 sys.stdin.readline()
@@ -104,7 +104,7 @@ def test_exactly_one_of_many_claimers_wins_a_stale_lease(tmp_path):
     (tmp_path / "leases").mkdir()
     (tmp_path / "leases" / "run1.0.lease").write_text(json.dumps(dead.__dict__))
     os.utime(tmp_path / "leases" / "run1.0.lease", (0, 0))  # never renewed since 1970
-    code = ("import sys; from normlab.lease import Lease, try_claim; "
+    code = ("import sys; from normlab.runs.lease import Lease, try_claim; "
             "print(isinstance(try_claim(sys.argv[1], 'run1'), Lease), flush=True); "
             "sys.stdin.readline()")  # the winner stays alive until every claimer answered
     claimers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], text=True,

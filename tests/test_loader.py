@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from normlab.config import ConfigError
 from normlab.data import ArrayDataset, BatchIterator
+from normlab.utils.config import ConfigError
 
 
 def indexed_dataset(n: int, channels: int = 2, size: int = 4, pad: int = 2,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from cases import assert_unchanged, model_snapshot, tiny_case
-from normlab.config import ConfigError
 from normlab.probes import lr_range_test
 from normlab.probes.lr_range import lr_schedule
+from normlab.utils.config import ConfigError
 
 EIGENVALUES = [10.0, 3.0, 1.0, 0.5]  # lambda_max = 10: gradient descent is stable for lr < 0.2
 

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from normlab.config import ConfigError
 from normlab.runner import run_study
 from normlab.studies._lr_sweep_figures import stable_lr_vs_depth
 from normlab.studies._trains import (
@@ -19,6 +18,7 @@ from normlab.studies._trains import (
 )
 from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, StudyResults, get_study
 from normlab.studies.lr_sweep import GRIDS, NORMS, PAPER_E1, LrSweepStudy, SweepGrid
+from normlab.utils.config import ConfigError
 
 
 def test_registered_with_its_experiments():

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ConfigError
 from normlab.nn import build_model, list_norms, mlp, plain_cnn, resnet_cifar, weight_layers
+from normlab.utils.config import ConfigError
 
 
 def _count(model: nn.Module) -> int:
@@ -265,7 +265,7 @@ def test_public_surface():
 
 
 def test_runspec_checks_plain_cnn_depth():
-    from normlab.spec import RunSpec
+    from normlab.runs.spec import RunSpec
 
     with pytest.raises(ConfigError, match="'depth' setting must be 6n\\+2"):
         RunSpec(model="plain_cnn", depth=21)

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from normlab.config import ConfigError
 from normlab.probes import sgd_noise, sgd_noise_exact
+from normlab.utils.config import ConfigError
 
 
 def linear_regression_grads(n: int = 7, d: int = 3, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.config import ConfigError
 from normlab.nn import (
     BatchRenorm,
     is_batch_coupled,
@@ -20,6 +19,7 @@ from normlab.nn import (
 )
 from normlab.nn import norms as norms_module
 from normlab.probes._hygiene import frozen_norm_statistics
+from normlab.utils.config import ConfigError
 
 EPS = 1e-5
 

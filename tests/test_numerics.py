@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from normlab.config import ConfigError
-from normlab.packing import pack_key
-from normlab.result import numerics
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext, task_problems
+from normlab.execute.packing import pack_key
+from normlab.runs.result import numerics
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, task_problems
 from normlab.train import TrainState, train
 from normlab.train.graphed import cudnn_autotuned
 from normlab.train.packed import train_packed
+from normlab.utils.config import ConfigError
 
 TINY = RunSpec(model="mlp", depth=3, width=8, batch_size=64, steps=4, device="cpu", seed=1)
 FLAGS = {"tf32_matmul": lambda: torch.backends.cuda.matmul.allow_tf32,

@@ -30,10 +30,11 @@ import pytest
 import torch
 
 from normlab.cli import main
-from normlab.executor import LocalExecutor
-from normlab.spec import RunSpec
-from normlab.store import CHECKPOINT_FILE, RunStore, read_json, read_jsonl
-from normlab.tasks import RunContext, execute_run
+from normlab.execute.local import LocalExecutor
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import CHECKPOINT_FILE, RunStore, read_json, read_jsonl
+from normlab.runs.tasks import RunContext, execute_run
+from normlab.runs.verify import verify_store
 from normlab.train import TrainState, loop, packed, train
 from normlab.train.callbacks import (
     callback_states,
@@ -43,7 +44,6 @@ from normlab.train.callbacks import (
 )
 from normlab.train.checkpoint import CHECKPOINT_ENV
 from normlab.train.packed import train_packed
-from normlab.verify import verify_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -389,8 +389,8 @@ def test_a_checkpoint_that_cannot_be_resumed_exactly_starts_the_run_afresh(
 
 # -- SIGKILL of a study, resumed in another process under another --pack ------------------------
 
-RUN_PLAN = ("import json, sys; from normlab.executor import LocalExecutor; "
-            "from normlab.spec import RunSpec; "
+RUN_PLAN = ("import json, sys; from normlab.execute.local import LocalExecutor; "
+            "from normlab.runs.spec import RunSpec; "
             "specs = [RunSpec.from_dict(d) for d in json.loads(sys.argv[1])]; "
             "list(LocalExecutor(pack=int(sys.argv[3])).run(specs, sys.argv[2]))")
 LONG = [spec.replace(steps=60) for spec in MEMBERS]  # checkpoints at steps 21 and 42

@@ -16,13 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from normlab.config import ConfigError
-from normlab.executor import LocalExecutor
-from normlab.packing import pack_specs
-from normlab.spec import RunSpec
-from normlab.store import RunStore, read_jsonl, read_result
-from normlab.tasks import RunContext, execute_run
-from normlab.throughput import (
+from normlab.execute.local import LocalExecutor
+from normlab.execute.packing import pack_specs
+from normlab.execute.throughput import (
     default_pack,
     default_parallelism,
     default_workers,
@@ -32,8 +28,12 @@ from normlab.throughput import (
     typical_spec,
     with_measured_rows,
 )
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore, read_jsonl, read_result
+from normlab.runs.tasks import RunContext, execute_run
 from normlab.train import TrainState, list_callbacks, register_callback, train
 from normlab.train.packed import check_packable, execute_pack, train_packed
+from normlab.utils.config import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -282,7 +282,7 @@ def table_row(images_per_s: float, pack: int = 1, **fields: Any) -> dict[str, An
 
 
 def use_table(monkeypatch, rows: list[dict[str, Any]]) -> None:
-    monkeypatch.setattr("normlab.throughput.throughput_table", lambda: rows)
+    monkeypatch.setattr("normlab.execute.throughput.throughput_table", lambda: rows)
 
 
 def test_default_pack_is_the_measured_best_or_off(monkeypatch):

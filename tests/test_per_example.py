@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cases import NORM_KINDS, tiny_case
-from normlab.config import ConfigError
 from normlab.probes import per_example_contributions, per_example_loss_grads
 from normlab.probes._hygiene import frozen_norm_statistics
 from normlab.probes.per_example import _rows_disagree
+from normlab.utils.config import ConfigError
 
 UNCOUPLED = ("none", "group", "layer", "instance")
 

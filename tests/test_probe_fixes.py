@@ -12,9 +12,9 @@ from torch import nn
 
 from cases import tiny_case
 from normlab import probes
-from normlab.config import ConfigError
 from normlab.probes.curvature import hessian_operator
 from normlab.probes.lr_range import _read_curve
+from normlab.utils.config import ConfigError
 
 
 def dropout_mlp() -> nn.Module:

@@ -23,8 +23,8 @@ from torch import nn
 from brute_force import contributions_by_copies, dense_hessian_eigvals
 from cases import assert_unchanged, model_snapshot
 from normlab import probes
-from normlab._registry import Registry
-from normlab.config import ConfigError
+from normlab.utils.config import ConfigError
+from normlab.utils.registry import Registry
 from zoo import ZOO, ZooCase, in_mode
 
 # -- the brute-force side -------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from torch import nn
 
 from cases import tiny_case
 from normlab import probes
-from normlab.config import ConfigError
 from normlab.probes.coherence import weight_gradient
 from normlab.probes.per_example import PerExampleGradients
+from normlab.utils.config import ConfigError
 
 # -- coherence -------------------------------------------------------------------------------------
 
@@ -258,8 +258,8 @@ def test_probes_doc_example_runs():
 @pytest.mark.parametrize("name", ["activation_stats", "step_loss", "gradient_coherence",
                                   "gradient_spectrum"])
 def test_scheduled_callbacks_log_tagged_records(name):
-    from normlab.spec import RunSpec
-    from normlab.tasks import RunContext
+    from normlab.runs.spec import RunSpec
+    from normlab.runs.tasks import RunContext
     from normlab.train.callbacks import TrainState, scheduled
 
     case = tiny_case("batch")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cases import NORM_KINDS, assert_unchanged, model_snapshot, tiny_case
-from normlab.config import ConfigError
 from normlab.probes import radial_tangential
 from normlab.probes.radial import minibatch_gradient, radial_share_total
+from normlab.utils.config import ConfigError
 
 
 def _values(records, quantity, layer=None):
@@ -106,7 +106,7 @@ def test_bad_settings_are_named():
 def test_radial_callback_logs_layer_records():
     from types import SimpleNamespace
 
-    from normlab.tasks import RunContext
+    from normlab.runs.tasks import RunContext
     from normlab.train.callbacks import scheduled
 
     case = _exact_bn(tiny_case("batch"))

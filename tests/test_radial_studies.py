@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 
 import normlab.studies  # noqa: F401  (registers the studies and their tasks)
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import execute_run
 from normlab.studies._options import read_options
 from normlab.studies._trains import stable_and_trained
 from normlab.studies.base import SCALES, StudyResults, get_study
-from normlab.tasks import execute_run
+from normlab.utils.config import ConfigError
 
 TINY = dict(data="digits", model="resnet", depth=8, width=4, batch_size=32, steps=4,
             schedule="constant", init="xavier_normal", log_every=1)
@@ -104,8 +104,8 @@ def test_tiny_studies_run_end_to_end(tmp_path):
 
 
 def test_every_declared_task_option_refuses_a_bad_value():
+    from normlab.runs.tasks import task_problems
     from normlab.studies._options import _SCHEMAS
-    from normlab.tasks import task_problems
 
     assert {"gradients", "radial-probes", "curvature-probes", "lr-range", "rmt-product",
             "jacobian-spectrum", "sgd-noise"} <= set(_SCHEMAS)

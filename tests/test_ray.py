@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import fake_grid
-from normlab.config import ConfigError
-from normlab.executor_ray import RayExecutor, RayResources
+from normlab.execute.ray import RayExecutor, RayResources
 from normlab.runner import run_study
-from normlab.store import read_json, read_jsonl
+from normlab.runs.store import read_json, read_jsonl
+from normlab.utils.config import ConfigError
 
 TESTS = str(Path(__file__).parent)
 

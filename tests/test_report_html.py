@@ -45,7 +45,7 @@ def test_run_table_scrolls_inside_its_box_with_key_columns_first():
 
 
 def test_a_largest_lr_figure_draws_when_no_lr_trained(tmp_path):
-    from normlab.report.figures import largest_lr_figure, save_figure
+    from normlab.studies.figures import largest_lr_figure, save_figure
 
     table = pd.DataFrame({"norm": ["batch", "batch"], "batch_size": [2, 16],
                           "largest_trained_lr": [float("nan")] * 2,

@@ -15,10 +15,11 @@ import pytest
 
 import fake_study
 from normlab.cli import main
-from normlab.executor import LocalExecutor
-from normlab.runner import plan_study, run_study
-from normlab.store import CorruptRecordError, read_jsonl
+from normlab.execute.local import LocalExecutor
+from normlab.runner import run_study
+from normlab.runs.store import CorruptRecordError, read_jsonl
 from normlab.studies import StudyResults, load_results
+from normlab.studies.plan import plan_study
 
 TESTS = str(Path(__file__).parent)
 

@@ -11,7 +11,6 @@ import torch
 from scipy import integrate, stats
 
 from cases import assert_unchanged, model_snapshot, tiny_case
-from normlab.config import ConfigError
 from normlab.nn import initialize, mlp
 from normlab.probes import (
     fuss_catalan_density,
@@ -24,6 +23,7 @@ from normlab.probes.rmt import (
     fuss_catalan_singular_value_density,
     fuss_catalan_support,
 )
+from normlab.utils.config import ConfigError
 
 
 @pytest.mark.parametrize("M", [1, 2, 3])

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.train.schedules import lr_at
+from normlab.utils.config import ConfigError
 
 T = 100
 

@@ -17,9 +17,9 @@ import pytest
 
 import fake_grid
 from normlab.cli import main
-from normlab.config import ConfigError
-from normlab.executor_slurm import SlurmResources
-from normlab.store import read_json, read_jsonl
+from normlab.execute.slurm import SlurmResources
+from normlab.runs.store import read_json, read_jsonl
+from normlab.utils.config import ConfigError
 
 TESTS = str(Path(__file__).parent)
 needs_slurm = pytest.mark.skipif(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import fake_study  # noqa: F401  (registers the "fake" task)
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.utils.config import ConfigError
 
 FIELDS = dataclasses.fields(RunSpec)
 
@@ -126,7 +126,7 @@ def test_run_id_is_the_same_in_another_process():
     spec = base_spec(options={"z": 1, "a": {"y": 2, "b": 3}}, probes=[{"name": "radial"}])
     tests = str(Path(__file__).parent)
     code = (f"import sys; sys.path.insert(0, {tests!r}); import fake_study; "
-            f"from normlab.spec import RunSpec; "
+            f"from normlab.runs.spec import RunSpec; "
             f"print(RunSpec.from_json({spec.to_json()!r}).run_id)")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cases import tiny_case
-from normlab.config import ConfigError
 from normlab.probes import activation_stats, step_anatomy, step_loss
 from normlab.probes._hygiene import frozen_norm_statistics
+from normlab.utils.config import ConfigError
 
 
 def moved_copy(case, step: float):

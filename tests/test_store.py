@@ -7,12 +7,12 @@ import json
 import pytest
 
 import fake_study
-from normlab._atomic import atomic_write_json
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.store import CorruptRecordError, RunStore, append_jsonl, read_jsonl, read_result
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import CorruptRecordError, RunStore, append_jsonl, read_jsonl, read_result
+from normlab.runs.tasks import execute_run
 from normlab.studies import StudyResults, load_results
-from normlab.tasks import execute_run
+from normlab.utils.atomic import atomic_write_json
 
 
 def spec(**changes) -> RunSpec:

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, get_task
 from normlab.studies import Finding, get_study, noise_scale, rmt, small_batch
 from normlab.studies import init as init_study
 from normlab.studies._options import read_options
 from normlab.studies._theory_tasks import JACOBIAN_TASK, NOISE_TASK, RMT_TASK
 from normlab.studies._trains import stable_and_trained
-from normlab.tasks import RunContext, get_task
+from normlab.utils.config import ConfigError
 
 
 def test_smoke_grids_cover_what_the_issue_asks():
-    from normlab.runner import plan_study  # after normlab.studies (import order of paper.py)
+    from normlab.studies.plan import plan_study
 
     specs = plan_study("rmt", "smoke")
     assert {s.mapping("options")["M"] for s in specs if s.task == RMT_TASK} == {1, 3, 5}

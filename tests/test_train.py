@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from cases import tiny_case
-from normlab.config import ConfigError
-from normlab.executor import LocalExecutor
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext, get_task
+from normlab.execute.local import LocalExecutor
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, get_task
 from normlab.train import TrainState, lr_at, register_callback, train
 from normlab.train.build import resolve_device
 from normlab.train.divergence import check_divergence, json_safe
 from normlab.train.projection import UpdateProjection
+from normlab.utils.config import ConfigError
 
 TINY_DATA = {"n_train": 96, "n_test": 48, "shape": [3, 8, 8], "num_classes": 4}
 

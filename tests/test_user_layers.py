@@ -15,10 +15,10 @@ from torch.nn.utils import parametrizations
 from brute_force import contributions_by_copies, dense_hessian_eigvals
 from cases import assert_unchanged, model_snapshot
 from normlab import probes
-from normlab.config import ConfigError
 from normlab.nn import ExampleAxis, example_axes, is_batch_coupled, norm_layers, resnet_cifar
 from normlab.nn.batch_renorm import set_training_fraction
 from normlab.probes._modes import probe_mode
+from normlab.utils.config import ConfigError
 from zoo import ReZeroNet, UserBatchNorm
 
 

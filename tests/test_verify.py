@@ -15,11 +15,11 @@ import pytest
 import fake_study  # noqa: F401  (registers the fake study and task)
 from normlab.cli import main
 from normlab.runner import run_study
-from normlab.spec import RunSpec
-from normlab.store import CorruptRecordError, read_result
-from normlab.tasks import RunContext
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import CorruptRecordError, files_record, read_result
+from normlab.runs.tasks import RunContext
+from normlab.runs.verify import damaged_runs, step_order_problems, verify_store
 from normlab.train import train
-from normlab.verify import damaged_runs, files_record, step_order_problems, verify_store
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from normlab._registry import Registry
+from normlab.utils.registry import Registry
 
 
 @dataclass

@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from normlab._plugins import keep_functions_over_submodules
-from normlab.config import ConfigError
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-
-__version__ = "0.1.0"
+from normlab._moved import install as _answer_old_paths
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.utils.config import ConfigError
+from normlab.utils.plugins import keep_functions_over_submodules
+from normlab.utils.version import __version__
 
 _LAZY = {
     # models, norms, inits
@@ -36,7 +36,7 @@ _LAZY = {
     "train": "normlab.train",
     # studies
     "run_study": "normlab.runner",
-    "plan_study": "normlab.runner",
+    "plan_study": "normlab.studies.plan",
     "Study": "normlab.studies",
     "register_study": "normlab.studies",
     "list_studies": "normlab.studies",
@@ -62,3 +62,4 @@ def __dir__() -> list[str]:
 
 
 keep_functions_over_submodules(__name__, _LAZY)  # `normlab.train` stays the function
+_answer_old_paths()  # the module paths of 0.1 (normlab.spec, ...) warn and still work

@@ -10,9 +10,9 @@ See docs/data.md for the conventions (split, standardization, augmentation, cach
 
 from __future__ import annotations
 
-from normlab._plugins import import_submodules
 from normlab.data.base import ArrayDataset, DataError, available, load, register_dataset
 from normlab.data.loader import BatchIterator
+from normlab.utils.plugins import import_submodules
 
 __all__ = ["ArrayDataset", "BatchIterator", "DataError", "available", "load", "register_dataset"]
 

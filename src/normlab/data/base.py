@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from normlab._registry import Registry
-from normlab.config import ConfigError
+from normlab.utils.config import ConfigError
+from normlab.utils.registry import Registry
 
 Loader = Callable[..., "tuple[ArrayDataset, ArrayDataset]"]
 _DATASETS: Registry[Loader] = Registry("data")

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.config import ConfigError, check_interval
 from normlab.data.base import (
     ArrayDataset,
     DataError,
@@ -47,6 +46,7 @@ from normlab.data.base import (
     register_dataset,
     standardized_pair,
 )
+from normlab.utils.config import ConfigError, check_interval
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -16,8 +16,8 @@ import os
 import numpy as np
 import torch
 
-from normlab.config import check_interval
 from normlab.data.base import ArrayDataset, register_dataset, standardized_pair
+from normlab.utils.config import check_interval
 
 
 @register_dataset("digits")

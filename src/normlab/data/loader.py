@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from normlab.config import ConfigError, check_interval
 from normlab.data.base import ArrayDataset
+from normlab.utils.config import ConfigError, check_interval
 
 
 class BatchIterator:

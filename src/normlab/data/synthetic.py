@@ -15,8 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from normlab.config import ConfigError, check_interval
 from normlab.data.base import ArrayDataset, register_dataset, standardized_pair
+from normlab.utils.config import ConfigError, check_interval
 
 
 @register_dataset("synthetic")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ConfigError, check_interval
+from normlab.utils.config import ConfigError, check_interval
 
 
 class BatchRenorm(nn.modules.batchnorm._BatchNorm):

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.config import ConfigError
 from normlab.nn._probing import LearnedCache, run_privately, structure_key, tensor_key
 from normlab.nn.example_axes import Axis, Call, ExampleAxis, example_axes
+from normlab.utils.config import ConfigError
 
 Run = Callable[[tuple, dict[str, torch.Tensor]], Any]
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.nn.mlp import mlp
 from normlab.nn.plain import plain_cnn
 from normlab.nn.resnet import resnet_cifar
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 MODELS = ("resnet", "plain_cnn", "mlp")
 

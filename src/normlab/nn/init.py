@@ -34,8 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from normlab._registry import Registry
-from normlab.config import ConfigError, check_interval
+from normlab.utils.config import ConfigError, check_interval
+from normlab.utils.registry import Registry
 
 Generator = torch.Generator | None
 # A scheme fills one conv or linear module in place: fn(layer_name, module, gain, generator).

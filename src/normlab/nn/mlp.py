@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.nn.init import initialize
 from normlab.nn.norms import make_norm
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,

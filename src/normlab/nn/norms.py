@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab._registry import Registry
-from normlab.config import ConfigError, check_interval
 from normlab.nn.batch_renorm import BatchRenorm
+from normlab.utils.config import ConfigError, check_interval
+from normlab.utils.registry import Registry
 
 NormFactory = Callable[..., nn.Module]
 _NORMS: Registry[NormFactory] = Registry("norm")

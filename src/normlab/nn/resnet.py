@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.nn.init import initialize
 from normlab.nn.norms import make_norm
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 NormSpec = str | Callable[..., nn.Module]
 PLACEMENTS = ("every_conv", "single")

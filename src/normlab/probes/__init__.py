@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from normlab._plugins import keep_functions_over_submodules
+from normlab.utils.plugins import keep_functions_over_submodules
 
 _LAZY = {
     # Probes I: activations, per-example gradients and gradient structure (E3-E8)

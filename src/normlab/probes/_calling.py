@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError
 from normlab.probes._batches import Batch
+from normlab.utils.config import ConfigError
 
 
 def is_batch(data: object) -> bool:

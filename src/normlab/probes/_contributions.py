@@ -37,7 +37,6 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from normlab.config import ConfigError
 from normlab.nn import BatchRenorm, InstanceNorm
 from normlab.nn.coupling import couples
 from normlab.nn.example_axes import Call, ExampleAxes, ExampleAxis, example_axes
@@ -51,6 +50,7 @@ from normlab.probes._modules import (
 )
 from normlab.probes._results import all_finite, rounding_slack
 from normlab.probes._stateless import Stateless
+from normlab.utils.config import ConfigError
 
 _CONV_FORWARDS = {c.forward for c in (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d,
                                       nn.ConvTranspose2d, nn.ConvTranspose3d)}

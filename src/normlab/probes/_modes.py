@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice
 from normlab.nn.coupling import batch_coupling, norm_layers
+from normlab.utils.config import ConfigError, check_choice
 
 MODES = ("train", "eval", "keep")
 

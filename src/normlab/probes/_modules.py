@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.config import ConfigError
+from normlab.nn import weight_layers as nn_weight_layers
+from normlab.utils.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,6 @@ class Layer:
 
 def weight_layers(model: nn.Module) -> list[Layer]:
     """Conv2d/Linear layers in forward order with their depth (normlab.nn's numbering)."""
-    from normlab.nn import weight_layers as nn_weight_layers
-
     return [Layer(info.name, info.depth, info.module, info.main_path)
             for info in nn_weight_layers(model)]
 

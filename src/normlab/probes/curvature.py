@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.nn.batch_renorm import BatchRenorm
 from normlab.probes._batches import Batch, LossFn, Vector, unflatten
 from normlab.probes._calling import batch_list, batch_loss, convention
@@ -47,6 +46,7 @@ from normlab.probes._results import RecordsMixin
 from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback, with_state
 from normlab.train.graphed import CapturedCall
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 METHODS = ("lanczos", "power")
 

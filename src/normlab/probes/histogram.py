@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_interval
 from normlab.probes._calling import batch_loss, convention, one_batch
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
@@ -28,6 +27,7 @@ from normlab.probes._modules import (
 )
 from normlab.probes._results import Records, all_finite, flagged
 from normlab.probes._stateless import Stateless, leaves
+from normlab.utils.config import ConfigError, check_interval
 
 
 def tail_statistics(values: torch.Tensor, k: int | None = None) -> dict[str, float]:

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_interval
+from normlab.nn.geometry import _rows, _unrows, radial_part
 from normlab.probes._batches import Batch, LossFn, Vector, dot, norm
 from normlab.probes._calling import batch_list, batch_loss, convention
-from normlab.probes._geometry import _rows, _unrows, radial_part
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode, resolve_mode
 from normlab.probes._modules import weight_layers
 from normlab.probes._results import Records, flagged
 from normlab.probes._stateless import Stateless
+from normlab.probes.curvature import hessian_eigs
+from normlab.utils.config import ConfigError, check_interval
 
 
 def _weight_names(model: nn.Module) -> list[str]:
@@ -112,8 +113,6 @@ def tangential_direction(model: nn.Module, grads: Vector, granularity: str = "fi
 def hessian_direction(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], *,
                       mode: str | None = None, bn_mode: str | None = None) -> Vector:
     """The top eigenvector (unit norm) of the loss Hessian on `data` (see `hessian_eigs`)."""
-    from normlab.probes.curvature import hessian_eigs
-
     mode = resolve_mode(mode, bn_mode, "train")
     return hessian_eigs(model, loss_fn, data, k=1, mode=mode).vectors[0]
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._batches import Batch, LossFn
 from normlab.probes._calling import batch_loss, check_batch, convention, is_batch
 from normlab.probes._hygiene import preserved
@@ -27,6 +26,7 @@ from normlab.probes._modes import MODES, norm_mode, probe_mode
 from normlab.probes._modules import select_params
 from normlab.probes._results import RecordsMixin
 from normlab.probes._stateless import Stateless
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 RAMPS = ("exp", "linear")
 

@@ -20,7 +20,10 @@ from normlab.probes._calling import batch_list, convention
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._results import Records, RecordsMixin, all_finite
+from normlab.probes.per_example import per_example_loss_grads
 from normlab.probes.radial import minibatch_gradient, radial_share_total, radial_tangential
+from normlab.probes.spectrum import gradient_spectrum
+from normlab.utils.config import ConfigError
 
 
 @dataclass
@@ -66,8 +69,6 @@ def mean_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
     """
     batches = batch_list(data, "mean_gradient")
     if len(batches) < 2:
-        from normlab.config import ConfigError
-
         raise ConfigError(f"The 'data' setting of mean_gradient must hold at least 2 batches "
                           f"(two halves are compared); got {len(batches)}.")
     with preserved(model), probe_mode(model, mode, batches[0][0]):
@@ -89,9 +90,6 @@ def mean_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
 
 def _top_direction_cosines(model: nn.Module, loss_fn: LossFn, batch: Batch, mean: Vector
                            ) -> list[dict[str, Any]]:
-    from normlab.probes.per_example import per_example_loss_grads
-    from normlab.probes.spectrum import gradient_spectrum
-
     x, y = batch
     per_example = per_example_loss_grads(model, loss_fn, (x, y))
     spectrum, directions = gradient_spectrum(per_example, return_directions=True)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from normlab.config import ConfigError, check_interval
+from normlab.utils.config import ConfigError, check_interval
 
 
 def gradient_matrix(per_example_grads: torch.Tensor | Mapping[str, torch.Tensor]

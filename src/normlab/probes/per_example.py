@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.nn.coupling import batch_coupling
 from normlab.probes._calling import convention, one_batch, per_example_losses
 from normlab.probes._contributions import contributions
@@ -34,6 +33,8 @@ from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import hooks_removed, param_layers, select_params
 from normlab.probes._results import RecordsMixin, all_finite, rounding_slack
 from normlab.probes._stateless import Stateless, leaves
+from normlab.train.graphed import cudnn_autotuned, hooks_refusal, on_side_stream
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 METHODS = ("auto", "vjp", "vmap")
 LOSS_GRADS = "per_example_loss_grads"
@@ -237,8 +238,6 @@ def _captured_rows(losses_of_batch: Callable[[], torch.Tensor], tensors: list[to
     (with a RuntimeWarning) when `modules` carry user hooks (they would run only while the graph
     is recorded), CUDA refuses the capture or the check fails, and the caller takes the eager
     path."""
-    from normlab.train.graphed import cudnn_autotuned, hooks_refusal, on_side_stream
-
     refusal = hooks_refusal(*modules)
     if refusal:
         warnings.warn(f"Not captured in a CUDA graph, the per-example backward runs eagerly: "

@@ -1,7 +1,7 @@
 """Radial and tangential parts of a gradient (or any direction) per weight layer and per filter.
 
 For a conv or linear weight w and a direction g: g_rad = (<g, w>/||w||^2) w, g_tan = g - g_rad
-(`probes._geometry`). A weight whose output is followed by BatchNorm is scale-invariant,
+(`nn.geometry`). A weight whose output is followed by BatchNorm is scale-invariant,
 L(c w) = L(w), so its loss gradient is purely tangential; nothing forces that without a norm.
 """
 
@@ -13,16 +13,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice
+from normlab.nn.geometry import GRANULARITIES, _rows, radial_part
 from normlab.probes._batches import LossFn, Vector
 from normlab.probes._calling import batch_loss, convention, one_batch
-from normlab.probes._geometry import GRANULARITIES, _rows, radial_part
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._modules import select_params, weight_layers
 from normlab.probes._results import Records, all_finite, flagged
 from normlab.probes._stateless import Stateless, leaves
 from normlab.train.callbacks import TrainState, register_callback
+from normlab.utils.config import ConfigError, check_choice
 
 
 def minibatch_gradient(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_choice, check_interval
 from normlab.probes._calling import convention, inputs_of
 from normlab.probes._hygiene import preserved
 from normlab.probes._modes import norm_mode, probe_mode
 from normlab.probes._results import RecordsMixin
 from normlab.probes._stateless import Stateless
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 JACOBIAN_METHODS = ("auto", "exact", "lanczos", "randomized")
 EXACT_MAX_ENTRIES = 2 ** 22  # "auto" materializes J only up to this many entries

@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from normlab.config import ConfigError, check_choice, check_interval
+from normlab.probes.per_example import per_example_contributions, per_example_loss_grads
 from normlab.train.callbacks import TrainState, register_callback
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 QUANTITIES = ("per_example_loss_grads", "per_example_contributions")
 
@@ -115,8 +116,6 @@ def gradient_spectrum_callback(gradient: str = "per_example_loss_grads", example
     check_interval("examples", examples, 2, kind=int, low_open=False)
 
     def callback(state: TrainState) -> None:
-        from normlab.probes.per_example import per_example_contributions, per_example_loss_grads
-
         x, y = state.x[:examples], state.y[:examples]
         if gradient == "per_example_loss_grads":
             grads = per_example_loss_grads(state.model, state.loss_fn, (x, y), params=params)

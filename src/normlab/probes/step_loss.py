@@ -13,16 +13,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, check_interval
 from normlab.probes._batches import Batch
 from normlab.probes._calling import batch_loss, convention, one_batch
 from normlab.probes._hygiene import preserved
-from normlab.probes._modes import norm_mode, probe_mode, resolve_mode
+from normlab.probes._modes import MODES, norm_mode, probe_mode, resolve_mode
 from normlab.probes._modules import hooks_removed, select_layers, select_params
 from normlab.probes._results import Records, flagged
 from normlab.probes._stateless import Stateless, leaves
 from normlab.probes.activations import QUANTITIES, channel_moments
 from normlab.train.callbacks import TrainState, register_callback
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 DIVERGENCE_THRESHOLD = 1e3
 
@@ -172,9 +172,6 @@ def _loss(forward, loss_fn, batch, params) -> float:
 def step_loss_callback(steps: Sequence[float] | None = None, bn_mode: str = "train"):
     """Log `step_loss` along the current mini-batch gradient (records tagged with the step);
     `bn_mode` is the probe mode ("train", "eval" or "keep")."""
-    from normlab.config import check_choice
-    from normlab.probes._modes import MODES
-
     check_choice("bn_mode", bn_mode, MODES)
     grid = _check_steps(steps)
 

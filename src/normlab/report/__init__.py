@@ -2,7 +2,7 @@
 
 `build_report(out_dir)` writes a study folder's report.html. The HTML pieces live in
 `normlab.report.html`, terminal output in `normlab.report.terminal`. Imported lazily, so that
-studies can import `normlab.report.figures` without loading the report machinery.
+studies can import `normlab.studies.figures` without loading the report machinery.
 """
 
 from __future__ import annotations

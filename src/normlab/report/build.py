@@ -11,14 +11,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from normlab._atomic import atomic_write_text
 from normlab.report import html
 from normlab.report.columns import in_plan_order
 from normlab.report.terminal import status_counts
-from normlab.result import provenance
-from normlab.store import RunStore, read_result
+from normlab.runs.result import provenance
+from normlab.runs.store import RunStore, read_result
 from normlab.studies._trains import FRONTIER_DEFINITION, TRAINS_DEFINITION
 from normlab.studies.base import Finding, Study, StudyResults, get_study, read_study_file
+from normlab.studies.paper import EXPERIMENTS
+from normlab.utils.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -91,8 +92,6 @@ def study_header(study: Study, plan: Mapping[str, Any], results: StudyResults) -
 
 def experiment_intros() -> dict[str, str]:
     """One line per experiment id (E1-E10, R1-R9): the claim it tests, as section intro."""
-    from normlab.studies.paper import EXPERIMENTS
-
     return dict(EXPERIMENTS)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from normlab.spec import RunSpec
-from normlab.store import RunStore, read_result
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore, read_result
 from normlab.studies.base import _spec_columns
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
+from normlab.execute.progress import ProgressReporter
 from normlab.report.columns import varying_settings
-from normlab.result import RunResult
-from normlab.runner import ProgressReporter
-from normlab.spec import RunSpec
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
 from normlab.studies.base import _spec_columns
 
 STATUS_ORDER = ("completed", "diverged", "failed", "unfinished")

@@ -24,6 +24,6 @@ __all__ = [
     "register_study",
 ]
 
-from normlab._plugins import import_submodules
+from normlab.utils.plugins import import_submodules
 
 import_submodules(__name__)  # every module of this package registers its study on import

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies._options import Option
 from normlab.studies._trains import point_table
 

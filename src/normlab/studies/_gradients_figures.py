@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
+from normlab.studies.base import StudyResults
+from normlab.studies.figures import (
     NORM_COLORS,
     FigureInfo,
     draw_figures,
@@ -15,7 +16,6 @@ from normlab.report.figures import (
     require,
     save_figure,
 )
-from normlab.studies.base import StudyResults
 
 MODE = "BN mode: train (batch statistics; running statistics frozen during probes)."
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from normlab import probes
@@ -43,8 +44,6 @@ class Measurement:
             self.measure(state.model, state.loss_fn, x, y, tag)
 
     def _batches(self, state: TrainState):
-        from normlab.studies.gradients import measurement_batch
-
         size = state.spec.batch_size
         train = measurement_batch(state.train_data, size, MEASUREMENT_SEED, state.device)
         test = measurement_batch(state.test_data, size, MEASUREMENT_SEED, state.device)
@@ -111,3 +110,11 @@ def signal_sites(model: nn.Module, depths: list[int]) -> dict[str, int]:
         last[owner[layer.name]] = max(last.get(owner[layer.name], 0), layer.depth)
     chosen = {owner[layer.name] for layer in layers if layer.depth in depths}
     return {name: last[name] for name in last if name in chosen}
+
+
+def measurement_batch(data, size: int, seed: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` examples of `data` drawn without replacement by a generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=gen)[:size].to(data.x.device)
+    return data.x[index].to(device), data.y[index].to(device)

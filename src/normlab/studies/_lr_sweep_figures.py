@@ -12,14 +12,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
+from normlab.studies._trains import (
+    FRONTIER_DEFINITION,
+    TRAINS_DEFINITION,
+    TRAINS_MIN_TEST_ACC,
+    point_table,
+    stable_and_trained,
+)
+from normlab.studies.base import StudyResults
+from normlab.studies.figures import (
     CENSORED,
     DIVERGED,
     NONE_QUALIFIED,
     NORM_COLORS,
     PANEL,
+    Drawn,
     FigureInfo,
     diverged_strip,
+    figure,
     label_axes,
     largest_lr_lines,
     mark_censored,
@@ -31,14 +41,6 @@ from normlab.report.figures import (
     save_figure,
     saved_figure,
 )
-from normlab.studies._trains import (
-    FRONTIER_DEFINITION,
-    TRAINS_DEFINITION,
-    TRAINS_MIN_TEST_ACC,
-    point_table,
-    stable_and_trained,
-)
-from normlab.studies.base import StudyResults
 
 FRONTIER_GROUPS = ("sweep", "E10")  # the groups whose lr grids have a divergence frontier
 # E1: (norm, lr) -> the paper's reported final test accuracy (%)
@@ -207,7 +209,17 @@ def stable_lr_bars(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         f"qualified. {_setup(sweep)}.")
 
 
-def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("E10",
+        "stable_lr_vs_depth",
+        "Largest stable learning rate vs depth",
+        "The largest learning rate of the grid with p(diverge) = 0 there and at "
+        "every smaller lr (over seeds and perturbation replicates), for ResNets "
+        "of several depths without normalization and with BN. Dashed: no "
+        "divergence (the paper's criterion); solid: also trains "
+        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
+        "lies at or above the grid's end); a triangle on the bottom edge: no lr "
+        "of the grid was stable (open) or trained (filled).")
+def stable_lr_vs_depth(results: StudyResults) -> Drawn:
     """E10: the largest stable lr vs depth, without normalization and with BN."""
     runs = _group(results, "sweep", "E10")
     runs = runs[runs["norm"].isin(["none", "batch"])] if not runs.empty else runs
@@ -223,15 +235,7 @@ def stable_lr_vs_depth(results: StudyResults, fig_dir: Path) -> FigureInfo | Non
     label_axes(ax, "depth (weight layers)", "largest stable learning rate",
                "Depth limits the learning rate (E10)")
     marker_legend(ax, used)
-    return saved_figure(fig, fig_dir, table, "E10", "stable_lr_vs_depth",
-                        "Largest stable learning rate vs depth",
-                        "The largest learning rate of the grid with p(diverge) = 0 there and at "
-                        "every smaller lr (over seeds and perturbation replicates), for ResNets "
-                        "of several depths without normalization and with BN. Dashed: no "
-                        "divergence (the paper's criterion); solid: also trains "
-                        f"({TRAINS_DEFINITION}). '>=': stable at the largest lr tried (the limit "
-                        "lies at or above the grid's end); a triangle on the bottom edge: no lr "
-                        "of the grid was stable (open) or trained (filled).")
+    return fig, table
 
 
 def _e1_curves_table(results: StudyResults) -> pd.DataFrame:

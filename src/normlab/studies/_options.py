@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from normlab.config import ConfigError, choice_problem, interval_problem
-from normlab.spec import RunSpec
-from normlab.tasks import register_task_check
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import register_task_check
+from normlab.utils.config import ConfigError, choice_problem, interval_problem
 
 KINDS = ("int", "float", "bool", "int_list", "str")
 

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from normlab.config import ConfigError, check_choice
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.utils.config import ConfigError, check_choice
 
 SCALES = ("smoke", "reduced", "paper")
 # What the studies' grids share: a CIFAR ResNet with Xavier-normal init (what the paper appears

@@ -18,12 +18,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError
-from normlab.probes.rmt import JACOBIAN_METHODS
-from normlab.result import RunResult, provenance
-from normlab.spec import RunSpec
+from normlab.data import load
+from normlab.nn import build_model, initialize, is_batch_coupled, mlp
+from normlab.probes.activations import activation_stats
+from normlab.probes.noise import gradient_variance, sgd_noise
+from normlab.probes.per_example import per_example_loss_grads
+from normlab.probes.rmt import (
+    JACOBIAN_METHODS,
+    fuss_catalan_support,
+    jacobian_singular_values,
+    product_singular_values,
+    spectrum_summary,
+)
+from normlab.runs.result import RunResult, provenance
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task
 from normlab.studies._options import Option, declare_options, read_options
-from normlab.tasks import RunContext, register_task
+from normlab.utils.config import ConfigError
 
 RMT_TASK = "rmt-product"
 JACOBIAN_TASK = "jacobian-spectrum"
@@ -56,8 +67,6 @@ def _result(spec: RunSpec, final: dict[str, Any]) -> RunResult:
 @register_task(RMT_TASK)
 def rmt_product_task(spec: RunSpec, context: RunContext) -> RunResult:
     """Singular values of a product of M Gaussian matrices, and their summaries."""
-    from normlab.probes.rmt import fuss_catalan_support, product_singular_values, spectrum_summary
-
     options = read_options(spec)
     values = product_singular_values(options["M"], options["N"], seed=spec.seed)
     rows = [{"quantity": "singular_value", "rank": i, "value": v}
@@ -73,8 +82,6 @@ def rmt_product_task(spec: RunSpec, context: RunContext) -> RunResult:
 def build_init_model(spec: RunSpec, image_shape: tuple[int, int, int],
                      num_classes: int, activation: str) -> nn.Module:
     """The spec's model at initialization in float64 (see the module docstring)."""
-    from normlab.nn import build_model, initialize, mlp
-
     if spec.model == "mlp" and activation == "linear":
         d_in = image_shape[0] * image_shape[1] * image_shape[2]
         model = mlp([d_in, *[spec.width] * spec.depth], activation="linear", norm=spec.norm,
@@ -95,10 +102,6 @@ def build_init_model(spec: RunSpec, image_shape: tuple[int, int, int],
 @register_task(JACOBIAN_TASK)
 def jacobian_spectrum_task(spec: RunSpec, context: RunContext) -> RunResult:
     """Jacobian singular values and per-layer activation statistics at initialization."""
-    from normlab.data import load
-    from normlab.probes.activations import activation_stats
-    from normlab.probes.rmt import jacobian_singular_values, spectrum_summary
-
     options = read_options(spec)
     train_set, _ = load(spec.data, **spec.mapping("data_options"))
     model = build_init_model(spec, train_set.image_shape, train_set.num_classes,
@@ -116,11 +119,6 @@ def jacobian_spectrum_task(spec: RunSpec, context: RunContext) -> RunResult:
 @register_task(NOISE_TASK)
 def sgd_noise_task(spec: RunSpec, context: RunContext) -> RunResult:
     """SGD noise at initialization: Monte-Carlo estimate vs the exact formula per batch size."""
-    from normlab.data import load
-    from normlab.nn import is_batch_coupled
-    from normlab.probes.noise import gradient_variance, sgd_noise
-    from normlab.probes.per_example import per_example_loss_grads
-
     options = read_options(spec)
     train_set, _ = load(spec.data, **spec.mapping("data_options"))
     model = build_init_model(spec, train_set.image_shape, train_set.num_classes, "relu")

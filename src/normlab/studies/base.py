@@ -22,12 +22,8 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from normlab._plugins import import_submodules
-from normlab._registry import Registry
-from normlab.config import ConfigError
-from normlab.report.figures import FigureInfo
-from normlab.spec import RunSpec
-from normlab.store import RunStore, read_json, read_jsonl, read_result
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore, read_json, read_jsonl, read_result
 from normlab.studies._findings import (  # noqa: F401 (re-exported)
     AGREES,
     DIFFERS,
@@ -39,6 +35,10 @@ from normlab.studies._findings import (  # noqa: F401 (re-exported)
 from normlab.studies._options import Option
 from normlab.studies._scales import SCALES, check_scale, default_data  # noqa: F401 (re-exported)
 from normlab.studies._trains import is_edge, p_diverge
+from normlab.studies.figures import FigureInfo
+from normlab.utils.config import ConfigError
+from normlab.utils.plugins import import_submodules
+from normlab.utils.registry import Registry
 
 
 class Study(ABC):

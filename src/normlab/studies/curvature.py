@@ -17,26 +17,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
-    DIVERGED,
-    NORM_COLORS,
-    FigureInfo,
-    diverged_strip,
-    draw_figures,
-    label_axes,
-    marker_legend,
-    new_figure,
-    require,
-    saved_figure,
-)
-from normlab.result import RunResult, provenance
-from normlab.spec import RunSpec
+from normlab.probes import hessian_eigs, lr_range_test
+from normlab.probes._batches import fixed_batches
+from normlab.runs.result import RunResult, provenance
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._options import Option, declare_options, read_options
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained, trains
 from normlab.studies.base import Study, StudyResults, register_study
-from normlab.tasks import RunContext, register_task
+from normlab.studies.figures import (
+    DIVERGED,
+    NORM_COLORS,
+    Drawn,
+    FigureInfo,
+    diverged_strip,
+    draw_figures,
+    figure,
+    label_axes,
+    marker_legend,
+    new_figure,
+    require,
+)
+from normlab.train import train
+from normlab.train.build import build_data, build_model, resolve_device
 from normlab.train.callbacks import TrainState
 
 SHARPNESS_TASK = "curvature-probes"
@@ -95,9 +100,6 @@ class _FinalSharpness:
     def __call__(self, state: TrainState) -> None:
         if state.step != state.total_steps:
             return
-        from normlab.probes import hessian_eigs
-        from normlab.probes._batches import fixed_batches
-
         batches = fixed_batches(state.train_data, self.spec.batch_size,
                                 self.options["hessian_batches"], seed=self.spec.seed)
         eigs = hessian_eigs(state.model, state.loss_fn, batches, tol=self.options["tol"],
@@ -111,8 +113,6 @@ class _FinalSharpness:
 def curvature_probes_task(spec: RunSpec, context: RunContext) -> RunResult:
     """Train the spec (its probes included) and take lambda_max on fixed batches at the end
     (options: hessian_batches, tol, max_iter)."""
-    from normlab.train import train
-
     measure = _FinalSharpness(spec, read_options(spec))
     result = train(spec.replace(task="train", options={}), callbacks=[measure], context=context)
     result.final.update(measure.summary)
@@ -125,9 +125,6 @@ def lr_range_task(spec: RunSpec, context: RunContext) -> RunResult:
     (train-mode BN, the spec's momentum and weight decay; options: start, end, range_steps,
     smoothing, diverge_factor)."""
     import torch
-
-    from normlab.probes import lr_range_test
-    from normlab.train.build import build_data, build_model, resolve_device
 
     options = read_options(spec)
     device = resolve_device(spec.device)
@@ -218,7 +215,12 @@ def _stable_table(results: StudyResults) -> pd.DataFrame:
 
 # -- figures --------------------------------------------------------------------------------------
 
-def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R9", "sharpness_vs_lr", "Sharpness of what each learning rate finds")
+def _final_sharpness(results: StudyResults) -> Drawn:
+    """Top Hessian eigenvalue of the mean training loss on fixed batches (train-mode BN: batch
+    statistics are part of the function; Lanczos, 1e-3 relative) at the end of constant-lr
+    training, against the stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip above
+    the panel: diverged runs (no lambda_max)."""
     runs = results.in_group("R9")
     if runs.empty or "lambda_max" not in runs:
         return None
@@ -240,16 +242,14 @@ def _final_sharpness(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     label_axes(ax, "learning rate (constant)", "lambda_max at end of training", xlog=True,
                ylog=True)
     marker_legend(ax, used)
-    return saved_figure(fig, fig_dir, table, "R9", "sharpness_vs_lr",
-                        "Sharpness of what each learning rate finds",
-                        "Top Hessian eigenvalue of the mean training loss on fixed batches "
-                        "(train-mode BN: batch statistics are part of the function; Lanczos, "
-                        "1e-3 relative) at the end of constant-lr training, against the "
-                        "stability thresholds 2/lr and 2(1+momentum)/lr; x in the strip above the "
-                        "panel: diverged runs (no lambda_max).")
+    return fig, table
 
 
-def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R9", "sharpness_over_training", "Sharpness over training vs 2/lr")
+def _sharpness_over_training(results: StudyResults) -> Drawn:
+    """lambda_max of the loss on the run's first mini-batch (train-mode BN, running statistics
+    frozen) during training; dotted 2/lr, dashed 2(1+momentum)/lr (the heavy-ball stability
+    edge)."""
     records = require(results.records("sharpness"))
     table = records[["norm", "lr", "step", "quantity", "value"]]
     lrs = sorted(table["lr"].unique())
@@ -268,14 +268,16 @@ def _sharpness_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo
         ax.set_title(f"lr {lr:g}")
     axes[0][0].set_ylabel("lambda_max (first batch)")
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R9", "sharpness_over_training",
-                        "Sharpness over training vs 2/lr",
-                        "lambda_max of the loss on the run's first mini-batch (train-mode BN, "
-                        "running statistics frozen) during training; dotted 2/lr, dashed "
-                        "2(1+momentum)/lr (the heavy-ball stability edge).")
+    return fig, table
 
 
-def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R8",
+        "lr_range_test",
+        "LR range test beside the largest stable lr",
+        "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
+        "ramps exponentially from initialization; dashed: the largest lr of the "
+        f"R9 sweep whose constant-lr run trains ({TRAINS_DEFINITION}).")
+def _range_figure(results: StudyResults) -> Drawn:
     records = require(results.records("lr_range"))
     curve = records[records["quantity"] == "loss"][["norm", "lr", "value", "smoothed"]]
     stable = _stable_table(results)
@@ -293,8 +295,4 @@ def _range_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     ax.legend()
     data = curve.merge(stable[["norm", "largest_stable_lr", "largest_trained_lr"]], on="norm",
                        how="left")
-    return saved_figure(fig, fig_dir, data, "R8", "lr_range_test",
-                        "LR range test beside the largest stable lr",
-                        "Bias-corrected EMA of the mini-batch loss (train-mode BN) while the lr "
-                        "ramps exponentially from initialization; dashed: the largest lr of the "
-                        f"R9 sweep whose constant-lr run trains ({TRAINS_DEFINITION}).")
+    return fig, data

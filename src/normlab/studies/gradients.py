@@ -22,17 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from normlab.report.figures import FigureInfo
-from normlab.result import RunResult
-from normlab.spec import RunSpec
+from normlab.nn import list_norms
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task
 from normlab.studies import _gradients_figures as figures_module
 from normlab.studies._findings import Finding
+from normlab.studies._gradients_findings import gradient_findings
+from normlab.studies._gradients_measure import Measurement
 from normlab.studies._options import Option, declare_options, read_options
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies.base import Study, StudyResults, register_study
-from normlab.tasks import RunContext, register_task
+from normlab.studies.figures import FigureInfo
+from normlab.train import train
 
 PAPER_DEPTHS = (8, 44, 80)  # of 110: the paper's anatomy layers, scaled to other depths
 
@@ -71,9 +73,6 @@ OPTIONS = declare_options(
 @register_task("gradients")
 def gradients_task(spec: RunSpec, context: RunContext) -> RunResult:
     """Train `spec.steps` steps and measure E3-E8 at `options.measure_at` (see module doc)."""
-    from normlab.studies._gradients_measure import Measurement
-    from normlab.train import train
-
     options = read_options(spec)
     training = spec.replace(task="train", options={}, probes=())
     measurement = Measurement(options, context)
@@ -120,8 +119,6 @@ class GradientsStudy(Study):
 
     # -- the grid ---------------------------------------------------------------------------------
     def specs(self, scale: str, data: str | None = None) -> list[RunSpec]:
-        from normlab.nn import list_norms
-
         s = pick_scale(SCALES, scale)
         options = default_options(s.depth, s.steps, s.probe_batch, s.anatomy_points)
         if not s.measure_trained:
@@ -139,14 +136,4 @@ class GradientsStudy(Study):
 
     # -- findings ---------------------------------------------------------------------------------
     def findings(self, results: StudyResults) -> list[Finding]:
-        from normlab.studies._gradients_findings import gradient_findings
-
         return gradient_findings(results)
-
-
-def measurement_batch(data, size: int, seed: int, device: torch.device
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`size` examples of `data` drawn without replacement by a generator seeded with `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data), generator=gen)[:size].to(data.x.device)
-    return data.x[index].to(device), data.y[index].to(device)

@@ -22,24 +22,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
+from normlab.runs.spec import RunSpec
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._theory_tasks import JACOBIAN_TASK
+from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
+from normlab.studies.figures import (
     INIT_COLORS,
+    Drawn,
     FigureInfo,
     draw_figures,
+    figure,
     grouped_bars,
     label_axes,
     marker_legend,
     new_figure,
     plot_series,
     require,
-    saved_figure,
 )
-from normlab.spec import RunSpec
-from normlab.studies._findings import Finding, verdict
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
-from normlab.studies._theory_tasks import JACOBIAN_TASK
-from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
-from normlab.studies.base import Study, StudyResults, register_study
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 
@@ -178,7 +179,11 @@ def _variance_growth(results: StudyResults) -> pd.DataFrame:
 
 # -- figures --------------------------------------------------------------------------------------
 
-def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R7", "init_signal_propagation", "Signal propagation at initialization")
+def _profile_figure(results: StudyResults) -> Drawn:
+    """Median over channels of the per-channel variance and |mean| of each conv/linear output
+    (before its norm) at initialization, one batch of training images; BN mode: train (batch
+    statistics)."""
     table = require(_profile_table(results))
     keys = sorted(table.groupby(["network_depth", "norm"]).groups)
     fig, axes = new_figure(2, len(keys))
@@ -193,14 +198,14 @@ def _profile_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                        f"median channel {'variance' if row == 0 else '|mean|'}",
                        f"ResNet-{int(depth)}, norm {norm}", ylog=True)
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R7", "init_signal_propagation",
-                        "Signal propagation at initialization",
-                        "Median over channels of the per-channel variance and |mean| of each "
-                        "conv/linear output (before its norm) at initialization, one batch of "
-                        "training images; BN mode: train (batch statistics).")
+    return fig, table
 
 
-def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R7", "init_jacobian", "Jacobian conditioning at initialization")
+def _jacobian_figure(results: StudyResults) -> Drawn:
+    """Spread of the singular values of the Jacobian from the input batch to the stage3 feature map
+    at initialization (Golub-Kahan-Lanczos on JVPs/VJPs, full spectrum); BN mode: train (batch
+    statistics)."""
     runs = results.in_group("R7-profile")
     if runs.empty or "jac_max" not in runs:
         return None
@@ -220,14 +225,17 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         label_axes(ax, "network depth", label)
     axes[0][0].set_yscale("log")
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R7", "init_jacobian",
-                        "Jacobian conditioning at initialization",
-                        "Spread of the singular values of the Jacobian from the input batch to "
-                        "the stage3 feature map at initialization (Golub-Kahan-Lanczos on "
-                        "JVPs/VJPs, full spectrum); BN mode: train (batch statistics).")
+    return fig, table
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R7",
+        "init_stable_lr",
+        "Largest lr that trains, by init and norm",
+        f"Largest learning rate of the grid whose short constant-lr SGD run "
+        f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
+        "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
+        "grid.")
+def _stable_lr_figure(results: StudyResults) -> Drawn:
     table = require(_stable_table(results))
     depths = sorted(table["depth"].unique())
     inits = [i for i in INITS if i in set(table["init"])]
@@ -237,15 +245,13 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
         used |= grouped_bars(ax, table[table["depth"] == depth], "norm", "init", inits)
         label_axes(ax, "", "largest lr that trains (constant schedule)", f"ResNet-{int(depth)}")
     marker_legend(axes[0][0], used)
-    return saved_figure(fig, fig_dir, table, "R7", "init_stable_lr",
-                        "Largest lr that trains, by init and norm",
-                        f"Largest learning rate of the grid whose short constant-lr SGD run "
-                        f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
-                        "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
-                        "grid.")
+    return fig, table
 
 
-def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R7", "init_accuracy", "Test accuracy after a fixed budget")
+def _accuracy_figure(results: StudyResults) -> Drawn:
+    """Test accuracy after the fixed number of constant-lr SGD steps; BN mode: train for the steps,
+    eval (running statistics) for the test set; missing points diverged."""
     runs = results.in_group("R7-train")
     if runs.empty or "test_acc" not in runs:
         return None
@@ -259,8 +265,4 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         label_axes(ax, "learning rate", "test accuracy after the budget",
                    f"ResNet-{int(depth)}, norm {norm}", xlog=True)
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R7", "init_accuracy",
-                        "Test accuracy after a fixed budget",
-                        "Test accuracy after the fixed number of constant-lr SGD steps; BN mode: "
-                        "train for the steps, eval (running statistics) for the test set; "
-                        "missing points diverged.")
+    return fig, table

@@ -39,8 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normlab.report.figures import FigureInfo, draw_figures
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
 from normlab.studies._frontier import (
     REPLICATES,
@@ -62,6 +61,7 @@ from normlab.studies._options import Option
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import bracket_text, frontier_order, lr_text, stable_and_trained
 from normlab.studies.base import Study, StudyResults, register_study
+from normlab.studies.figures import FigureInfo, draw_figures
 
 NORMS = ("none", "batch", "group", "layer", "instance", "batch_renorm")
 E1_MATCHED_MARGIN = 0.05  # "no advantage": BN at 1e-4 within 5 points of no norm at 1e-4

@@ -19,23 +19,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
-    NORM_COLORS,
-    FigureInfo,
-    draw_figures,
-    label_axes,
-    largest_lr_figure,
-    new_figure,
-    plot_series,
-    require,
-    saved_figure,
-)
-from normlab.spec import RunSpec
+from normlab.data import load
+from normlab.runs.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._theory_tasks import NOISE_TASK
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
 from normlab.studies.base import Study, StudyResults, register_study
+from normlab.studies.figures import (
+    NORM_COLORS,
+    Drawn,
+    FigureInfo,
+    draw_figures,
+    figure,
+    label_axes,
+    largest_lr_figure,
+    new_figure,
+    plot_series,
+    require,
+)
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,6 @@ class NoiseScaleStudy(Study):
 
 @functools.lru_cache(maxsize=8)
 def _train_size(data: str) -> int:
-    from normlab.data import load
-
     return len(load(data)[0])
 
 
@@ -177,7 +177,12 @@ def _grid(results: StudyResults) -> pd.DataFrame:
 
 # -- figures --------------------------------------------------------------------------------------
 
-def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("E2", "sgd_noise_vs_batch", "SGD noise versus batch size")
+def _noise_figure(results: StudyResults) -> Drawn:
+    """Squared distance between the mini-batch gradient and the full gradient over N training
+    examples at initialization, averaged over batches drawn without replacement, against eq. 2;
+    per-example loss gradients (per_example_loss_grads), models without batch coupling, so BN
+    mode does not apply."""
     table = require(_noise_table(results))
     fig, axes = new_figure()
     ax = axes[0][0]
@@ -192,16 +197,15 @@ def _noise_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                 label=f"{norm}: bound C_hat / b")
     label_axes(ax, "batch size b", "E ||g_B - g||^2", xlog=True, ylog=True)
     ax.legend()
-    return saved_figure(fig, fig_dir, table, "E2", "sgd_noise_vs_batch",
-                        "SGD noise versus batch size",
-                        "Squared distance between the mini-batch gradient and the full gradient "
-                        "over N training examples at initialization, averaged over batches drawn "
-                        "without replacement, against eq. 2; per-example loss gradients "
-                        "(per_example_loss_grads), models without batch coupling, so BN mode "
-                        "does not apply.")
+    return fig, table
 
 
-def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R5", "accuracy_vs_noise_scale", "Accuracy against lr and noise scale")
+def _accuracy_figure(results: StudyResults) -> Drawn:
+    """Test accuracy (BN mode: eval, running statistics) after a fixed number of epochs of
+    constant-lr SGD, against the learning rate (left) and Smith & Le's noise scale g = lr N /
+    (B(1-m)) (right); diverged runs at 0. Curves that collapse on the right obey the linear
+    scaling rule."""
     grid = require(_grid(results))
     norms = sorted(grid["norm"].unique())
     fig, axes = new_figure(len(norms), 2)
@@ -216,15 +220,16 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     axes[0][0].legend()
     data = grid[["norm", "batch_size", "lr", "momentum", "examples", "noise_scale", "status",
                  "test_acc"]]
-    return saved_figure(fig, fig_dir, data, "R5", "accuracy_vs_noise_scale",
-                        "Accuracy against lr and noise scale",
-                        "Test accuracy (BN mode: eval, running statistics) after a fixed "
-                        "number of epochs of constant-lr SGD, against the learning rate (left) "
-                        "and Smith & Le's noise scale g = lr N / (B(1-m)) (right); diverged runs "
-                        "at 0. Curves that collapse on the right obey the linear scaling rule.")
+    return fig, data
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R5",
+        "stable_lr_vs_batch",
+        "Largest lr that trains versus batch size",
+        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}), per "
+        "batch size (BN mode: train during the steps), against the linear scaling "
+        "line. '>=': the largest lr tried; a triangle: none of the grid.")
+def _stable_lr_figure(results: StudyResults) -> Drawn:
     grid = require(_grid(results))
     table = stable_and_trained(grid, ["norm", "batch_size"])
 
@@ -238,8 +243,4 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
                         color=NORM_COLORS.get(norm), label=f"{norm}: lr proportional to B")
 
     fig = largest_lr_figure(table, "batch_size", "batch size B", extra=scaling_lines)
-    return saved_figure(fig, fig_dir, table, "R5", "stable_lr_vs_batch",
-                        "Largest lr that trains versus batch size",
-                        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}), per "
-                        "batch size (BN mode: train during the steps), against the linear scaling "
-                        "line. '>=': the largest lr tried; a triangle: none of the grid.")
+    return fig, table

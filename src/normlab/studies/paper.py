@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
 from normlab.studies._options import Option
 from normlab.studies.base import (
     FigureInfo,
@@ -25,6 +25,7 @@ from normlab.studies.base import (
     read_study_file,
     register_study,
 )
+from normlab.studies.plan import follow_ups_so_far, plan_study
 
 MEMBERS = ("lr-sweep", "gradients", "radial", "curvature", "rmt", "init", "noise-scale",
            "small-batch")
@@ -103,8 +104,6 @@ class PaperStudy(Study):
                ) -> list[tuple[Study, list[RunSpec], StudyResults]]:
         """Each member with its whole plan as far as `results` decide it (its first round and
         every follow-up so far), and its share of `results`."""
-        from normlab.runner import follow_ups_so_far, plan_study  # runner imports the studies
-
         plan = read_study_file(results.out_dir)
         out = []
         for member in self.members():

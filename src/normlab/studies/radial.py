@@ -20,10 +20,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
+from normlab.probes import landscape, mean_gradient
+from normlab.probes._batches import fixed_batches
+from normlab.probes._batches import norm as norm_of
+from normlab.probes.landscape import random_direction, scaled_direction
+from normlab.probes.mean_gradient import mean_gradient_direction
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task
+from normlab.studies._findings import Finding, verdict
+from normlab.studies._options import Option, declare_options, read_options
+from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
+from normlab.studies.base import Study, StudyResults, register_study
+from normlab.studies.figures import (
     NORM_COLORS,
+    Drawn,
     FigureInfo,
     draw_figures,
+    figure,
     grouped_bars,
     label_axes,
     marker_legend,
@@ -31,14 +46,7 @@ from normlab.report.figures import (
     require,
     saved_figure,
 )
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.studies._findings import Finding, verdict
-from normlab.studies._options import Option, declare_options, read_options
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
-from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
-from normlab.studies.base import Study, StudyResults, register_study
-from normlab.tasks import RunContext, register_task
+from normlab.train import train
 from normlab.train.callbacks import TrainState
 
 TASK = "radial-probes"
@@ -112,11 +120,6 @@ class _Measurements:
     def __call__(self, state: TrainState) -> None:
         if state.step not in (0, state.total_steps):
             return
-        from normlab.probes import landscape, mean_gradient
-        from normlab.probes._batches import fixed_batches, norm
-        from normlab.probes.landscape import random_direction, scaled_direction
-        from normlab.probes.mean_gradient import mean_gradient_direction
-
         when = "init" if state.step == 0 else "end"
         batches = fixed_batches(state.train_data, self.spec.batch_size,
                                 self.options["mean_batches"], seed=self.spec.seed)
@@ -134,7 +137,7 @@ class _Measurements:
             self.summary[f"mean_grad_top_singular_cosine_{when}"] = float(np.median(cosines))
 
         # both directions as long as the parameter vector: alpha = 1 moves by ||theta||
-        length = norm({n: p.detach() for n, p in state.model.named_parameters()})
+        length = norm_of({n: p.detach() for n, p in state.model.named_parameters()})
         d1 = scaled_direction(state.model, mean_gradient_direction(result), scale="unit")
         d2 = random_direction(state.model, seed=self.spec.seed, orthogonal_to=d1)
         d2 = scaled_direction(state.model, d2, scale="unit")
@@ -158,8 +161,6 @@ def radial_probes_task(spec: RunSpec, context: RunContext) -> RunResult:
     initialization and at the end (options: mean_batches, landscape_batches, points,
     points_2d, span, spectrum: also the per-layer cosine between the mean gradient and the top
     singular direction of the first batch's exact per-example gradients)."""
-    from normlab.train import train
-
     options = read_options(spec)
     measure = _Measurements(spec, options)
     result = train(spec.replace(task="train", options={}), callbacks=[measure], context=context)
@@ -282,7 +283,11 @@ def _style(lr: float, lrs: list[float]) -> str:
     return ["-", "--", ":", "-."][sorted(lrs).index(lr) % 4]
 
 
-def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R2", "radial_over_training", "Radial and tangential gradient norms")
+def _radial_over_training(results: StudyResults) -> Drawn:
+    """Median over conv/linear layers of the norm of the radial and tangential parts of the
+    mini-batch loss gradient (per layer, train-mode BN, recomputed at the current weights), over
+    training at constant lr."""
     records = require(results.records("radial"))
     table = (records[records["quantity"].isin(["radial_norm", "tangential_norm"])]
              .groupby(["norm", "lr", "step", "quantity"], as_index=False)["value"].median())
@@ -297,11 +302,7 @@ def _radial_over_training(results: StudyResults, fig_dir: Path) -> FigureInfo | 
         ax.set_ylabel(f"median over layers of ||g_{quantity.split('_')[0][:3]}||")
         ax.set_title(quantity.replace("_", " "))
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R2", "radial_over_training",
-                        "Radial and tangential gradient norms",
-                        "Median over conv/linear layers of the norm of the radial and tangential "
-                        "parts of the mini-batch loss gradient (per layer, train-mode BN, "
-                        "recomputed at the current weights), over training at constant lr.")
+    return fig, table
 
 
 _MEAN_FIGURES = {
@@ -360,7 +361,11 @@ def _landscape_table(results: StudyResults, two_d: bool) -> pd.DataFrame:
     return records[has_beta] if two_d else records[~has_beta]
 
 
-def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R3", "landscape_1d", "Loss along the mean gradient vs a random direction")
+def _landscape_1d(results: StudyResults) -> Drawn:
+    """Mean training loss on fixed batches (train-mode BN, running statistics frozen) at theta +
+    alpha d, d the descent direction of the mean gradient (solid) or a random filter-normalized
+    direction orthogonal to it (dashed), both as long as theta."""
     table = require(_landscape_table(results, two_d=False))
     table = table[["norm", "lr", "when", "direction", "alpha", "value"]]
     keys = sorted(table.groupby(["when", "lr"]).groups, key=lambda k: (k[0] != "init", k[1]))
@@ -375,15 +380,14 @@ def _landscape_1d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_ylabel("loss")
         ax.set_title(f"lr {lr:g}, at {when}")
     axes[0][0].legend()
-    return saved_figure(fig, fig_dir, table, "R3", "landscape_1d",
-                        "Loss along the mean gradient vs a random direction",
-                        "Mean training loss on fixed batches (train-mode BN, running statistics "
-                        "frozen) at theta + alpha d, d the descent direction of the mean gradient "
-                        "(solid) or a random filter-normalized direction orthogonal to it "
-                        "(dashed), both as long as theta.")
+    return fig, table
 
 
-def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R3", "landscape_2d", "2-D loss slice: mean gradient x random direction")
+def _landscape_2d(results: StudyResults) -> Drawn:
+    """log10 of the mean training loss on fixed batches (train-mode BN) over the plane spanned by
+    the mean-gradient descent direction and a random orthogonal filter-normalized direction, at
+    the end of training."""
     table = require(_landscape_table(results, two_d=True))
     table = table[table["when"] == table["when"].iloc[-1]]
     table = table[["norm", "lr", "when", "alpha", "beta", "value"]]
@@ -398,14 +402,18 @@ def _landscape_2d(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_xlabel("alpha: mean-gradient descent")
         ax.set_ylabel("beta: random orthogonal")
         ax.set_title(f"{norm}, lr {lr:g}")
-    return saved_figure(fig, fig_dir, table, "R3", "landscape_2d",
-                        "2-D loss slice: mean gradient x random direction",
-                        "log10 of the mean training loss on fixed batches (train-mode BN) over "
-                        "the plane spanned by the mean-gradient descent direction and a random "
-                        "orthogonal filter-normalized direction, at the end of training.")
+    return fig, table
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("R4",
+        "stable_lr_by_projection",
+        "Largest stable lr by update projection",
+        f"Filled bars: largest learning rate of the grid whose short constant-lr "
+        f"run trains ({TRAINS_DEFINITION}); dashed outlines: the largest that did "
+        "not diverge (it may have died). Full updates, or only their tangential or "
+        "radial part per filter (conv/linear weights; train-mode BN). '>=': the "
+        "largest lr tried; a triangle: none of the grid.")
+def _stable_lr_figure(results: StudyResults) -> Drawn:
     table = require(_stable_table(results))
     shades = {"none": "#444444", "tangential": "#1f77b4", "radial": "#d62728"}
     labels = {"none": "full update", "tangential": "tangential only", "radial": "radial only"}
@@ -423,10 +431,4 @@ def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None
            label="largest lr without divergence (outline)")
     label_axes(ax, "", "largest lr that trained (constant)")
     marker_legend(ax, used | stable)
-    return saved_figure(fig, fig_dir, table, "R4", "stable_lr_by_projection",
-                        "Largest stable lr by update projection",
-                        f"Filled bars: largest learning rate of the grid whose short constant-lr "
-                        f"run trains ({TRAINS_DEFINITION}); dashed outlines: the largest that did "
-                        "not diverge (it may have died). Full updates, or only their tangential or "
-                        "radial part per filter (conv/linear weights; train-mode BN). '>=': the "
-                        "largest lr tried; a triangle: none of the grid.")
+    return fig, table

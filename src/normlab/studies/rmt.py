@@ -17,19 +17,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normlab.report.figures import (
-    INIT_COLORS,
-    FigureInfo,
-    draw_figures,
-    new_figure,
-    require,
-    saved_figure,
-)
-from normlab.spec import RunSpec
+from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
+from normlab.runs.spec import RunSpec
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
 from normlab.studies.base import Study, StudyResults, register_study
+from normlab.studies.figures import (
+    INIT_COLORS,
+    Drawn,
+    FigureInfo,
+    draw_figures,
+    figure,
+    new_figure,
+    require,
+)
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 PAPER_EDGES = {1: 2.00, 3: 3.08, 5: 3.86}  # the paper's largest singular values (E9)
@@ -161,8 +163,11 @@ def _jacobian_runs(results: StudyResults) -> pd.DataFrame:
 
 # -- figures ---------------------------------------------------------------------------------------
 
-def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
-    from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
+@figure("E9", "rmt_products", "Singular values of products of Gaussian matrices")
+def _products_figure(results: StudyResults) -> Drawn:
+    """Histogram of the singular values of W_M...W_1, W_i with i.i.d. N(0, 1/N) entries (no
+    network, BN mode not applicable), against the closed-form Fuss-Catalan density 2 s f(s^2)
+    (not fitted)."""
     records = require(results.records("rmt_product"))
     values = records[records["quantity"] == "singular_value"]
     factors = sorted(int(m) for m in values["options.M"].unique())
@@ -183,14 +188,13 @@ def _products_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
     axes[0][0].legend()
     data = values[["options.M", "options.N", "rank", "value"]].rename(
         columns={"options.M": "M", "options.N": "N", "value": "singular_value"})
-    return saved_figure(fig, fig_dir, data, "E9", "rmt_products",
-                        "Singular values of products of Gaussian matrices",
-                        "Histogram of the singular values of W_M...W_1, W_i with i.i.d. "
-                        "N(0, 1/N) entries (no network, BN mode not applicable), against the "
-                        "closed-form Fuss-Catalan density 2 s f(s^2) (not fitted).")
+    return fig, data
 
 
-def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("E9", "rmt_conditioning", "Conditioning of the product versus M")
+def _conditioning_figure(results: StudyResults) -> Drawn:
+    """Largest singular value (with the Fuss-Catalan edge), condition number and share of singular
+    values below 0.1 x rms of W_M...W_1 (Gaussian N(0, 1/N) entries; BN mode not applicable)."""
     runs = require(_product_runs(results))
     table = runs[["options.M", "sv_max", "sv_edge_theory", "sv_condition", "sv_tiny_share",
                   "sv_rms"]].rename(columns={"options.M": "M"}).sort_values("M")
@@ -206,14 +210,14 @@ def _conditioning_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | N
     axes[0][2].set_ylabel("share of s < 0.1 rms")
     for a in axes[0]:
         a.set_xlabel("number of matrices M")
-    return saved_figure(fig, fig_dir, table, "E9", "rmt_conditioning",
-                        "Conditioning of the product versus M",
-                        "Largest singular value (with the Fuss-Catalan edge), condition number "
-                        "and share of singular values below 0.1 x rms of W_M...W_1 (Gaussian "
-                        "N(0, 1/N) entries; BN mode not applicable).")
+    return fig, table
 
 
-def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
+@figure("E9", "jacobian_spectra", "Input-output Jacobian spectra at initialization")
+def _jacobian_figure(results: StudyResults) -> Drawn:
+    """Sorted singular values (divided by their rms) of the Jacobian of the batch output with
+    respect to the batch input at initialization, by Golub-Kahan-Lanczos on JVPs/VJPs; BN mode:
+    train (batch statistics, dashed lines). A flat line at 1 is an isometry."""
     records = require(results.records("jacobian_spectrum"))
     values = records[records["quantity"] == "singular_value"].copy()
     values["rms"] = values.groupby("run_id")["value"].transform(lambda v: np.sqrt((v ** 2).mean()))
@@ -234,9 +238,4 @@ def _jacobian_figure(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_title(f"{kind}, depth {int(part['depth'].iloc[0])}")
     axes[0][0].legend()
     data = values[["model", "depth", "width", "norm", "init", "rank", "value", "relative"]]
-    return saved_figure(fig, fig_dir, data, "E9", "jacobian_spectra",
-                        "Input-output Jacobian spectra at initialization",
-                        "Sorted singular values (divided by their rms) of the Jacobian of the "
-                        "batch output with respect to the batch input at initialization, by "
-                        "Golub-Kahan-Lanczos on JVPs/VJPs; BN mode: train (batch statistics, "
-                        "dashed lines). A flat line at 1 is an isometry.")
+    return fig, data

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from normlab.report import figures as plot
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.studies import figures as plot
 from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
 from normlab.studies._frontier import (
     REPLICATES,
@@ -182,7 +182,11 @@ def _best_accuracy(results: StudyResults) -> pd.DataFrame:
 
 # -- figures -------------------------------------------------------------------------------------
 
-def _accuracy_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+@plot.figure("R1", "small_batch_accuracy", "Accuracy versus batch size per norm")
+def _accuracy_figure(results: StudyResults) -> plot.Drawn:
+    """Best test accuracy over the learning-rate grid after a fixed number of epochs of constant-lr
+    SGD; BN mode: eval for the test set (BN and BatchRenorm use running statistics; the others
+    have none), train for the steps."""
     table = plot.require(_best_accuracy(results))
     fig, axes = plot.new_figure()
     ax = axes[0][0]
@@ -191,19 +195,16 @@ def _accuracy_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | 
     ax.set_ylim(0, 1)
     plot.label_axes(ax, "batch size", "best test accuracy over the lr grid")
     ax.legend()
-    return plot.saved_figure(
-        fig, fig_dir, table, "R1", "small_batch_accuracy", "Accuracy versus batch size per norm",
-        "Best test accuracy over the learning-rate grid after a fixed number of epochs of "
-        "constant-lr SGD; BN mode: eval for the test set (BN and BatchRenorm use running "
-        "statistics; the others have none), train for the steps.")
+    return fig, table
 
 
-def _stable_lr_figure(results: StudyResults, fig_dir: Path) -> plot.FigureInfo | None:
+@plot.figure("R1",
+             "small_batch_stable_lr",
+             "Largest lr that trains versus batch size",
+             f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN mode: "
+             "train during the steps, eval for the test accuracy. '>=': the largest lr tried; a "
+             "triangle: none of the grid.")
+def _stable_lr_figure(results: StudyResults) -> plot.Drawn:
     table = plot.require(_stable_table(results))
     fig = plot.largest_lr_figure(table, "batch_size", "batch size", log_base=2)
-    return plot.saved_figure(
-        fig, fig_dir, table, "R1", "small_batch_stable_lr",
-        "Largest lr that trains versus batch size",
-        f"Largest learning rate of the grid that trains ({TRAINS_DEFINITION}); BN mode: train "
-        "during the steps, eval for the test accuracy. '>=': the largest lr tried; a triangle: "
-        "none of the grid.")
+    return fig, table

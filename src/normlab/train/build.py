@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError, choice_problem, interval_problem
-from normlab.spec import RunSpec
-from normlab.tasks import register_task_check
+from normlab.data import BatchIterator, load
+from normlab.nn import build_model as build
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import register_task_check
 from normlab.train.graphed import CUDA_GRAPH_SETTINGS
 from normlab.train.numerics import NUMERICS_OPTIONS, numerics_options
+from normlab.utils.config import ConfigError, choice_problem, interval_problem
 
 TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph",
                  "replicate", *NUMERICS_OPTIONS)
@@ -77,8 +79,6 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:
     """(train data set, test data set, training BatchIterator) on `device`."""
-    from normlab.data import load
-
     train_set, test_set = load(spec.data, **spec.mapping("data_options"))
     batches = build_batches(spec, train_set, device)
     return batches.dataset, test_set.to(device), batches
@@ -87,8 +87,6 @@ def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:
 def build_batches(spec: RunSpec, train_set: Any, device: torch.device) -> Any:
     """The spec's training BatchIterator over `train_set` (shuffled and augmented with its seed;
     `drop_last`, so every step sees `batch_size` examples)."""
-    from normlab.data import BatchIterator
-
     return BatchIterator(train_set, spec.batch_size, shuffle=True, augment=spec.augment,
                          drop_last=True, seed=spec.seed, device=device)
 
@@ -96,8 +94,6 @@ def build_batches(spec: RunSpec, train_set: Any, device: torch.device) -> Any:
 def build_model(spec: RunSpec, train_set: Any, device: torch.device) -> nn.Module:
     """The spec's model for `train_set`'s image shape and classes, initialized with the seed
     (and perturbed when the spec is a replicate, `options.replicate` > 0)."""
-    from normlab.nn import build_model as build
-
     model = build(spec.model, depth=spec.depth, width=spec.width, norm=spec.norm,
                   norm_options=spec.mapping("norm_options"), norm_placement=spec.norm_placement,
                   init=spec.init, init_gain=spec.init_gain, num_classes=train_set.num_classes,

@@ -25,10 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from normlab._plugins import import_submodules
-from normlab._registry import Registry
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext
+from normlab.utils.plugins import import_submodules
+from normlab.utils.registry import Registry
 
 
 @dataclass

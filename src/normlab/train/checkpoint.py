@@ -6,7 +6,7 @@ its hyper-parameters come from the spec), the global torch RNG streams (CPU and 
 device), the data order (the batch generator's state at the start of the current epoch, and
 the position in the epoch), the step, the last lr, the running epoch averages, the last eval
 row, the state of every callback that keeps one (`state_dict`, train/callbacks.py), the sizes
-of metrics.jsonl and records.jsonl, and the numerics the run had so far (`normlab.result.
+of metrics.jsonl and records.jsonl, and the numerics the run had so far (`normlab.runs.result.
 numerics`, with the pack size). It is written with torch.save to a temporary file and renamed
 over `checkpoint.pt` in the run folder (store.CHECKPOINT_FILE), only at a step whose metric rows
 are all written. A solo run and each member of a pack (train/packed.py) write the same format
@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.config import ConfigError
-from normlab.store import CHECKPOINT_FILE
-from normlab.tasks import RunContext
+from normlab.runs.store import CHECKPOINT_FILE
+from normlab.runs.tasks import RunContext
 from normlab.train.callbacks import Callback, Stateful, callback_states, load_callback_states
+from normlab.utils.config import ConfigError
 
 CHECKPOINT_ENV = "NORMLAB_CHECKPOINT_EVERY"
 CHECKPOINT_FORMAT = 2  # 1 (no "format" key): before callbacks, numerics and packs were saved
@@ -186,7 +186,7 @@ class RunCheckpoint:
              numerics: dict[str, Any]) -> None:
         """Write the checkpoint of `step`: `loop` holds last_lr, average (a dict) and final;
         `rng` the run's global-RNG streams; `numerics` the settings the run has run under since
-        its last resume (`normlab.result.numerics`, pack size, step taken)."""
+        its last resume (`normlab.runs.result.numerics`, pack size, step taken)."""
         if self.path is None:
             return
         self.context.check_lease()

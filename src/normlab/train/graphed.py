@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from normlab.config import ConfigError, choice_problem
+from normlab.utils.config import ConfigError, choice_problem
 
 CUDA_GRAPH_SETTINGS = ("auto", "on", "off", "eager")
 RING = 64  # per-step loss slots; at least the trainer's read-back window (32 steps)

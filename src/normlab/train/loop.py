@@ -49,9 +49,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.result import RunResult, numerics, provenance
-from normlab.spec import RunSpec
-from normlab.tasks import RunContext, register_task
+from normlab.nn import set_training_fraction
+from normlab.runs.result import RunResult, numerics, provenance
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import RunContext, register_task
 from normlab.train.build import (
     build_data,
     build_model,
@@ -238,8 +239,6 @@ class _Run:
         """One optimizer step on (x, y); returns (lr, loss, correct) with loss/correct on device."""
         lr = lr_at(step, self.total, self.spec)
         if self.renorm_schedule:
-            from normlab.nn import set_training_fraction
-
             set_training_fraction(self.model, step / self.total)
         if self.step_path != "optimizer":  # the same step on static tensors (graphed.py)
             self.graphed = self.graphed or self.graphed_step(step)

@@ -19,7 +19,7 @@ existing run id):
   are the same with and without it (CPU kernels are deterministic for a given thread count).
 
 Both are applied for the duration of the run (`run_numerics`) and restored afterwards, and the
-settings in force are recorded in the result's provenance (`normlab.result.numerics`).
+settings in force are recorded in the result's provenance (`normlab.runs.result.numerics`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from normlab.result import NUMERICS_OPTIONS
+from normlab.runs.result import NUMERICS_OPTIONS
 
 CUBLAS_DETERMINISTIC = ":4096:8"
 

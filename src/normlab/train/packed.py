@@ -1,8 +1,8 @@
 """`train_packed(specs)`: K compatible runs trained as one computation, each exactly as alone.
 
-What is shared and what may differ is `normlab.packing.pack_key` (architecture, data, batch
-size, budget, device and numerics shared; lr, schedule, momentum, Nesterov, weight decay, init,
-seed, update projection, probes, ... per member).
+What is shared and what may differ is `normlab.train.packable.pack_key` (architecture, data,
+batch size, budget, device and numerics shared; lr, schedule, momentum, Nesterov, weight decay,
+init, seed, update projection, probes, ... per member).
 
 How: each member's model is built exactly as `train` builds it (its seed, init and gain), then
 the K models' parameters and buffers are stacked along a new leading dimension
@@ -45,20 +45,21 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from normlab.config import ConfigError
-from normlab.packing import pack_key
-from normlab.probes._geometry import radial_part, tangential_part
-from normlab.result import RunResult, numerics, provenance
-from normlab.spec import RunSpec
-from normlab.store import RunStore
-from normlab.tasks import ProgressFn, RunContext, run_claimed
+from normlab.data import load
+from normlab.nn import set_training_fraction
+from normlab.nn.geometry import radial_part, tangential_part
+from normlab.runs.lease import Lease, claimed
+from normlab.runs.result import RunResult, numerics, provenance
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore
+from normlab.runs.tasks import ProgressFn, RunContext, run_claimed
 from normlab.train.build import (
     build_batches,
     build_model,
@@ -83,11 +84,10 @@ from normlab.train.loop import (
     record_steps,
 )
 from normlab.train.numerics import run_numerics
+from normlab.train.packable import pack_key
 from normlab.train.projection import projected_weights
 from normlab.train.schedules import lr_at
-
-if TYPE_CHECKING:
-    from normlab.lease import Lease
+from normlab.utils.config import ConfigError
 
 OnDone = Callable[[int, RunResult], None]
 
@@ -314,7 +314,7 @@ def check_packable(specs: Sequence[RunSpec]) -> None:
                           "or 'channels_last' can).")
     if len(keys) > 1:
         raise ConfigError("The runs of a pack must share the settings "
-                          "normlab.packing.SHARED_SETTINGS; these differ in some of them.")
+                          "normlab.train.packable.SHARED_SETTINGS; these differ in some of them.")
 
 
 def train_packed(specs: Sequence[RunSpec],
@@ -332,7 +332,7 @@ def train_packed(specs: Sequence[RunSpec],
     step (ValueError otherwise; `execute_pack` groups them so).
     """
     check_packable(specs)
-    options = train_options(specs[0])  # the numerics options are shared (packing.pack_key)
+    options = train_options(specs[0])  # the numerics options are shared (packable.pack_key)
     device = resolve_device(specs[0].device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -349,8 +349,6 @@ class _Pack:
     def __init__(self, specs: list[RunSpec], callbacks: Sequence[Sequence[Callback]] | None,
                  contexts: Sequence[RunContext] | None, device: torch.device,
                  on_done: OnDone | None, start: float) -> None:
-        from normlab.data import load
-
         first = specs[0]
         options = [train_options(s) for s in specs]  # validates every member's options
         self.device, self.on_done, self.start = device, on_done, start
@@ -517,8 +515,6 @@ class _Pack:
             if member.result is None:
                 member.last_lr = lr
                 if self.renorm_schedule:
-                    from normlab.nn import set_training_fraction
-
                     set_training_fraction(member.model, step / self.total)
         # (K, B, C, H, W), contiguous: vmap cannot query channels-last strides, which the
         # augmentation gather can produce; masked members reuse their last batch
@@ -589,8 +585,6 @@ def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
     unfinished, with their checkpoints, so they are resumed (alone or packed) and finished ones
     are kept. The members are trained in the groups `resume_groups` makes.
     """
-    from normlab.lease import claimed
-
     store = RunStore(out_dir)
     results: list[RunResult | None] = [None] * len(specs)
     with contextlib.ExitStack() as stack:

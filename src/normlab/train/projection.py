@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.config import check_choice
-from normlab.probes._geometry import radial_part, tangential_part
+from normlab.nn.geometry import radial_part, tangential_part
+from normlab.utils.config import check_choice
 
 PROJECTIONS = ("none", "tangential", "radial")
 

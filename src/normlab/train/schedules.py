@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from normlab.config import ConfigError, check_interval, interval_problem
-from normlab.spec import RunSpec
+from normlab.runs.spec import RunSpec
+from normlab.utils.config import ConfigError, check_interval, interval_problem
 
 SCHEDULES = ("constant", "step", "cosine", "one_cycle")
 ONE_CYCLE_PEAK = 0.45

@@ -9,10 +9,11 @@ Of the task options they share those that set the float numerics (`deterministic
 `normlab.train.packed.train_packed` trains such a pack; each member is the same function as
 when trained alone.
 
-`pack_key(spec)` is that compatibility key (None for a spec that is never packed: another task,
-`compile` or `channels_last`). `pack_specs(specs, k)` groups a plan into packs of at most k in
-plan order. How large K should be by default is `normlab.throughput.default_pack`, read off the
-measured throughput table. Cost: pure Python over the specs; nothing is imported from torch.
+`normlab.train.packable.pack_key(spec)` is that compatibility key (None for a spec that is never
+packed: another task, `compile` or `channels_last`). `pack_specs(specs, k)` groups a plan into
+packs of at most k in plan order. How large K should be by default is
+`normlab.execute.throughput.default_pack`, read off the measured throughput table.
+Cost: pure Python over the specs.
 """
 
 from __future__ import annotations
@@ -21,31 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from normlab.config import check_interval
-from normlab.result import NUMERICS_OPTIONS, RunResult
-from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, execute_run
-
-SHARED_SETTINGS = ("task", "data", "data_options", "augment", "model", "depth", "width", "norm",
-                   "norm_options", "norm_placement", "batch_size", "epochs", "steps", "device",
-                   "channels_last", "compile", "autocast")
-MEMBER_SETTINGS = ("lr", "schedule", "milestones", "lr_decay", "warmup", "momentum", "nesterov",
-                   "weight_decay", "init", "init_gain", "seed", "update_projection", "probes",
-                   "diverge_loss", "log_every", "group", "options")
-
-
-def pack_key(spec: RunSpec) -> tuple[Any, ...] | None:
-    """The settings a pack's members must share (and the numerics options), or None when the
-    spec is trained alone.
-
-    Not packed: tasks other than "train", `compile` (a compiled module is not vmapped) and
-    `channels_last` (vmap cannot query channels-last strides on CUDA).
-    """
-    if spec.task != "train" or spec.compile or spec.channels_last:
-        return None
-    options = spec.mapping("options")
-    return (*(getattr(spec, name) for name in SHARED_SETTINGS),
-            *(options.get(name, False) for name in NUMERICS_OPTIONS))
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import ProgressFn, execute_run
+from normlab.train.packable import pack_key
+from normlab.train.packed import execute_pack
+from normlab.utils.config import check_interval
 
 
 def pack_specs(specs: Sequence[RunSpec], k: int) -> list[list[RunSpec]]:
@@ -76,6 +58,4 @@ def execute_group(specs: Sequence[RunSpec], out_dir: str | Path,
     (`execute_run`), several as a pack (`normlab.train.packed.execute_pack`)."""
     if len(specs) == 1:
         return [execute_run(specs[0], out_dir, on_progress)]
-    from normlab.train.packed import execute_pack
-
     return execute_pack(specs, out_dir, on_progress)

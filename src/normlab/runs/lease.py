@@ -27,18 +27,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from normlab.config import ConfigError
-from normlab.spec import RunSpec
-from normlab.store import RunStore
-
-if TYPE_CHECKING:
-    from normlab.executor import Executor
-    from normlab.runner import ProgressReporter
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore
+from normlab.utils.config import ConfigError
 
 LEASE_DIR = "leases"
 HEARTBEAT_ENV = "NORMLAB_LEASE_HEARTBEAT_S"
@@ -261,45 +256,3 @@ def claimed(store: RunStore, spec: RunSpec) -> Iterator[Lease | None]:
         yield None if store.is_done(spec) else lease
     finally:
         lease.release()
-
-
-def run_until_settled(executor: Executor, specs: Sequence[RunSpec], store: RunStore,
-                      progress: ProgressReporter, poll_s: float | None = None) -> None:
-    """Run `specs` through `executor`, then wait for (or take over) those other writers hold.
-
-    Only runs nobody holds are handed to the executor. A run this process executed is not
-    tried again in this call, whatever its status. A run another writer holds is settled once
-    it has a result.json and no live lease; if its writer dies, the lease goes stale and this
-    process runs it. Waiting is reported on stderr.
-    """
-    heartbeat_s, _ = lease_timing()
-    poll_s = heartbeat_s if poll_s is None else poll_s
-    todo, done, total, told = list(specs), 0, len(specs), ""
-    while todo:
-        free = [s for s in todo if current_owner(store.root, s.run_id) is None]
-        elsewhere = [s for s in todo if s not in free]
-        for spec, result in executor.run(free, store.root, progress.run_progress):
-            if result is None:
-                elsewhere.append(spec)
-            else:
-                done += 1
-                progress.run_end(spec, result, done, total)
-        todo = [s for s in elsewhere if not _settled(store, s)]
-        total -= len(elsewhere) - len(todo)
-        if todo:
-            owners = sorted({o.describe() for s in todo
-                             if (o := current_owner(store.root, s.run_id)) is not None})
-            message = (f"normlab: waiting for {len(todo)} run(s) claimed by other writers"
-                       + (f" ({', '.join(owners)})" if owners else "") + "; a writer that "
-                       "stops renewing its lease is taken over.")
-            if message != told:
-                print(message, file=sys.stderr, flush=True)
-                told = message
-            time.sleep(poll_s)
-
-
-def _settled(store: RunStore, spec: RunSpec) -> bool:
-    if store.is_done(spec):
-        return True
-    return (store.run_dir(spec) / "result.json").exists() \
-        and current_owner(store.root, spec.run_id) is None

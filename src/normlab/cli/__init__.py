@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import normlab
-from normlab.config import ConfigError, check_choice, check_interval
-from normlab.executor_args import add_executor_arguments, executor_from_args
-from normlab.store import CorruptRecordError
-from normlab.verify import DamagedStoreError
+from normlab.cli.bench import run_benchmarks
+from normlab.execute.args import add_executor_arguments, executor_from_args
+from normlab.runs.spec import RunSpec, settings_help
+from normlab.runs.store import CorruptRecordError, RunStore, read_json
+from normlab.runs.verify import DamagedStoreError, damaged_runs, verify_store
+from normlab.utils.config import ConfigError, check_choice, check_interval
 
 LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
 
@@ -139,16 +141,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 # -- commands -------------------------------------------------------------------------------------
 
 def _run(args: argparse.Namespace) -> int:
-    from normlab.executor import LocalExecutor
-    from normlab.preflight import duplicate_note, plan_problems
+    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
+    from normlab.execute.local import LocalExecutor
+    from normlab.execute.preflight import duplicate_note, plan_problems
+    from normlab.execute.throughput import default_parallelism, plan_estimate
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
-    from normlab.runner import follow_ups_so_far, plan_study, run_study, study_settings
-    from normlab.store import RunStore
+    from normlab.runner import run_study
     from normlab.studies import StudyResults, get_study
     from normlab.studies.base import check_scale, read_study_file
-    from normlab.throughput import default_parallelism, plan_estimate
-    from normlab.verify import damaged_runs, verify_store
+    from normlab.studies.plan import follow_ups_so_far, plan_study, study_settings
 
     study, overrides, *_ = _all_or_problems(
         lambda: get_study(args.study),
@@ -200,6 +202,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
     from normlab.report import build_report
 
     _check_study_folder(Path(args.dir))
@@ -208,9 +211,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
+    from normlab.execute.state import states_summary
     from normlab.report.columns import in_plan_order
     from normlab.report.terminal import summary_table
-    from normlab.run_state import states_summary
     from normlab.studies import StudyResults
     from normlab.studies.base import read_study_file
 
@@ -227,7 +231,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from normlab.store import RunStore
 
     folder = Path(args.dir)
     _check_study_folder(folder)
@@ -239,7 +242,6 @@ def _verify(args: argparse.Namespace) -> int:
 def _check_study_folder(folder: Path) -> None:
     """ConfigError when `folder` is no study folder; DamagedStoreError naming each damaged file
     (with the command that redoes the damaged runs) when it is one with damage."""
-    from normlab.verify import verify_store
 
     if not folder.is_dir():
         what = "a file" if folder.exists() else "not there"
@@ -255,7 +257,6 @@ def _redo_advice(folder: Path) -> str:
     """The command that moves the damaged runs aside and redoes them."""
     import shlex
 
-    from normlab.store import read_json
 
     try:
         plan = read_json(folder / "study.json")
@@ -271,7 +272,6 @@ def _redo_advice(folder: Path) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from normlab.bench import run_benchmarks
 
     return run_benchmarks(args.names, quick=args.quick, device=args.device)
 
@@ -284,6 +284,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _list_studies() -> list[str]:
+    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
     from normlab.studies import get_study, list_studies
 
     studies = [get_study(name) for name in list_studies()]
@@ -293,7 +294,6 @@ def _list_studies() -> list[str]:
 
 
 def _list_settings() -> list[str]:
-    from normlab.spec import settings_help
 
     rows = settings_help()
     width = max(len(name) for name, _, _ in rows)
@@ -316,7 +316,7 @@ _LISTERS: dict[str, Callable[[], list[str]]] = {
     "inits": _names("normlab.nn", "list_inits"),
     "data": _names("normlab.data", "available"),
     "probes": _names("normlab.train.callbacks", "list_callbacks"),
-    "tasks": _names("normlab.tasks", "list_tasks"),
+    "tasks": _names("normlab.runs.tasks", "list_tasks"),
     "settings": _list_settings,
 }
 
@@ -344,9 +344,9 @@ def _all_or_problems(*checks: Callable[[], Any],
 def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     """The problems of `overrides`: planned with the study (its own settings, e.g.
     `replicates`, included) when it exists, as RunSpec settings when it does not."""
-    from normlab.runner import plan_study
-    from normlab.spec import RunSpec
+    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
     from normlab.studies import get_study
+    from normlab.studies.plan import plan_study
 
     try:
         study = get_study(args.study)
@@ -358,7 +358,6 @@ def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> Non
 
 def _check_device(device: str) -> None:
     """A bad --device fails with the RunSpec's own message for its 'device' setting."""
-    from normlab.spec import RunSpec
 
     RunSpec().replace(device=device)
 

@@ -23,8 +23,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from normlab.packing import pack_key, pack_specs
-from normlab.spec import RunSpec
+from normlab.data import load
+from normlab.execute.packing import pack_key, pack_specs
+from normlab.runs.spec import RunSpec
+from normlab.train.build import resolve_device
 
 THROUGHPUT_TABLE = Path(__file__).with_name("packing_throughput.json")
 ROW_CONFIG = ("device_kind", "model", "depth", "width", "pixels", "norm", "batch_size", "kind",
@@ -63,8 +65,6 @@ def data_facts(spec: RunSpec, cache: DataFacts
         if spec.data == "cifar10":
             cache[key] = CIFAR10
         else:
-            from normlab.data import load
-
             train = load(spec.data, **spec.mapping("data_options"))[0]
             cache[key] = (len(train), train.x[0].numel())
     return cache[key]
@@ -173,8 +173,6 @@ def default_workers(device_kind: str, devices: int = 1) -> int:
 def device_kind(device: str | None) -> str:
     """The device type ("cuda", "cpu", "mps") the runs will use for a --device value; None
     means what the runs' "auto" resolves to ($NORMLAB_DEVICE, else CUDA when available)."""
-    from normlab.train.build import resolve_device
-
     return resolve_device(device or "auto").type
 
 

@@ -2,9 +2,9 @@
 
     --executor local|slurm|ray     where the runs go (default local: in-process or --workers)
     --checkpoint-every 10min|2epochs|off
-    --slurm-partition ... --slurm-array-parallelism, --slurm-config FILE   (executor_slurm.py)
+    --slurm-partition ... --slurm-array-parallelism, --slurm-config FILE   (slurm.py)
     --ray-address ADDRESS, --ray-gpus-per-run G, --ray-cpus-per-run C, --ray-max-retries N
-                                                                           (executor_ray.py)
+                                                                           (ray.py)
 
 `add_executor_arguments(parser)` adds them; `executor_from_args(args, local)` validates them
 (ConfigError naming each bad setting) and returns the executor.
@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from normlab.config import ConfigError, check_choice
-from normlab.executor import Executor
+from normlab.execute.local import Executor
+from normlab.execute.ray import RayExecutor, RayResources, import_ray
+from normlab.execute.slurm import SlurmExecutor, SlurmResources, import_submitit
 from normlab.train.checkpoint import CHECKPOINT_ENV, CheckpointEvery
+from normlab.utils.config import ConfigError, check_choice
 
 EXECUTORS = ("local", "slurm", "ray")
 SLURM_FLAGS = {  # flag suffix -> (type, help)
@@ -84,8 +86,6 @@ def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
 
 
 def _slurm_executor(args: argparse.Namespace) -> Executor:
-    from normlab.executor_slurm import SlurmExecutor, SlurmResources, import_submitit
-
     resources = SlurmResources.from_settings(args.slurm_config, {
         flag.replace("-", "_"): getattr(args, f"slurm_{flag.replace('-', '_')}")
         for flag in SLURM_FLAGS})
@@ -94,8 +94,6 @@ def _slurm_executor(args: argparse.Namespace) -> Executor:
 
 
 def _ray_executor(args: argparse.Namespace) -> Executor:
-    from normlab.executor_ray import RayExecutor, RayResources, import_ray
-
     resources = RayResources(args.ray_address, args.ray_gpus_per_run, args.ray_cpus_per_run,
                              args.ray_max_retries)
     import_ray()

@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from normlab.config import ConfigError, choice_problem
+from normlab.utils.config import ConfigError, choice_problem
 
 
 def benchmarks_dir() -> Path | None:
     """benchmarks/ of the checkout normlab is imported from (an editable install), else None."""
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    folder = Path(__file__).resolve().parents[3] / "benchmarks"
     return folder if folder.is_dir() else None
 
 

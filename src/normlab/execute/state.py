@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.lease import current_owner
-from normlab.store import read_result
+from normlab.execute.slurm import squeue_states, submitted_jobs
+from normlab.runs.lease import current_owner
+from normlab.runs.store import read_result
 
 STATE_ORDER = ("done", "diverged", "failed", "running", "queued", "unfinished", "to run")
 
 
 def run_states(out_dir: str | Path, run_ids: list[str]) -> dict[str, str]:
     """run_id -> its state; "running (HOST)" names where a running run is."""
-    from normlab.executor_slurm import squeue_states, submitted_jobs
-
     out_dir = Path(out_dir)
     jobs = submitted_jobs(out_dir)
     queue = squeue_states() if jobs else None

@@ -17,9 +17,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from normlab.config import ConfigError, shown
-from normlab.spec import RunSpec
-from normlab.tasks import task_problems
+from normlab.nn import build_model
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import task_problems
+from normlab.utils.config import ConfigError, shown
 
 MIN_FREE_BYTES = 100 * 2**20  # a smoke study writes a few MiB; a paper-scale one tens of MiB
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
@@ -55,8 +56,6 @@ def model_problems(specs: Iterable[RunSpec]) -> list[str]:
     """The problems of building each distinct architecture (e.g. groups that do not divide the
     channels), found by building it on the "meta" device."""
     import torch
-
-    from normlab.nn import build_model
 
     problems, seen = [], set()
     for spec in specs:

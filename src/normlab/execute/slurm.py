@@ -26,14 +26,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from normlab._atomic import atomic_write_json
-from normlab._optional import import_extra
-from normlab.config import ConfigError, interval_problem
-from normlab.executor import Executor
-from normlab.lease import release_held_leases
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, execute_run, get_task
+from normlab.execute.local import Executor
+from normlab.runs.lease import release_held_leases
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import ProgressFn, execute_run, get_task
+from normlab.utils.atomic import atomic_write_json
+from normlab.utils.config import ConfigError, interval_problem
+from normlab.utils.optional import import_extra
 
 SLURM_DIR = "slurm"
 SUBMITTED_FILE = "submitted.json"

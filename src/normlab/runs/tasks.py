@@ -12,61 +12,35 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from normlab._plugins import import_submodules
-from normlab._registry import Registry
-from normlab.config import ConfigError
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.store import RunStore, append_jsonl
+from normlab.runs.lease import Lease, claimed
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import RunStore, append_jsonl
+from normlab.runs.task_registry import (  # noqa: F401 (the public names of normlab.runs.tasks)
+    Task,
+    get_task,
+    list_tasks,
+    register_task,
+    register_task_check,
+    task_check,
+)
+from normlab.utils.config import ConfigError
 
-if TYPE_CHECKING:
-    from normlab.lease import Lease
-
-Task = Callable[[RunSpec, "RunContext"], RunResult]
 ProgressFn = Callable[[str, float, str], None]  # (run_id, fraction done, message)
-
-_TASKS: Registry[Task] = Registry("task")
-register_task = _TASKS.register
-_CHECKS: Registry[Callable[[RunSpec], Any]] = Registry("task check")
-
-
-def register_task_check(name: str) -> Callable[[Callable[[RunSpec], Any]], Callable[..., Any]]:
-    """Declare the option check of task `name`: a function of a spec that raises ConfigError.
-
-    `normlab run` calls it for every planned spec before the first run starts, so a bad option
-    is refused up front instead of failing every run.
-    """
-    return _CHECKS.register(name)
 
 
 def task_problems(spec: RunSpec) -> list[str]:
     """The problems the declared check of `spec.task` finds (none when it declares no check)."""
-    _load_builtin_tasks()
-    if spec.task not in _CHECKS:
+    check = task_check(spec.task)
+    if check is None:
         return []
     try:
-        _CHECKS.get(spec.task)(spec)
+        check(spec)
     except ConfigError as err:
         return err.problems
     return []
-
-
-def list_tasks() -> list[str]:
-    _load_builtin_tasks()
-    return _TASKS.names()
-
-
-def get_task(name: str) -> Task:
-    _load_builtin_tasks()
-    return _TASKS.get(name)
-
-
-def _load_builtin_tasks() -> None:
-    # Importing these modules registers their tasks.
-    import_submodules("normlab.train")
-    import_submodules("normlab.studies")
 
 
 @dataclass
@@ -113,13 +87,11 @@ def execute_run(spec: RunSpec, out_dir: str | Path,
                 on_progress: ProgressFn | None = None) -> RunResult | None:
     """Run one spec into the store at `out_dir`: a pure function of the spec, safe in a worker.
 
-    The run is claimed first (normlab.lease): None means another writer holds it or it is
+    The run is claimed first (normlab.runs.lease): None means another writer holds it or it is
     already done, and nothing was touched. An exception inside the task is recorded as status
     "failed" (with the traceback) rather than raised, so a study goes on; KeyboardInterrupt
     propagates and leaves the run unfinished.
     """
-    from normlab.lease import claimed
-
     store = RunStore(out_dir)
     with claimed(store, spec) as lease:
         if lease is None:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.utils.version import __version__
+
 STATUSES = ("completed", "diverged", "failed")
+FILES_KEY = "files"  # result.json's record of the run's JSON-lines files: {name: {bytes, rows}}
+DATA_FILES = ("metrics.jsonl", "records.jsonl")
 
 
 @dataclass
@@ -46,11 +53,9 @@ def provenance(spec_id: str, device: str, seed: int) -> dict[str, Any]:
     """What a result needs to be traced: spec hash, code version, torch version, device, seed,
     and the numerics of this process that change float results (`numerics`)."""
 
-    import normlab
-
     return {
         "run_id": spec_id,
-        "normlab_version": normlab.__version__,
+        "normlab_version": __version__,
         "git_commit": _git_commit(),
         "python_version": platform.python_version(),
         "device": device,
@@ -123,3 +128,42 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def result_problems(data: Any) -> list[str]:
+    """The fields of a result.json that RunResult would not hold (missing, unknown, wrong type)."""
+    if not isinstance(data, dict):
+        return [f"must hold a JSON object; got {type(data).__name__}."]
+    number = (int, float)
+    expected = {"status": (str,), "steps": (int,), "final": (dict,),
+                "diverged_step": (int, type(None)), "diverged_loss": (*number, type(None)),
+                "error": (str, type(None)), "wall_time_s": number, "provenance": (dict,)}
+    problems = field_type_problems(data, expected, optional=set(expected) - {"status"})
+    if isinstance(data.get("status"), str) and data["status"] not in STATUSES:
+        problems.append(f"'status' must be one of {', '.join(STATUSES)}; got {data['status']!r}.")
+    unknown = sorted(set(data) - set(expected) - {FILES_KEY})
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}.")
+    return problems
+
+
+def field_type_problems(data: Mapping[str, Any], expected: Mapping[str, tuple[type, ...]],
+                   optional: set[str] | None = None) -> list[str]:
+    problems = []
+    for key, kinds in expected.items():
+        if key not in data:
+            if key not in (optional or set()):
+                problems.append(f"the field {key!r} is missing.")
+            continue
+        value = data[key]
+        bad_bool = isinstance(value, bool) and bool not in kinds
+        bad_float = isinstance(value, float) and not math.isfinite(value) and key != "diverged_loss"
+        if not isinstance(value, kinds) or bad_bool or bad_float:
+            names = " or ".join("null" if k is type(None) else JSON_NAMES.get(k, k.__name__)
+                                for k in kinds)
+            problems.append(f"the field {key!r} must be {names}; got {json.dumps(value)[:60]}.")
+    return problems
+
+
+JSON_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
+               list: "a list"}

@@ -19,20 +19,15 @@ types. Cost: one read of every file of every finished run (what a report reads a
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab.config import ConfigError
-from normlab.result import STATUSES
-from normlab.spec import RunSpec
-from normlab.store import CorruptRecordError, RunStore, read_json, read_jsonl
-
-FILES_KEY = "files"  # result.json's record of the run's JSON-lines files: {name: {bytes, rows}}
-DATA_FILES = ("metrics.jsonl", "records.jsonl")
+from normlab.runs.result import DATA_FILES, FILES_KEY, field_type_problems, result_problems
+from normlab.runs.spec import RunSpec
+from normlab.runs.store import CorruptRecordError, RunStore, read_json, read_jsonl
+from normlab.utils.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ def study_file_damage(out_dir: Path) -> list[Damage]:
                 "overrides": (dict,), "run_ids": (list,)}
     if not isinstance(data, dict):
         return [Damage(None, path, f"must hold a JSON object; got {type(data).__name__}.")]
-    problems = _type_problems(data, expected)
+    problems = field_type_problems(data, expected)
     if isinstance(data.get("run_ids"), list) and not all(isinstance(r, str)
                                                           for r in data["run_ids"]):
         problems.append("'run_ids' must be a list of run ids (strings).")
@@ -107,34 +102,6 @@ def run_damage(run_dir: Path) -> list[Damage]:
         damages += [Damage(run_id, run_dir / name, p)
                     for p in _data_file_problems(run_dir / name, expected, recorded is None)]
     return damages
-
-
-def result_problems(data: Any) -> list[str]:
-    """The fields of a result.json that RunResult would not hold (missing, unknown, wrong type)."""
-    if not isinstance(data, dict):
-        return [f"must hold a JSON object; got {type(data).__name__}."]
-    number = (int, float)
-    expected = {"status": (str,), "steps": (int,), "final": (dict,),
-                "diverged_step": (int, type(None)), "diverged_loss": (*number, type(None)),
-                "error": (str, type(None)), "wall_time_s": number, "provenance": (dict,)}
-    problems = _type_problems(data, expected, optional=set(expected) - {"status"})
-    if isinstance(data.get("status"), str) and data["status"] not in STATUSES:
-        problems.append(f"'status' must be one of {', '.join(STATUSES)}; got {data['status']!r}.")
-    unknown = sorted(set(data) - set(expected) - {FILES_KEY})
-    if unknown:
-        problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}.")
-    return problems
-
-
-def files_record(run_dir: Path) -> dict[str, dict[str, int]]:
-    """Size in bytes and line count of each JSON-lines file of a run, for its result.json."""
-    out = {}
-    for name in DATA_FILES:
-        path = run_dir / name
-        if path.exists():
-            with open(path, "rb") as handle:
-                out[name] = {"bytes": path.stat().st_size, "rows": sum(1 for _ in handle)}
-    return out
 
 
 def _spec_problems(run_dir: Path) -> list[str]:
@@ -222,28 +189,6 @@ def step_order_problems(name: str, rows: list[Any]) -> list[str]:
                                 "restarted without cutting its log?).")
         last[kind] = max(step, last.get(kind, step))
     return problems
-
-
-def _type_problems(data: Mapping[str, Any], expected: Mapping[str, tuple[type, ...]],
-                   optional: set[str] | None = None) -> list[str]:
-    problems = []
-    for key, kinds in expected.items():
-        if key not in data:
-            if key not in (optional or set()):
-                problems.append(f"the field {key!r} is missing.")
-            continue
-        value = data[key]
-        bad_bool = isinstance(value, bool) and bool not in kinds
-        bad_float = isinstance(value, float) and not math.isfinite(value) and key != "diverged_loss"
-        if not isinstance(value, kinds) or bad_bool or bad_float:
-            names = " or ".join("null" if k is type(None) else _JSON_NAMES.get(k, k.__name__)
-                                for k in kinds)
-            problems.append(f"the field {key!r} must be {names}; got {json.dumps(value)[:60]}.")
-    return problems
-
-
-_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
-               list: "a list"}
 
 
 def _problem(err: CorruptRecordError, path: Path) -> str:

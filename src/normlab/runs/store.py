@@ -12,7 +12,7 @@ Layout of `<out>/runs/<run_id>/`:
 
 A run folder without a valid result.json is unfinished; starting the run again resumes it from
 its checkpoint, or else replaces it by a fresh folder. Writers claim a run first (lease.py).
-`normlab.verify` checks a folder; damaged runs are moved to `<out>/damaged/` by `set_aside`.
+`normlab.runs.verify` checks a folder; damaged runs are moved to `<out>/damaged/` by `set_aside`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from normlab._atomic import _jsonable, atomic_replace_dir, atomic_write_json
-from normlab.result import RunResult
-from normlab.spec import RunSpec
+from normlab.runs.result import DATA_FILES, FILES_KEY, RunResult, result_problems
+from normlab.runs.spec import RunSpec
+from normlab.utils.atomic import _jsonable, atomic_replace_dir, atomic_write_json
 
 DONE_STATUSES = ("completed", "diverged")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -65,8 +65,6 @@ class RunStore:
         return run_dir
 
     def finish(self, spec: RunSpec, result: RunResult) -> None:
-        from normlab.verify import FILES_KEY, files_record
-
         run_dir = self.run_dir(spec)
         atomic_write_json(run_dir / "result.json",
                           {**result.to_dict(), FILES_KEY: files_record(run_dir)})
@@ -122,11 +120,20 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CorruptRecordError(f"{path}: not valid JSON ({err}).") from err
 
 
+def files_record(run_dir: Path) -> dict[str, dict[str, int]]:
+    """Size in bytes and line count of each JSON-lines file of a run, for its result.json."""
+    out = {}
+    for name in DATA_FILES:
+        path = run_dir / name
+        if path.exists():
+            with open(path, "rb") as handle:
+                out[name] = {"bytes": path.stat().st_size, "rows": sum(1 for _ in handle)}
+    return out
+
+
 def read_result(path: Path) -> RunResult:
     """The RunResult in `path`; CorruptRecordError naming the file (and each field of the wrong
     type) when it is not one."""
-    from normlab.verify import FILES_KEY, result_problems
-
     data = read_json(path)
     problems = result_problems(data)
     if problems:

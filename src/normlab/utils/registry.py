@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from normlab.config import ConfigError
+from normlab.utils.config import ConfigError
 
 T = TypeVar("T")
 

@@ -1,35 +1,21 @@
-"""Executors: how a list of RunSpecs gets run. Studies never know which one is used.
-
-An executor maps `execute_run` over specs and yields (spec, result) as runs finish (result None:
-another writer holds the run, see lease.py). The local executor runs in-process, or in a pool
-of worker processes (spread over the GPUs when there are GPUs); with `pack=K` it trains up to K
-compatible runs as one computation (`normlab.packing`).
-A Ray or SLURM executor implements the same `run` method.
-"""
+"""`LocalExecutor`: the runs of a plan in this process, or in a pool of worker processes
+(spread over the GPUs when there are GPUs); with `pack=K` it trains up to K compatible runs as
+one computation (`normlab.execute.packing`)."""
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from normlab._pool import die_with_parent, stopped_on_error
-from normlab.packing import execute_group, pack_specs
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, get_task
-
-
-class Executor(ABC):
-    """Runs specs into a store folder; yields each (spec, result) when it finishes."""
-
-    @abstractmethod
-    def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
-        ...
+from normlab.execute.base import Executor
+from normlab.execute.packing import execute_group, pack_specs
+from normlab.execute.pool import die_with_parent, stopped_on_error
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import ProgressFn, get_task
 
 
 class LocalExecutor(Executor):
@@ -46,7 +32,7 @@ class LocalExecutor(Executor):
             raise ValueError(f"The 'workers' setting must be an int >= 1; got {workers!r}.")
         self.workers = workers
         self.devices = list(devices) if devices else None
-        self.pack = pack  # runs trained together as one computation (normlab.packing)
+        self.pack = pack  # runs trained together as one computation (normlab.execute.packing)
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
             on_progress: ProgressFn | None = None

@@ -14,6 +14,7 @@ Each marker used in a panel gets its own legend entry (`marker_legend`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,9 +293,38 @@ def require(frame: pd.DataFrame) -> pd.DataFrame:
 
 def saved_figure(fig: Any, fig_dir: Path, data: pd.DataFrame, experiment: str, name: str,
                  title: str, caption: str) -> FigureInfo:
-    """Save `fig` and its `data` as `name` (PNG, PDF, CSV; see report.figures.save_figure) and
+    """Save `fig` and its `data` as `name` (PNG, PDF, CSV; see save_figure) and
     describe it for the report."""
     return FigureInfo(experiment, name, title, caption, save_figure(fig, fig_dir, name, data))
+
+
+Drawn = tuple[Any, pd.DataFrame] | None  # what a `@figure` drawer returns: (figure, its data)
+
+
+def figure(experiment: str, name: str, title: str, caption: str | None = None
+           ) -> Callable[[Callable[[Any], Drawn]], Callable[[Any, Path], FigureInfo | None]]:
+    """Declare a study's figure: the decorated `draw(results)` returns the matplotlib figure and
+    the data it shows (or None, or raises NothingToDraw, when its runs are not in the results);
+    the drawer it becomes, `drawer(results, fig_dir)`, saves both as `name` (PNG, PDF, CSV; see
+    `save_figure`) and describes them for the report: experiment id, title, and the caption
+    (by default the docstring of `draw`, which says what the figure shows)."""
+
+    def declare(draw: Callable[[Any], Drawn]) -> Callable[[Any, Path], FigureInfo | None]:
+        text = caption if caption is not None else " ".join((draw.__doc__ or "").split())
+        if not text:
+            raise ValueError(f"figure {name!r} needs a caption: pass one or write a docstring.")
+
+        @functools.wraps(draw)
+        def drawer(results: Any, fig_dir: Path) -> FigureInfo | None:
+            drawn = draw(results)
+            if drawn is None:
+                return None
+            fig, data = drawn
+            return saved_figure(fig, Path(fig_dir), data, experiment, name, title, text)
+
+        return drawer
+
+    return declare
 
 
 def draw_figures(results: Any, fig_dir: Path,

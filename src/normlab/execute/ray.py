@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab._optional import import_extra
-from normlab.config import ConfigError, interval_problem
-from normlab.executor import Executor
-from normlab.result import RunResult
-from normlab.spec import RunSpec
-from normlab.tasks import ProgressFn, execute_run, get_task
+from normlab.execute.local import Executor
+from normlab.runs.result import RunResult
+from normlab.runs.spec import RunSpec
+from normlab.runs.tasks import ProgressFn, execute_run, get_task
+from normlab.utils.config import ConfigError, interval_problem
+from normlab.utils.optional import import_extra
 
 ENV_PREFIX = "NORMLAB_"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from normlab.config import ConfigError
+from normlab.utils.config import ConfigError
 
 
 def import_extra(module: str, executor: str) -> Any:

@@ -1,0 +1,2 @@
+"""The base every layer stands on: settings checks (`config`), registries, plugin discovery,
+atomic file writes, optional dependencies and the version. It imports nothing else of normlab."""
