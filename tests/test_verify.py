@@ -106,6 +106,9 @@ DAMAGE = {
                                             "the status 'diverged' contradicts 'diverged_step'"),
     "result.json completed with an error": ("result.json", edit_json(error="boom"),
                                             "the status 'completed' contradicts 'error'"),
+    "result.json with a files record of the wrong type": (
+        "result.json", edit_json(files={"metrics.jsonl": 5}),
+        "the field 'files' must map file names to objects"),
     "metrics.jsonl with one digit changed": ("metrics.jsonl", change_one_digit,
                                              "same size and line count, but its sha256 is"),
     "spec.json of another run": ("spec.json", swap_spec, "holds the spec of run"),

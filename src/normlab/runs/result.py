@@ -146,6 +146,10 @@ def result_problems(data: Any) -> list[str]:
     unknown = sorted(set(data) - set(expected) - {FILES_KEY})
     if unknown:
         problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}.")
+    files = data.get(FILES_KEY, {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        problems.append(f"the field {FILES_KEY!r} must map file names to objects; got "
+                        f"{json.dumps(files)[:60]}.")
     return problems or value_problems(data)
 
 

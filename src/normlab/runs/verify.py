@@ -158,7 +158,8 @@ def run_damage(run_dir: Path) -> list[Damage]:
         return [*damages, Damage(run_id, result_path, _problem(err, result_path))]
     problems = result_problems(data)
     damages += [Damage(run_id, result_path, p) for p in problems]
-    recorded = data.get(FILES_KEY) if isinstance(data, dict) else None
+    # a result.json that is damaged itself says nothing sure about its files: parse them only
+    recorded = data.get(FILES_KEY) if isinstance(data, dict) and not problems else None
     for name in DATA_FILES:
         expected = recorded.get(name) if isinstance(recorded, dict) else None
         damages += [Damage(run_id, run_dir / name, p)
