@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
-    problems = plan_problems(specs, out_dir, args.device)
+    problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run)
     if problems:
         raise ConfigError(problems)
     pack, workers = default_parallelism(args.pack, args.workers, args.device,  # checked
