@@ -168,7 +168,7 @@ def test_the_cifar10_check_finds_the_cache_or_says_why_it_cannot_be_had(tmp_path
     unreachable = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # the discard port: refused
     with pytest.raises(DataError, match=f"cannot be reached to download it.*{ARCHIVE}"):
         check_dataset("cifar10", root=tmp_path, url=unreachable)
-    with pytest.raises(DataError, match="not in the cache .* and download=False"):
+    with pytest.raises(DataError, match=r"not in the cache .* and download=False"):
         check_dataset("cifar10", root=tmp_path, download=False)
     assert check_dataset("cifar10", root=tmp_path, present=False, url=unreachable) == 50000
     (tmp_path / ARCHIVE).write_bytes(b"not the archive")  # wrong md5: not a cache

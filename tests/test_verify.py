@@ -208,6 +208,19 @@ def test_results_written_before_sizes_were_recorded_are_checked_for_parsing(stud
     assert damaged_runs(verify_store(out)) == [path.parent.name]
 
 
+def test_results_written_before_digests_were_recorded_are_checked_for_size_and_lines(study):
+    out, _ = study
+    path = first_run(out) / "result.json"
+    data = json.loads(path.read_text())
+    for record in data["files"].values():
+        del record["sha256"]
+    path.write_text(json.dumps(data))
+    change_one_digit(path.parent / "metrics.jsonl")  # unseen without a digest, as before
+    assert verify_store(out) == []
+    drop_last_line(path.parent / "metrics.jsonl")
+    assert damaged_runs(verify_store(out)) == [path.parent.name]
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_are_created_with_the_users_umask(tmp_path, umask, mode):
     old = os.umask(umask)
