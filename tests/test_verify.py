@@ -291,7 +291,7 @@ def test_a_study_whose_run_folders_are_gone_is_damage(study, loss, capsys):
     assert verify_store(out) == [] and len(counter.read_text().split()) == 6
 
 
-def test_a_study_whose_runs_have_not_started_is_no_damage(tmp_path):
+def test_a_study_whose_runs_have_not_started_is_no_damage(tmp_path, capsys):
     """study.json is written before the first run: until a run is claimed (leases/) or a report
     is written, a planned study without runs/ is one that has not started."""
     from normlab.runs.store import study_record
@@ -301,6 +301,8 @@ def test_a_study_whose_runs_have_not_started_is_no_damage(tmp_path):
     assert verify_store(tmp_path) == []
     (tmp_path / "runs").mkdir()
     assert verify_store(tmp_path) == []
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "no run folder yet" in capsys.readouterr().out  # not "every file sound" over none
 
 
 def test_a_study_without_its_study_file_is_refused_alike_by_every_command(study, capsys):

@@ -235,7 +235,8 @@ def _verify(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     _check_study_folder(folder)
     runs = sum(1 for _ in RunStore(folder).run_dirs())
-    print(f"{folder}: {runs} run folder(s), every file sound.")
+    print(f"{folder}: {runs} run folder(s), every file sound." if runs else
+          f"{folder}: no run folder yet (no run of the plan has started), study.json sound.")
     return 0
 
 
