@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
-    problems = plan_problems(specs, out_dir, args.device)
+    problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run)
     if problems:
         raise ConfigError(problems)
     pack, workers = default_parallelism(args.pack, args.workers, args.device,  # checked
@@ -235,7 +235,8 @@ def _verify(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     _check_study_folder(folder)
     runs = sum(1 for _ in RunStore(folder).run_dirs())
-    print(f"{folder}: {runs} run folder(s), every file sound.")
+    print(f"{folder}: {runs} run folder(s), every file sound." if runs else
+          f"{folder}: no run folder yet (no run of the plan has started), study.json sound.")
     return 0
 
 
