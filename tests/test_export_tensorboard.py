@@ -23,12 +23,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.util import tensor_util
 
 import fake_study  # noqa: F401 (registers the "fake" study and its task)
 from normlab.cli import main
 from normlab.export import export_tensorboard
-from normlab.export.series import metric_series, record_series
+from normlab.export.series import metric_series, record_series, whole_model_charts
 from normlab.export.target import MARKER, run_folder_name
 from normlab.runner import run_study
 from normlab.runs.spec import RunSpec
@@ -269,6 +271,14 @@ def test_only_probes_with_one_value_per_step_and_tag_are_series():
     assert "several values per step" in series.skipped["histogram"]
 
 
+def test_whole_model_probes_get_one_chart_each():
+    tags = ["sharpness/two_over_lr", "sharpness/lambda_max", "radial/norm/conv1",
+            "radial/norm/conv2", "noise/scale"]
+    assert whole_model_charts(tags) == {"sharpness": ["sharpness/lambda_max",
+                                                      "sharpness/two_over_lr"],
+                                        "noise": ["noise/scale"]}
+
+
 def test_run_folder_names_are_readable_unique_and_safe():
     assert run_folder_name("abc", {"norm": "batch", "lr": 0.1}) == "norm=batch,lr=0.1,run=abc"
     assert run_folder_name("abc", {}) == "run=abc"
@@ -326,6 +336,12 @@ def test_export_of_a_trained_study_holds_every_number(trained_dir, tmp_path):
     assert {"train/loss", "train/acc", "train/lr", "eval/test_acc", "eval/test_loss",
             "sharpness/lambda_max", "sharpness/two_over_lr"} <= tags
     assert any(t.startswith("activation_stats/") for t in tags)
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(_accumulator(
+        tmp_path / "tb" / "study").Tensors("custom_scalars__config__")[0].tensor_proto).item())
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
+    assert charts == {"sharpness": [  # the sharpness beside its two thresholds, one chart
+        "^sharpness/lambda_max$", "^sharpness/two_one_plus_momentum_over_lr$",
+        "^sharpness/two_over_lr$"]}  # activation_stats is per layer and channel: no chart
 
 
 def _free_port() -> int:

@@ -100,6 +100,17 @@ def record_series(records: Iterable[Mapping[str, Any]]) -> RunSeries:
     return out
 
 
+def whole_model_charts(tags: Iterable[str]) -> dict[str, list[str]]:
+    """probe -> its tags, for each probe of `tags` (probe record series) whose every series is
+    of the whole model (`<probe>/<quantity>`: no layer, channel, ...), drawn in one chart: the
+    sharpness beside 2/lr and 2(1 + momentum)/lr."""
+    by_probe: dict[str, list[str]] = defaultdict(list)
+    for tag in sorted(tags):
+        by_probe[tag.split("/", 1)[0]].append(tag)
+    return {probe: group for probe, group in by_probe.items()
+            if all(tag.count("/") == 1 for tag in group)}
+
+
 def hyperparameters(runs: pd.DataFrame) -> list[str]:
     """The settings that vary across `runs` (a `load_results` table), the usual ones first."""
     rank = {name: i for i, name in enumerate(LABEL_FIRST)}

@@ -5,7 +5,8 @@ The export folder holds one TensorBoard run per finished normlab run
 (`<varying settings>,run=<run_id>/`: its scalar series, see `normlab.export.series`, its
 hyperparameters and final metrics for the HParams dashboard) and the study's own run
 (`study/`: the HParams experiment, which lists every varying setting with its values and the
-final metrics, and the report's figures as images). Unfinished runs are left out.
+final metrics; the report's figures as images; and a Custom Scalars chart per whole-model
+probe, such as the sharpness beside 2/lr). Unfinished runs are left out.
 
 Scalars are float32, the one precision TensorBoard's default loader shows (it drops float64
 scalars silently): each reads back as the float32 nearest the number in metrics.jsonl, a
@@ -18,6 +19,7 @@ Cost: one read of every run file (as `normlab report`), and one event file per r
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import struct
 import time
@@ -33,6 +35,7 @@ import pandas as pd
 
 from normlab.export.series import (
     STATUS_CODES,
+    RunSeries,
     Series,
     final_metric_names,
     final_metrics,
@@ -40,6 +43,7 @@ from normlab.export.series import (
     metric_series,
     record_series,
     setting_values,
+    whole_model_charts,
 )
 from normlab.export.target import (
     STUDY_FOLDER,
@@ -113,19 +117,22 @@ def export_tensorboard(study_dir: str | Path, out_dir: str | Path) -> TensorBoar
     out_dir.mkdir(parents=True, exist_ok=True)
     write_marker(out_dir, study_dir, {**previous, **folders})  # every folder it may hold
     skipped: dict[str, str] = {}
+    probe_tags: set[str] = set()
     store = RunStore(study_dir)
     for (_, run), values in zip(finished.iterrows(), settings, strict=True):
         run_id = str(run["run_id"])
         old = out_dir / previous[run_id] if run_id in previous else None
-        skipped.update(replace_folder(out_dir / folders[run_id], partial(
+        records = replace_folder(out_dir / folders[run_id], partial(
             _write_run, tbx=tbx, run_dir=store.runs_dir / run_id, run=run, settings=values,
-            metric_names=metric_names), old))
+            metric_names=metric_names), old)
+        skipped.update(records.skipped)
+        probe_tags.update(records.scalars)
     for run_id in set(previous) - set(folders):  # runs the study folder no longer has
         shutil.rmtree(out_dir / previous[run_id], ignore_errors=True)
     figures = sorted((study_dir / "figures").glob("*.png"))
     replace_folder(out_dir / STUDY_FOLDER, partial(
         _write_study, tbx=tbx, study_dir=study_dir, names=names, settings=settings,
-        metric_names=metric_names, figures=figures))
+        metric_names=metric_names, figures=figures, charts=whole_model_charts(probe_tags)))
     write_marker(out_dir, study_dir, folders)
     return TensorBoardExport(out_dir, len(finished), len(runs) - len(finished), len(figures),
                              skipped)
@@ -136,6 +143,7 @@ def _tensorboardx() -> SimpleNamespace:
     # imported on use: optional dependency (the normlab[tensorboard] extra)
     modules = {name: import_extra(f"tensorboardX{path}", "tensorboard", setting="--to")
                for name, path in (("writer", ""), ("summary", ".proto.summary_pb2"),
+                                  ("builders", ".summary"),
                                   ("api", ".proto.api_pb2"),
                                   ("hparams", ".proto.plugin_hparams_pb2"))}
     return SimpleNamespace(**modules)
@@ -144,8 +152,9 @@ def _tensorboardx() -> SimpleNamespace:
 # -- one run -----------------------------------------------------------------------------------
 
 def _write_run(folder: Path, tbx: SimpleNamespace, run_dir: Path, run: pd.Series,
-               settings: Mapping[str, Any], metric_names: Iterable[str]) -> dict[str, str]:
-    """Write one run's event file into `folder`; return the probes left out (name -> why)."""
+               settings: Mapping[str, Any], metric_names: Iterable[str]) -> RunSeries:
+    """Write one run's event file into `folder`; return its probe series (and those left
+    out)."""
     records = record_series(read_jsonl(run_dir / "records.jsonl"))
     series: Series = {**metric_series(read_jsonl(run_dir / "metrics.jsonl")), **records.scalars}
     last = max((step for points in series.values() for step, _ in points), default=0)
@@ -172,7 +181,7 @@ def _write_run(folder: Path, tbx: SimpleNamespace, run_dir: Path, run: pd.Series
             session_end_info=end)), final_step)
     finally:
         writer.close()
-    return records.skipped
+    return records
 
 
 def _scalar_value(tbx: SimpleNamespace, tag: str, value: float) -> Any:
@@ -206,8 +215,9 @@ def _plugin_summary(tbx: SimpleNamespace, tag: str, data: Any) -> Any:
 
 def _write_study(folder: Path, tbx: SimpleNamespace, study_dir: Path, names: list[str],
                  settings: list[dict[str, Any]], metric_names: list[str],
-                 figures: list[Path]) -> None:
-    """The study's run: the HParams experiment and the report's figures."""
+                 figures: list[Path], charts: Mapping[str, list[str]]) -> None:
+    """The study's run: the HParams experiment, the report's figures, and the layout of the
+    Custom Scalars dashboard (`charts`: title -> tags drawn together)."""
     writer = tbx.writer.FileWriter(str(folder))
     try:
         writer.add_summary(_plugin_summary(tbx, _EXPERIMENT_TAG, tbx.hparams.HParamsPluginData(
@@ -215,6 +225,10 @@ def _write_study(folder: Path, tbx: SimpleNamespace, study_dir: Path, names: lis
         for path in figures:
             writer.add_summary(tbx.summary.Summary(value=[tbx.summary.Summary.Value(
                 tag=f"figures/{path.stem}", image=_png_image(tbx, path))]), 0)
+        if charts:
+            writer.add_summary(tbx.builders.custom_scalars({"probes": {
+                title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+                for title, tags in charts.items()}}), 0)
     finally:
         writer.close()
 
