@@ -8,6 +8,7 @@
     normlab verify DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]
     normlab bench [NAME ...] [--quick] [--device DEV]
+    normlab export DIR --to tensorboard OUT
 
 Bad input (unknown study, setting or value, a device this machine lacks, an output folder that
 cannot be written) exits with code 2 and one line per problem, all at once, before any run. A
