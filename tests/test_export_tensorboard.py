@@ -34,6 +34,7 @@ from normlab.export.series import metric_series, record_series, whole_model_char
 from normlab.export.target import MARKER, run_folder_name
 from normlab.runner import run_study
 from normlab.runs.spec import RunSpec
+from normlab.runs.store import files_record
 from normlab.runs.verify import DamagedStoreError
 from normlab.studies import Study, load_results
 from normlab.utils.config import ConfigError
@@ -199,6 +200,17 @@ def _cli(*argv: str) -> tuple[int, str]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(["export", *argv])
     return code, err.getvalue()
+
+
+def test_a_probe_named_like_a_metric_kind_is_refused_not_merged(fake_dir, tmp_path):
+    run_dir = next((fake_dir / "runs").iterdir())
+    (run_dir / "records.jsonl").write_text(json.dumps(
+        {"probe": "train", "step": 1, "quantity": "train_loss", "value": 0.0}) + "\n")
+    result = json.loads((run_dir / "result.json").read_text())
+    result["files"] = files_record(run_dir)  # a sound folder, as if the run had logged it
+    (run_dir / "result.json").write_text(json.dumps(result))
+    with pytest.raises(ConfigError, match="share the TensorBoard tag"):
+        export_tensorboard(fake_dir, tmp_path / "tb")
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(fake_dir, tmp_path):

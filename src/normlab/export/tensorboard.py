@@ -156,12 +156,14 @@ def _write_run(folder: Path, tbx: SimpleNamespace, run_dir: Path, run: pd.Series
     """Write one run's event file into `folder`; return its probe series (and those left
     out)."""
     records = record_series(read_jsonl(run_dir / "records.jsonl"))
-    series: Series = {**metric_series(read_jsonl(run_dir / "metrics.jsonl")), **records.scalars}
-    last = max((step for points in series.values() for step, _ in points), default=0)
+    metrics = metric_series(read_jsonl(run_dir / "metrics.jsonl"))
+    last = max((step for points in (*metrics.values(), *records.scalars.values())
+                for step, _ in points), default=0)
     steps_done = run.get("steps_done")
     final_step = last if steps_done is None or pd.isna(steps_done) else int(steps_done)
-    for name, value in final_metrics(run, metric_names).items():
-        series[name] = [(final_step, value)]
+    final = {name: [(final_step, value)]
+             for name, value in final_metrics(run, metric_names).items()}
+    series = _disjoint(run_dir, metrics, records.scalars, final)
     writer = tbx.writer.FileWriter(str(folder))
     try:
         start = time.time()
@@ -182,6 +184,20 @@ def _write_run(folder: Path, tbx: SimpleNamespace, run_dir: Path, run: pd.Series
     finally:
         writer.close()
     return records
+
+
+def _disjoint(run_dir: Path, *parts: Series) -> Series:
+    """The union of `parts`, or a ConfigError naming the tags two of them share (a probe named
+    like a metric kind): one would hide the other's numbers."""
+    union: Series = {}
+    for part in parts:
+        shared = sorted(set(union) & set(part))
+        if shared:
+            raise ConfigError(f"{run_dir}: probe records and metric rows would share the "
+                              f"TensorBoard tag(s) {', '.join(shared)}; normlab cannot export "
+                              "both.")
+        union.update(part)
+    return union
 
 
 def _scalar_value(tbx: SimpleNamespace, tag: str, value: float) -> Any:
