@@ -30,7 +30,14 @@ from tensorboard.util import tensor_util
 import fake_study  # noqa: F401 (registers the "fake" study and its task)
 from normlab.cli import main
 from normlab.export import export_tensorboard
-from normlab.export.series import metric_series, record_series, whole_model_charts
+from normlab.export.series import (
+    final_metric_names,
+    final_metrics,
+    metric_series,
+    record_series,
+    setting_values,
+    whole_model_charts,
+)
 from normlab.export.target import MARKER, run_folder_name
 from normlab.runner import run_study
 from normlab.runs.spec import RunSpec
@@ -281,6 +288,23 @@ def test_only_probes_with_one_value_per_step_and_tag_are_series():
                               "sharpness/two_over_lr": [(0, 20.0), (2, 20.0)]}
     assert set(series.skipped) == {"histogram", "notes"}
     assert "several values per step" in series.skipped["histogram"]
+
+
+def test_settings_keep_one_type_each_and_final_metrics_leave_out_what_is_missing():
+    runs = pd.DataFrame({"run_id": ["a", "b"], "lr": [0.1, 1], "compile": [True, False],
+                         "options.x": [3, "y"], "options.replicate": [np.nan, 1.0],
+                         "status": ["completed", "diverged"], "test_acc": [0.9, np.nan],
+                         "diverged_step": [np.nan, 7.0], "p_diverge": [0.5, 0.5],
+                         "pack_size": [1, 8], "device": ["cpu", "cpu"]})
+    names = ["lr", "compile", "options.x", "options.replicate"]
+    assert setting_values(runs, names) == [
+        {"lr": 0.1, "compile": True, "options.x": "3"},
+        {"lr": 1.0, "compile": False, "options.x": "y", "options.replicate": 1.0}]
+    metrics = final_metric_names(runs)
+    assert metrics == ["final/test_acc", "final/status", "final/diverged_step",
+                       "final/p_diverge"]  # no pack size (how, not what), no strings
+    assert final_metrics(runs.iloc[1], metrics) == {
+        "final/status": 1.0, "final/diverged_step": 7.0, "final/p_diverge": 0.5}
 
 
 def test_whole_model_probes_get_one_chart_each():
