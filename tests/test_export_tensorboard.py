@@ -200,6 +200,10 @@ def test_unfinished_runs_are_left_out_and_counted(fake_dir, tmp_path):
     assert (export.runs, export.unfinished) == (3, 1)
     assert spec.run_id not in _exported_runs(tmp_path / "tb")
     assert "1 unfinished run(s)" in export.summary()
+    # the unfinished run's device is its spec's "auto", the others' the "cpu" they ran on:
+    # no hyperparameter for that
+    for folder in _exported_runs(tmp_path / "tb").values():
+        assert set(_hparams(_accumulator(folder))) == {"lr"}
 
 
 def _cli(*argv: str) -> tuple[int, str]:

@@ -107,8 +107,10 @@ def export_tensorboard(study_dir: str | Path, out_dir: str | Path) -> TensorBoar
     if runs.empty:
         raise ConfigError(f"{study_dir} is not a study folder with runs: it holds no run "
                           "to export.")
-    names = hyperparameters(runs)
     finished = runs[runs["status"] != "unfinished"].reset_index(drop=True)
+    # of the finished runs only: their `device` is the one they ran on, an unfinished one's
+    # the spec's ("auto"), which would make the device look varied
+    names = hyperparameters(finished)
     metric_names = final_metric_names(finished)
     settings = setting_values(finished, names)
     folders = {run_id: run_folder_name(run_id, values)
