@@ -8,6 +8,7 @@
     normlab verify DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]
     normlab bench [NAME ...] [--quick] [--device DEV]
+    normlab export DIR --to tensorboard OUT
 
 Bad input (unknown study, setting or value, a device this machine lacks, an output folder that
 cannot be written) exits with code 2 and one line per problem, all at once, before any run. A
@@ -27,6 +28,7 @@ from typing import Any
 
 import normlab
 from normlab.cli.bench import run_benchmarks
+from normlab.cli.export import add_export_parser
 from normlab.execute.args import add_executor_arguments, executor_from_args
 from normlab.runs.spec import RunSpec, settings_help
 from normlab.runs.store import CorruptRecordError, RunStore, read_json
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="each benchmark's fast check")
     bench.add_argument("--device", default=None, help="device passed to each benchmark")
     bench.set_defaults(handler=_bench)
+    add_export_parser(commands, _check_study_folder)
     return parser
 
 
