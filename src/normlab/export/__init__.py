@@ -1,0 +1,1 @@
+"""Exports of a study folder to the tools researchers watch runs in, after the fact."""
