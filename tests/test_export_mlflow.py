@@ -271,6 +271,12 @@ def test_a_damaged_folder_is_refused_before_the_server_is_asked(fake_dir):
         export_mlflow(fake_dir, f"http://127.0.0.1:{_free_port()}")
 
 
+def test_without_mlflow_the_error_names_the_extra(fake_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # as if not installed
+    with pytest.raises(ConfigError, match=re.escape("pip install 'normlab[mlflow]'")):
+        export_mlflow(fake_dir, f"http://127.0.0.1:{_free_port()}")
+
+
 def test_no_server_at_the_uri_is_an_error_naming_it(fake_dir):
     uri = f"http://127.0.0.1:{_free_port()}"
     start = time.monotonic()
