@@ -31,6 +31,7 @@ import fake_study  # noqa: E402, F401 (registers the "fake" study and its task)
 from normlab.export.mlflow import (  # noqa: E402
     COMPLETE_TAG,
     PARAM_VALUE_LIMIT,
+    TrackingServerError,
     export_mlflow,
     run_metrics,
     run_params,
@@ -281,7 +282,7 @@ def test_no_server_at_the_uri_is_an_error_naming_it(fake_dir):
     uri = f"http://127.0.0.1:{_free_port()}"
     start = time.monotonic()
     message = re.escape(f"No MLflow tracking server answers at {uri}")
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(TrackingServerError, match=message):
         export_mlflow(fake_dir, uri, timeout_s=2)
     assert time.monotonic() - start < 30
 
@@ -377,7 +378,8 @@ def test_a_server_killed_mid_export_loses_nothing_and_the_export_can_be_redone(
         return real_log_artifacts(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", killed_at_the_second_run)
-    with pytest.raises(RuntimeError, match=re.escape(f"The MLflow server at {server.uri} failed")):
+    failed = re.escape(f"The MLflow server at {server.uri} failed")
+    with pytest.raises(TrackingServerError, match=failed):
         export_mlflow(fake_dir, server.uri, timeout_s=5)
     monkeypatch.undo()
     assert _hashes(fake_dir) == before and verify_store(fake_dir) == []

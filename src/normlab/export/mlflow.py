@@ -64,6 +64,12 @@ _KEY_CHARACTERS = re.compile(r"[^\w./\- :]")  # what MLflow refuses in a param n
 _MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
 
 
+class TrackingServerError(ConnectionError):
+    """No MLflow server answers at the URI, or it stopped answering during an export.
+
+    A ConnectionError (an OSError), so that `normlab` prints its message and exits with 1."""
+
+
 @dataclass(frozen=True)
 class MlflowExport:
     """What an export did, by normlab run id: runs `created`, `replaced` (an earlier export cut
@@ -105,8 +111,9 @@ def export_mlflow(study_dir: str | Path, tracking_uri: str,
     Refused before anything is written: a URI that is no http(s) address, a folder that is no
     study folder or holds no run, mlflow not installed (ConfigError, every problem at once);
     damaged run files (DamagedStoreError naming each); a server that does not answer within
-    `timeout_s` seconds (RuntimeError naming the URI). A server lost during the export is a
-    RuntimeError too: normlab's folder is untouched, and exporting again completes the export.
+    `timeout_s` seconds (TrackingServerError naming the URI). A server lost during the export
+    is a TrackingServerError too: normlab's folder is untouched, and exporting again completes
+    the export.
     Each request waits at most `timeout_s` and is retried twice, unless the environment sets
     MLFLOW_HTTP_REQUEST_TIMEOUT or MLFLOW_HTTP_REQUEST_MAX_RETRIES.
     """
@@ -117,13 +124,14 @@ def export_mlflow(study_dir: str | Path, tracking_uri: str,
     tracking = import_extra("mlflow.tracking", "mlflow", setting="--to")
     entities = import_extra("mlflow.entities", "mlflow", setting="--to")
     exceptions = import_extra("mlflow.exceptions", "mlflow", setting="--to")
+    requests = import_extra("requests", "mlflow", setting="--to")  # mlflow's HTTP client
     _check_server(tracking_uri, timeout_s)
     exporter = _Exporter(tracking.MlflowClient(tracking_uri=tracking_uri), entities, study_dir)
     try:
         with _http_settings(timeout_s):
             return exporter.export(plan, runs, tracking_uri)
-    except (exceptions.MlflowException, OSError) as err:
-        raise RuntimeError(
+    except (exceptions.MlflowException, requests.RequestException) as err:
+        raise TrackingServerError(
             f"The MLflow server at {tracking_uri} failed during the export ({exporter.done} of "
             f"the study's runs written): {err}. {study_dir} is untouched; export again once "
             "the server answers (runs written whole are kept, the others are written again)."
@@ -213,7 +221,7 @@ def _checked_study(study_dir: Path, tracking_uri: str) -> dict[str, Any]:
 
 
 def _check_server(tracking_uri: str, timeout_s: float) -> None:
-    """RuntimeError naming `tracking_uri` when nothing answers there within `timeout_s`.
+    """TrackingServerError naming `tracking_uri` when nothing answers there within `timeout_s`.
 
     Any HTTP answer counts (a server that wants a login answers 401: MLflow's client sends the
     credentials of the environment); no connection or no answer in time does not."""
@@ -225,7 +233,7 @@ def _check_server(tracking_uri: str, timeout_s: float) -> None:
         pass
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise RuntimeError(f"No MLflow tracking server answers at {tracking_uri} (within "
+        raise TrackingServerError(f"No MLflow tracking server answers at {tracking_uri} (within "
                            f"{timeout_s:g} s: {reason}); start one with `mlflow server "
                            "--host HOST --port PORT`, or check the address.") from err
 
