@@ -313,10 +313,16 @@ def test_export_holds_every_number_of_a_trained_study(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_exporting_again_never_duplicates_a_run(server, fake_dir, tmp_path):
+def test_exporting_again_never_duplicates_a_run(server, fake_dir, tmp_path, capsys):
     client = MlflowClient(server.uri)
+    def settings():
+        return {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_HTTP", "MLFLOW_SUP"))}
+
+    environment = settings()
     first = export_mlflow(fake_dir, server.uri)
     assert len(first.created) == 3 and first.report
+    assert "View run" not in capsys.readouterr().out  # MLflow's line per run, kept quiet
+    assert settings() == environment  # the request settings hold for the export only
     parent = client.get_run(first.parent_run_id)
     assert parent.data.tags["normlab.role"] == "study"
     artifacts = {a.path for a in client.list_artifacts(first.parent_run_id)}
