@@ -108,14 +108,14 @@ def export_mlflow(study_dir: str | Path, tracking_uri: str,
                   timeout_s: float = 10.0) -> MlflowExport:
     """Export the study folder `study_dir` to the MLflow tracking server at `tracking_uri`.
 
-    Refused before anything is written: a URI that is no http(s) address, a folder that is no
-    study folder or holds no run, mlflow not installed (ConfigError, every problem at once);
-    damaged run files (DamagedStoreError naming each); a server that does not answer within
-    `timeout_s` seconds (TrackingServerError naming the URI). A server lost during the export
-    is a TrackingServerError too: normlab's folder is untouched, and exporting again completes
-    the export.
-    Each request waits at most `timeout_s` and is retried twice, unless the environment sets
-    MLFLOW_HTTP_REQUEST_TIMEOUT or MLFLOW_HTTP_REQUEST_MAX_RETRIES.
+    Refused before anything is written, in this order: a URI that is no http(s) address and a
+    folder that is no study folder or holds no run (one ConfigError naming both); damaged run
+    files (DamagedStoreError naming each); mlflow not installed (ConfigError naming the extra);
+    a server that does not answer within `timeout_s` seconds (TrackingServerError naming the
+    URI). A server lost during the export is a TrackingServerError too: normlab's folder is
+    untouched, and exporting again completes the export. Each request waits at most
+    `timeout_s` and is retried twice, unless the environment sets MLFLOW_HTTP_REQUEST_TIMEOUT
+    or MLFLOW_HTTP_REQUEST_MAX_RETRIES.
     """
     study_dir = Path(study_dir)
     plan = _checked_study(study_dir, tracking_uri)
@@ -133,8 +133,9 @@ def export_mlflow(study_dir: str | Path, tracking_uri: str,
     except (exceptions.MlflowException, requests.RequestException) as err:
         raise TrackingServerError(
             f"The MLflow server at {tracking_uri} failed during the export ({exporter.done} of "
-            f"the study's runs written): {err}. {study_dir} is untouched; export again once "
-            "the server answers (runs written whole are kept, the others are written again)."
+            f"the study's finished runs there whole): {err}. {study_dir} is untouched; export "
+            "again once the server answers (runs written whole are kept, the others are "
+            "written again)."
         ) from err
 
 
