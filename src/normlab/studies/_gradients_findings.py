@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import Finding, verdict_if_measured
 from normlab.studies._gradients_figures import at_step
 from normlab.studies.base import StudyResults
 
@@ -41,7 +41,7 @@ def _e3_range(results: StudyResults) -> Finding | None:
                    "range ~±0.04 with BN, ~100x wider without (ResNet-110, layer 55)",
                    f"range {ranges.get('batch', math.nan):.3g} with BN, "
                    f"{ranges.get('none', math.nan):.3g} without: ratio {ratio:.3g}",
-                   None if math.isnan(ratio) else verdict(ratio > 10))
+                   *verdict_if_measured(ratio, ratio > 10, "range ratio (no BN / BN) > 10"))
 
 
 def _e4_explosion(results: StudyResults) -> Finding | None:
@@ -61,8 +61,9 @@ def _e4_explosion(results: StudyResults) -> Finding | None:
                    "no BN: past 1e6 by s ~ 3e-3; BN: within a few x up to s = 0.1",
                    f"no BN: first s with L(s)/L(0) > 1e6: {first_text}; BN: max ratio "
                    f"{bn_max:.3g} on s in [1e-5, 0.1]",
-                   None if math.isnan(first) and math.isnan(bn_max)
-                   else verdict(bool(first <= 0.1 and bn_max < 10)))
+                   *verdict_if_measured(bn_max, bool(first <= 0.1 and bn_max < 10),
+                            "no BN passes L(s)/L(0) = 1e6 at some s <= 0.1, and BN's largest "
+                            "ratio stays below 10"))
 
 
 def _e6_growth(results: StudyResults) -> Finding | None:
@@ -82,7 +83,8 @@ def _e6_growth(results: StudyResults) -> Finding | None:
                    "no BN: ~1e-1.5 to ~1e3.5 over 110 layers; BN: within ~1e-1...1e1",
                    f"median channel std, last / first measured layer: no BN {none:.3g}, "
                    f"BN {bn:.3g}",
-                   None if math.isnan(none) or math.isnan(bn) else verdict(none > 10 * bn))
+                   *verdict_if_measured(none + bn, none > 10 * bn,
+                            "no BN's growth exceeds 10x BN's"))
 
 
 def _e8_cancellation(results: StudyResults) -> Finding | None:
@@ -97,4 +99,4 @@ def _e8_cancellation(results: StudyResults) -> Finding | None:
                    f"median coherence averaged over layers: no BN "
                    f"{means.get('none', math.nan):.3g}, BN {means.get('batch', math.nan):.3g} "
                    f"(ratio {ratio:.3g})",
-                   None if math.isnan(ratio) else verdict(ratio > 10))
+                   *verdict_if_measured(ratio, ratio > 10, "coherence ratio (no BN / BN) > 10"))

@@ -20,7 +20,7 @@ import pandas as pd
 
 from normlab.runs.spec import RunSpec
 from normlab.studies import figures as plot
-from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
+from normlab.studies._findings import AGREES, DIFFERS, NOT_TESTABLE, Finding, verdict
 from normlab.studies._frontier import (
     REPLICATES,
     follow_up_note,
@@ -118,7 +118,8 @@ class SmallBatchStudy(Study):
                     "not in the paper (review R1; Wu & He 2018, Ioffe 2017)",
                     "best test accuracy over the lr grid: "
                     + ", ".join(f"{n} {a:.3f}" for n, a in acc.items()),
-                    verdict(bool(rival > acc["batch"]))))
+                    *verdict(bool(rival > acc["batch"]),
+                             "the better of GroupNorm and Batch Renormalization > BN")))
         table = _stable_table(results)
         if not table.empty and "batch" in set(table["norm"]) and table["norm"].nunique() > 1:
             lrs = table.groupby("norm")["largest_trained_lr"].max()  # over batch sizes
@@ -155,11 +156,12 @@ def _as_large_as_bn(table: pd.DataFrame) -> tuple[str, str]:
                 open_.append(f"{norm} {bracket_text(row)} vs BN {bracket_text(bn)} at batch "
                              f"{int(batch)}")
     if below:
-        return verdict(False), "below BN's frontier: " + ", ".join(below)
+        return DIFFERS, "below BN's frontier: " + ", ".join(below)
     if open_:
         return NOT_TESTABLE, ("the frontier brackets overlap, so the grid cannot order the "
                               "frontiers: " + "; ".join(open_))
-    return verdict(True), ""
+    return AGREES, ("at every batch size each bracket lies at or above BN's, or in the same "
+                    "grid step")
 
 
 # -- measurements, as tables ---------------------------------------------------------------------
