@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from normlab.studies import _lr_sweep_figures as sweep_figures
-from normlab.studies.base import StudyResults
 from normlab.studies.figures import (
     coinciding,
     marker_legend,
@@ -25,7 +23,8 @@ def test_coinciding_names_each_curve_equal_to_an_earlier_one():
     assert coinciding(curves) == {"layer": "group", "instance": "group"}
 
 
-def _display_points(line) -> np.ndarray:
+def display_points(line) -> np.ndarray:
+    """A line's points in display coordinates (pixels), after any nudge."""
     return line.get_transform().transform(np.column_stack([line.get_xdata(),
                                                            line.get_ydata()]))
 
@@ -41,56 +40,12 @@ def test_two_norms_with_identical_values_are_both_visible_and_named():
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert texts == ["batch", "group", "layer (= group)"]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    group = _display_points(lines["group"])
-    layer = _display_points(lines["layer (= group)"])
+    group = display_points(lines["group"])
+    layer = display_points(lines["layer (= group)"])
     assert np.all(np.abs(layer - group) > 1)  # a few pixels apart at every point
     np.testing.assert_array_equal(lines["layer (= group)"].get_ydata(), [0.5, 0.6, 0.7])
     marker_legend(ax, [])  # a second legend call does not nudge again
-    np.testing.assert_array_equal(_display_points(lines["layer (= group)"]), layer)
-
-
-def _runs(rows: list[tuple]) -> pd.DataFrame:
-    columns = ["run_id", "group", "norm", "depth", "lr", "seed", "status", "test_acc"]
-    return pd.DataFrame(rows, columns=columns).assign(
-        data="digits", width=8, batch_size=64, init="xavier_normal")
-
-
-def _curve(norm: str, depth: int, group: str, outcomes: dict[float, float | None]
-           ) -> list[tuple]:
-    return [(f"{group}-{norm}-{lr}-{depth}", group, norm, depth, lr, 0,
-             "diverged" if acc is None else "completed", np.nan if acc is None else acc)
-            for lr, acc in outcomes.items()]
-
-
-def test_the_e10_figure_names_bns_trains_line_lying_on_its_no_divergence_line(tmp_path):
-    # BN is stable and trains at every lr at both depths: its two lines coincide
-    rows = []
-    for depth, group in ((8, "sweep"), (20, "E10")):
-        rows += _curve("batch", depth, group, {0.1: 0.9, 1.0: 0.9})
-        rows += _curve("none", depth, group, {0.1: 0.5, 1.0: None})
-    draw = sweep_figures.stable_lr_vs_depth.__wrapped__
-    fig, _ = draw(StudyResults(tmp_path, _runs(rows)))
-    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "batch: trains (= batch: no divergence)" in texts
-    assert "none: trains (= none: no divergence)" in texts
-
-
-def test_the_divergence_figure_names_norms_with_the_same_curve(tmp_path, monkeypatch):
-    rows = []
-    for norm, outcomes in (("batch", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
-                           ("group", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
-                           ("none", {0.1: 0.5, 1.0: None, 10.0: None})):
-        rows += _curve(norm, 20, "sweep", outcomes)
-        rows += _curve(norm, 8, "E10", outcomes) if norm != "group" else []
-        rows += _curve("layer", 8, "E10", outcomes) if norm == "group" else []
-    drawn = []
-    monkeypatch.setattr(sweep_figures, "saved_figure",
-                        lambda fig, *args: drawn.append(fig) or None)
-    sweep_figures.divergence_vs_lr(StudyResults(tmp_path, _runs(rows)), tmp_path)
-    first, second = drawn[0].axes[0], drawn[0].axes[1]  # depth 20 (legend), depth 8
-    assert [t.get_text() for t in first.get_legend().get_texts()] == [
-        "none", "batch", "group (= batch)"]
-    assert "layer = batch" in [t.get_text() for t in second.texts]
+    np.testing.assert_array_equal(display_points(lines["layer (= group)"]), layer)
 
 
 def test_a_zero_nudge_names_the_hidden_line_and_leaves_it_on_its_data():
@@ -100,4 +55,4 @@ def test_a_zero_nudge_names_the_hidden_line_and_leaves_it_on_its_data():
     ax.plot([1, 2], [3, 4], label="b")
     assert separate_coinciding(ax, 0.0) == {"b": "a"}
     a, b = ax.get_lines()
-    np.testing.assert_allclose(_display_points(a), _display_points(b))
+    np.testing.assert_allclose(display_points(a), display_points(b))

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from normlab.runner import run_study
+from normlab.studies import _lr_sweep_figures as sweep_figures
 from normlab.studies._lr_sweep_figures import stable_lr_vs_depth
 from normlab.studies._trains import (
     TRAINS_DEFINITION,
@@ -344,3 +345,34 @@ def test_every_verdict_of_the_sweep_has_its_reason_and_no_cell_is_blank(tmp_path
     assert {f.verdict for f in alternatives} == {MEASURED}  # the review's question: no claim
     for finding in found.values():
         assert finding.verdict in VERDICTS and finding.reason, finding
+
+
+def test_the_e10_figure_names_bns_trains_line_lying_on_its_no_divergence_line(tmp_path):
+    # BN is stable and trains at every lr at both depths: its two lines coincide
+    rows = []
+    for depth, group in ((8, "sweep"), (20, "E10")):
+        rows += _curve("batch", depth, group, {0.1: 0.9, 1.0: 0.9})
+        rows += _curve("none", depth, group, {0.1: 0.5, 1.0: None})
+    draw = sweep_figures.stable_lr_vs_depth.__wrapped__
+    fig, _ = draw(StudyResults(tmp_path, _runs(rows)))
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "batch: trains (= batch: no divergence)" in texts
+    assert "none: trains (= none: no divergence)" in texts
+
+
+def test_the_divergence_figure_names_norms_with_the_same_curve(tmp_path, monkeypatch):
+    rows = []
+    for norm, outcomes in (("batch", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
+                           ("group", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
+                           ("none", {0.1: 0.5, 1.0: None, 10.0: None})):
+        rows += _curve(norm, 20, "sweep", outcomes)
+        rows += _curve(norm, 8, "E10", outcomes) if norm != "group" else []
+        rows += _curve("layer", 8, "E10", outcomes) if norm == "group" else []
+    drawn = []
+    monkeypatch.setattr(sweep_figures, "saved_figure",
+                        lambda fig, *args: drawn.append(fig) or None)
+    sweep_figures.divergence_vs_lr(StudyResults(tmp_path, _runs(rows)), tmp_path)
+    first, second = drawn[0].axes[0], drawn[0].axes[1]  # depth 20 (legend), depth 8
+    assert [t.get_text() for t in first.get_legend().get_texts()] == [
+        "none", "batch", "group (= batch)"]
+    assert "layer = batch" in [t.get_text() for t in second.texts]
