@@ -26,7 +26,8 @@ bracket [largest lr with p = 0, smallest lr with p = 1]. After the grid's first 
 point within one grid step of a frontier gets `replicates` perturbation replicates per seed
 (`studies._frontier`; `--set replicates=R`, default per scale), in rounds until the frontiers
 settle. The verdicts on the paper's claims (R1, E10, and E1's runs) read the brackets, and say
-"not testable at this scale" where two brackets overlap.
+"not testable at this scale" where two brackets overlap; R1 is also judged by "trains" (BN's
+largest lr that trains against no norm's at every depth), each verdict beside its own numbers.
 """
 
 from __future__ import annotations
