@@ -375,4 +375,4 @@ def test_the_divergence_figure_names_norms_with_the_same_curve(tmp_path, monkeyp
     first, second = drawn[0].axes[0], drawn[0].axes[1]  # depth 20 (legend), depth 8
     assert [t.get_text() for t in first.get_legend().get_texts()] == [
         "none", "batch", "group (= batch)"]
-    assert "layer = batch" in [t.get_text() for t in second.texts]
+    assert "same curve (nudged): layer = batch" in [t.get_text() for t in second.texts]

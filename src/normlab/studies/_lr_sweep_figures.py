@@ -103,8 +103,9 @@ def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
             strip.plot([low, high], [row, row], "-|", color=color, lw=2.5, markersize=5)
         hidden = separate_coinciding(ax)
         if hidden and ax is not axes[0, 0]:  # the legend (first panel) names the others
-            ax.text(0.98, 0.5, "\n".join(f"{a} = {b}" for a, b in hidden.items()),
-                    transform=ax.transAxes, ha="right", va="center", fontsize=6)
+            ax.text(0.02, 0.97, "same curve (nudged): "
+                    + ", ".join(f"{a} = {b}" for a, b in hidden.items()),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=6)
         ax.set_xlim(left, right)
         ax.set_ylim(-0.04, 1.04)
         ax.tick_params(axis="x", which="both", labelbottom=False)
