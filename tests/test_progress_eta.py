@@ -9,7 +9,7 @@ import re
 import pytest
 from rich.console import Console
 
-from normlab.report.eta import planned_work, time_left, work_done
+from normlab.report.eta import planned_work, recent_rate, time_left, work_done
 from normlab.report.terminal import TerminalProgress
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
@@ -32,10 +32,22 @@ def test_work_done_counts_finished_runs_whole_and_running_ones_by_their_fraction
 def test_time_left_is_the_remaining_work_at_the_measured_rate():
     # two runs of work 1 and 3; the small one finished in 10 s: 3 units at 0.1 unit/s is 30 s
     # (runs x mean time would say 1 run x 10 s = 10 s)
-    assert time_left(total_work=4.0, done_work=1.0, elapsed_s=10.0) == pytest.approx(30.0)
-    assert time_left(4.0, 2.0, 10.0) == pytest.approx(10.0)
-    assert time_left(4.0, 0.0, 10.0) is None  # no rate yet
-    assert time_left(4.0, 4.0, 10.0) == 0.0
+    rate = recent_rate([(0.0, 0.0), (10.0, 1.0)], now=10.0)
+    assert rate == pytest.approx(0.1)
+    assert time_left(total_work=4.0, done_work=1.0, rate=rate) == pytest.approx(30.0)
+    assert time_left(4.0, 0.0, None) is None  # no rate yet
+    assert time_left(4.0, 4.0, None) == 0.0
+
+
+def test_the_rate_is_that_of_the_last_minutes():
+    # a pack did 8 units in its first 100 s; one run alone then did 1 unit in 300 s: the next
+    # minutes go at the solo rate (1/300), not at the study's average (9/400)
+    samples = [(0.0, 0.0), (100.0, 8.0), (400.0, 9.0)]
+    assert recent_rate(samples, now=400.0, window_s=300.0) == pytest.approx(1 / 300)
+    assert recent_rate(samples, now=400.0, window_s=1000.0) == pytest.approx(9 / 400)
+    # nothing reported for a while (a pool's long run): the rate decays with the time passed
+    assert recent_rate(samples, now=500.0, window_s=300.0) == pytest.approx(1 / 400)
+    assert recent_rate([(0.0, 0.0)], now=10.0) is None
 
 
 class FakeClock:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from normlab.execute.progress import ProgressReporter
 from normlab.report.columns import varying_settings
-from normlab.report.eta import planned_work, time_left, work_done
+from normlab.report.eta import RATE_WINDOW_S, planned_work, recent_rate, time_left, work_done
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.studies.base import _spec_columns
@@ -149,6 +149,7 @@ class TerminalProgress(ProgressReporter):
         self.total = self.skipped = self.done = 0
         self._work: dict[str, float] = {}  # run id -> planned work, of the runs to do
         self._fractions: dict[str, float] = {}  # run id -> fraction done (1: finished)
+        self._samples: list[tuple[float, float]] = []  # (time, work done), for the rate
         self._start = self.clock()
         self._last_print = -math.inf
         self._live: Any = None
@@ -188,6 +189,7 @@ class TerminalProgress(ProgressReporter):
         self._work = planned_works(todo)
         self._fractions = {}
         self._start = self.clock()
+        self._samples = [(self._start, 0.0)]
 
     def run_progress(self, run_id: str, fraction: float, message: str) -> None:
         self._fractions[run_id] = fraction
@@ -221,8 +223,12 @@ class TerminalProgress(ProgressReporter):
     def _estimate(self) -> tuple[float, float | None]:
         """(the share of this round's planned work done, seconds left or None)."""
         total = sum(self._work.values())
-        done = work_done(self._work, self._fractions)
-        left = time_left(total, done, self.clock() - self._start)
+        done, now = work_done(self._work, self._fractions), self.clock()
+        if done > self._samples[-1][1]:
+            self._samples.append((now, done))
+            old = [i for i, (t, _) in enumerate(self._samples) if t <= now - RATE_WINDOW_S]
+            self._samples = self._samples[old[-1] if old else 0:]  # what the window reads
+        left = time_left(total, done, recent_rate(self._samples, now))
         return (done / total if total > 0 else 0.0), left
 
     def _times(self, left: bool = True) -> str:
