@@ -89,6 +89,20 @@ def test_the_plain_lines_give_the_time_left_in_work(clock):
     progress.study_end()
 
 
+def test_a_run_that_diverged_early_leaves_its_unrun_work_out(clock):
+    short, long = _unequal_runs()  # work 1 and 3
+    stream = io.StringIO()
+    progress = TerminalProgress(stream, interval_s=3600, clock=clock)
+    progress.study_start("s", [short, long], [long, short])
+    clock.now = 10.0
+    progress.run_progress(long.run_id, 0.25, "step 1/4")  # 0.75 units
+    clock.now = 12.0
+    progress.run_end(long, RunResult("diverged", steps=2, diverged_step=2, diverged_loss=2e3,
+                                     wall_time_s=12.0), done=1, total=2)
+    # 1 unit left at 0.75 units per 12 s: 16 s (counted as done whole, it would say 4 s)
+    assert stream.getvalue().splitlines()[-1].endswith("| 0:00:12 elapsed, about 0:00:16 left")
+
+
 def _screen(progress: TerminalProgress) -> str:
     """The live area as the terminal shows it now."""
     console = Console(file=io.StringIO(), width=160, record=True)

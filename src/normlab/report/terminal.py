@@ -202,6 +202,9 @@ class TerminalProgress(ProgressReporter):
 
     def run_end(self, spec: RunSpec, result: RunResult, done: int, total: int) -> None:
         self.done = done
+        if result.status != "completed":  # ended early: the rest of its work will not be done
+            share = min(max(self._fractions.get(spec.run_id, 0.0), 0.0), 1.0)
+            self._work[spec.run_id] = self._work.get(spec.run_id, 0.0) * share
         self._fractions[spec.run_id] = 1.0
         label = self.labels.get(spec.run_id, spec.run_id)
         # on a terminal the study's bar holds the time left: one estimate on the screen
