@@ -4,9 +4,10 @@ Each run's planned work is the images it will train on times depth times width^2
 cost per image grows with depth and with the square of its width): an E1 run of 72 epochs
 weighs 24 sweep runs of 3 epochs. The work done counts each finished run whole and each running
 one by its reported fraction of steps, so the members of a pack count one by one and a pool's
-runs add up; a run that ended early (diverged, failed) keeps only the work it did. The time left is the work not yet done at the rate measured over the last few
-minutes (`RATE_WINDOW_S`): a pack of 16 runs does far more work per second than one run alone,
-so the rate of the runs now training predicts the next minutes better than the study's average.
+runs add up; a run that ended early (diverged, failed) keeps only the work it did. The time
+left is the work not yet done at the rate measured over the last few minutes (`RATE_WINDOW_S`):
+a pack of 16 runs does far more work per second than one run alone, so the rate of the runs now
+training predicts the next minutes better than the study's average.
 Cost: pure arithmetic over the planned runs.
 """
 
