@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from normlab.runner import run_study
+from normlab.studies import _lr_sweep_figures as sweep_figures
 from normlab.studies._lr_sweep_figures import stable_lr_vs_depth
 from normlab.studies._trains import (
     TRAINS_DEFINITION,
@@ -16,7 +17,15 @@ from normlab.studies._trains import (
     stable_and_trained,
     trains,
 )
-from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, StudyResults, get_study
+from normlab.studies.base import (
+    AGREES,
+    DIFFERS,
+    MEASURED,
+    NOT_TESTABLE,
+    VERDICTS,
+    StudyResults,
+    get_study,
+)
 from normlab.studies.lr_sweep import GRIDS, NORMS, PAPER_E1, LrSweepStudy, SweepGrid
 from normlab.utils.config import ConfigError
 
@@ -81,7 +90,8 @@ def _findings(runs: pd.DataFrame, tmp_path) -> dict:
     return {f.claim.replace(" (the paper's divergence criterion)", ""): f for f in findings}
 
 
-R1 = "BN trains at far larger learning rates than no normalization"
+R1 = "BN's divergence frontier lies at far larger learning rates than no normalization's"
+R1_TRAINS = "BN trains at larger learning rates than no normalization (largest lr that trains)"
 E10 = "Without normalization, deeper networks tolerate smaller learning rates"
 E1_ORDER = "With BN, a larger learning rate gives better final test accuracy"
 E1_MATCHED = "At a matched small learning rate (1e-4) BN gives no advantage"
@@ -89,8 +99,8 @@ E1_MATCHED = "At a matched small learning rate (1e-4) BN gives no advantage"
 
 def test_r1_agrees_when_bn_is_stable_at_larger_rates(tmp_path):
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (0.1, 0.7)})), tmp_path)
-    assert found[R1].verdict == AGREES
-    assert "frontier bracket: BN [1, 10], no norm [0.1, 1];" in found[R1].ours
+    assert found[R1].verdict == AGREES and "depth 8" in found[R1].reason
+    assert found[R1].ours == "frontier bracket: BN [1, 10], no norm [0.1, 1]"
 
 
 def test_r1_differs_when_no_norms_bracket_lies_above_bns(tmp_path):
@@ -104,7 +114,10 @@ def test_r1_uses_the_divergence_criterion_not_accuracy(tmp_path):
     found = _findings(_runs(_sweep({"batch": (1.0, 0.9), "none": (1.0, 0.1)})), tmp_path)
     assert found[R1].verdict == NOT_TESTABLE and "depth 8" in found[R1].reason
     assert "brackets overlap (BN [1, 10], no norm [1, 10])" in found[R1].reason
-    assert "largest that trains: BN: 1, no norm: no lr of the grid" in found[R1].ours
+    # "trains" is its own finding, with its own verdict beside its own numbers
+    assert found[R1_TRAINS].verdict == AGREES
+    assert found[R1_TRAINS].ours == ("largest lr that trains: depth 8: BN 1, no norm no lr of "
+                                     "the grid")
 
 
 def test_r1_is_not_testable_when_an_edge_band_makes_the_brackets_overlap(tmp_path):
@@ -264,3 +277,102 @@ def test_a_tiny_sweep_runs_end_to_end_and_draws_its_figures(tmp_path: Path):
     curves = pd.read_csv(tmp_path / "figures" / "e1_accuracy.csv")
     assert set(curves["percent"]) == {50.0, 100.0}  # two epochs of 2 steps: two evals
     assert study.findings(results)
+
+
+def _curve(norm: str, depth: int, group: str, outcomes: dict[float, float | None]
+           ) -> list[tuple]:
+    """One run per lr: its final test accuracy, or None where it diverged."""
+    return [(f"{group}-{norm}-{lr}-{depth}", group, norm, depth, lr, 0,
+             "diverged" if acc is None else "completed", np.nan if acc is None else acc)
+            for lr, acc in outcomes.items()]
+
+
+def test_r1_by_trains_agrees_when_bns_limit_is_10x_larger_at_both_depths(tmp_path):
+    # issue 22: no norm never diverges (its runs go dead instead), so by divergence its bracket
+    # lies above BN's; but BN trains at 1 and no norm only at 0.1, at both depths. The verdict
+    # beside those "trains" numbers must be "agrees", and the divergence one says why it differs.
+    rows = []
+    for depth, group in ((8, "sweep"), (20, "E10")):
+        rows += _curve("batch", depth, group, {0.1: 0.9, 1.0: 0.9, 10.0: None})
+        rows += _curve("none", depth, group, {0.1: 0.5, 1.0: 0.1, 10.0: 0.1})
+    found = _findings(_runs(rows), tmp_path)
+    assert found[R1_TRAINS].verdict == AGREES
+    assert found[R1_TRAINS].ours == ("largest lr that trains: depth 8: BN 1, no norm 0.1; "
+                                     "depth 20: BN 1, no norm 0.1")
+    assert found[R1].verdict == DIFFERS
+    assert found[R1].reason.startswith("at depth 8 no norm's bracket lies at or above BN's")
+    assert found[R1].ours == "frontier bracket: BN [1, 10], no norm [10, > 10]"
+
+
+@pytest.mark.parametrize("none_at_depth_20, verdict, reason", [
+    ({0.1: 0.5, 1.0: 0.5, 10.0: 0.1}, DIFFERS,
+     "no norm trains at an lr as large as BN's or larger at depth 20 (BN 1, no norm 1)"),
+    ({0.1: 0.1, 1.0: 0.1, 10.0: 0.1}, AGREES, "at every depth"),  # no norm trains at no lr
+])
+def test_r1_by_trains_differs_where_one_depth_lets_no_norm_train_as_high(
+        none_at_depth_20, verdict, reason, tmp_path):
+    rows = _curve("batch", 8, "sweep", {0.1: 0.9, 1.0: 0.9, 10.0: None})
+    rows += _curve("none", 8, "sweep", {0.1: 0.5, 1.0: 0.1, 10.0: None})
+    rows += _curve("batch", 20, "E10", {0.1: 0.9, 1.0: 0.9, 10.0: None})
+    rows += _curve("none", 20, "E10", none_at_depth_20)
+    found = _findings(_runs(rows), tmp_path)[R1_TRAINS]
+    assert found.verdict == verdict and reason in found.reason
+
+
+def test_r1_by_trains_is_not_testable_where_the_grid_misses_both_limits(tmp_path):
+    rows = _curve("batch", 8, "sweep", {0.1: 0.9, 1.0: 0.9})
+    rows += _curve("none", 8, "sweep", {0.1: 0.5, 1.0: 0.5})
+    found = _findings(_runs(rows), tmp_path)[R1_TRAINS]
+    assert found.verdict == NOT_TESTABLE
+    assert found.reason == ("the grid does not reach the limits at depth 8 (BN >= 1, no norm "
+                            ">= 1): both train at the grid's largest lr")
+    rows = _curve("batch", 8, "sweep", {0.1: 0.1, 1.0: None})
+    rows += _curve("none", 8, "sweep", {0.1: 0.1, 1.0: None})
+    found = _findings(_runs(rows), tmp_path)[R1_TRAINS]
+    assert found.verdict == NOT_TESTABLE and "neither trains at any lr of the grid" in found.reason
+
+
+def test_every_verdict_of_the_sweep_has_its_reason_and_no_cell_is_blank(tmp_path):
+    rows = _sweep({norm: (1.0, 0.9) for norm in NORMS})
+    rows += _sweep({"none": (10.0, 0.5)}, depth=20, group="E10")  # E10 differs
+    found = _findings(pd.concat([_runs(rows), _e1()], ignore_index=True), tmp_path)
+    e10 = found[E10]
+    assert e10.verdict == DIFFERS
+    assert e10.reason == ("the deeper network's bracket lies at or above the shallower one's: "
+                          "depth 20 [10, > 10] vs depth 8 [1, 10]")
+    alternatives = [f for f in found.values() if f.claim.endswith("as large as BN's")]
+    assert len(alternatives) == 4
+    assert {f.verdict for f in alternatives} == {MEASURED}  # the review's question: no claim
+    for finding in found.values():
+        assert finding.verdict in VERDICTS and finding.reason, finding
+
+
+def test_the_e10_figure_names_bns_trains_line_lying_on_its_no_divergence_line(tmp_path):
+    # BN is stable and trains at every lr at both depths: its two lines coincide
+    rows = []
+    for depth, group in ((8, "sweep"), (20, "E10")):
+        rows += _curve("batch", depth, group, {0.1: 0.9, 1.0: 0.9})
+        rows += _curve("none", depth, group, {0.1: 0.5, 1.0: None})
+    draw = sweep_figures.stable_lr_vs_depth.__wrapped__
+    fig, _ = draw(StudyResults(tmp_path, _runs(rows)))
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "batch: trains (= batch: no divergence)" in texts
+    assert "none: trains (= none: no divergence)" in texts
+
+
+def test_the_divergence_figure_names_norms_with_the_same_curve(tmp_path, monkeypatch):
+    rows = []
+    for norm, outcomes in (("batch", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
+                           ("group", {0.1: 0.9, 1.0: 0.9, 10.0: None}),
+                           ("none", {0.1: 0.5, 1.0: None, 10.0: None})):
+        rows += _curve(norm, 20, "sweep", outcomes)
+        rows += _curve(norm, 8, "E10", outcomes) if norm != "group" else []
+        rows += _curve("layer", 8, "E10", outcomes) if norm == "group" else []
+    drawn = []
+    monkeypatch.setattr(sweep_figures, "saved_figure",
+                        lambda fig, *args: drawn.append(fig) or None)
+    sweep_figures.divergence_vs_lr(StudyResults(tmp_path, _runs(rows)), tmp_path)
+    first, second = drawn[0].axes[0], drawn[0].axes[1]  # depth 20 (legend), depth 8
+    assert [t.get_text() for t in first.get_legend().get_texts()] == [
+        "none", "batch", "group (= batch)"]
+    assert "same curve (nudged): layer = batch" in [t.get_text() for t in second.texts]

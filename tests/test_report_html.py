@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
 from normlab.report.html import findings_table, run_table
-from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, Finding
+from normlab.studies._findings import REVIEW_ONLY, verdict, verdict_if_measured
+from normlab.studies.base import AGREES, DIFFERS, FAILED, NOT_TESTABLE, Finding
 
 
 def test_findings_table_shows_each_verdict_with_its_reason():
@@ -19,15 +22,30 @@ def test_findings_table_shows_each_verdict_with_its_reason():
     assert 'class="agree-no">differs<span class="verdict-reason">at depth 8 only</span>' in table
     assert ('class="not-testable">not testable at this scale<span class="verdict-reason">the '
             'budget is too short</span>') in table
-    assert '<td class="">ours d' not in table and "<td class=\"\"></td>" in table
+    # a question only the review asked: "measured" and why, never an empty cell
+    assert ('class="measured">measured<span class="verdict-reason">' + REVIEW_ONLY) in table
+    assert '<td class=""' not in table and not re.search(r"<td[^>]*></td>", table)
     assert table.startswith('<div class="table-wrap">')
 
 
-def test_a_finding_names_a_known_verdict_and_a_reason_when_not_testable():
+@pytest.mark.parametrize("verdict", [DIFFERS, NOT_TESTABLE, FAILED])
+def test_a_finding_names_a_known_verdict_and_a_reason_unless_it_agrees(verdict):
     with pytest.raises(ValueError, match="verdict must be one of"):
         Finding("E1", "claim", "paper", "ours", "yes")
-    with pytest.raises(ValueError, match="needs its reason"):
-        Finding("E1", "claim", "paper", "ours", NOT_TESTABLE)
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Finding("E1", "claim", "paper", "ours", None)  # no blank verdict
+    for reason in ("", "  "):
+        with pytest.raises(ValueError, match="needs its reason"):
+            Finding("E1", "claim", "paper", "ours", verdict, reason)
+    assert Finding("E1", "claim", "paper", "ours", verdict, "why").reason == "why"
+
+
+def test_verdict_names_the_test_it_applied_and_a_missing_number_is_not_testable():
+    assert verdict(True, "ratio > 10") == (AGREES, "test: ratio > 10")
+    assert verdict(False, "ratio > 10") == (DIFFERS, "test: ratio > 10")
+    assert verdict_if_measured(3.0, False, "ratio > 10") == (DIFFERS, "test: ratio > 10")
+    judged, reason = verdict_if_measured(float("nan"), False, "ratio > 10")
+    assert judged == NOT_TESTABLE and "missing" in reason and "ratio > 10" in reason
 
 
 def test_run_table_scrolls_inside_its_box_with_key_columns_first():

@@ -19,9 +19,18 @@ import pandas as pd
 
 from normlab.report.columns import KEY_METRICS, common_settings, metric_columns, varying_settings
 from normlab.report.terminal import format_value, status_counts
-from normlab.studies.base import AGREES, DIFFERS, NOT_TESTABLE, FigureInfo, Finding
+from normlab.studies.base import (
+    AGREES,
+    DIFFERS,
+    FAILED,
+    MEASURED,
+    NOT_TESTABLE,
+    FigureInfo,
+    Finding,
+)
 
-_VERDICT_CSS = {AGREES: "agree-yes", DIFFERS: "agree-no", NOT_TESTABLE: "not-testable"}
+_VERDICT_CSS = {AGREES: "agree-yes", DIFFERS: "agree-no", NOT_TESTABLE: "not-testable",
+                MEASURED: "measured", FAILED: "agree-no"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
@@ -44,6 +53,7 @@ figcaption { font-size: .92em; color: #333; }
 .status-completed { color: #2e7d32; } .status-diverged { color: #e65100; }
 .status-failed, .status-unfinished { color: #c62828; }
 .agree-yes { color: #2e7d32; } .agree-no { color: #c62828; } .not-testable { color: #8d6e00; }
+.measured { color: #455a64; }
 nav a { margin-right: 1em; }
 """
 
@@ -111,16 +121,17 @@ def error_block(title: str, error: BaseException | str) -> str:
 
 def findings_table(findings: Sequence[Finding]) -> str:
     """The paper-vs-normlab table: experiment, claim, what the paper reports, what we measured,
-    and the verdict ("agrees", "differs", "not testable at this scale") with its reason."""
+    and the verdict ("agrees", "differs", "not testable at this scale", "measured", "could not
+    be computed") with its reason (every verdict is named: `Finding` refuses an unknown one)."""
     if not findings:
         return ""
     rows = []
     for f in findings:
-        css = _VERDICT_CSS.get(f.verdict or "", "")
+        css = _VERDICT_CSS[f.verdict]
         reason = f"<span class=\"verdict-reason\">{_esc(f.reason)}</span>" if f.reason else ""
         rows.append(f"<tr><td>{_esc(f.experiment)}</td><td>{_esc(f.claim)}</td>"
                     f"<td>{_esc(f.paper)}</td><td>{_esc(f.ours)}</td>"
-                    f"<td class=\"{css}\">{_esc(f.verdict or '')}{reason}</td></tr>")
+                    f"<td class=\"{css}\">{_esc(f.verdict)}{reason}</td></tr>")
     return ("<div class=\"table-wrap\"><table class=\"findings\">\n<tr><th>experiment</th>"
             "<th>claim</th><th>paper</th><th>normlab</th><th>verdict</th></tr>\n"
             + "\n".join(rows) + "\n</table></div>")

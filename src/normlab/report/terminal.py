@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import numpy as np
@@ -18,6 +18,7 @@ import pandas as pd
 
 from normlab.execute.progress import ProgressReporter
 from normlab.report.columns import varying_settings
+from normlab.report.eta import RATE_WINDOW_S, planned_work, recent_rate, time_left, work_done
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.studies.base import _spec_columns
@@ -128,22 +129,28 @@ def run_labels(specs: Sequence[RunSpec], width: int = 60) -> dict[str, str]:
 
 class TerminalProgress(ProgressReporter):
     """A study's progress on `stream`: each run labelled by the settings that vary, its steps, and
-    the elapsed time and estimated time left for the whole study.
+    the elapsed time and estimated time left for the whole study, weighted by each run's planned
+    work (`normlab.report.eta`).
 
-    On a terminal, `rich` draws two live bars (the study; the current run, step by step). Not on a
-    terminal (CI, a SLURM log), plain lines: one per finished run, and one for the current run
-    at most every `interval_s` seconds.
+    On a terminal, `rich` draws two live bars (the study, in work done; the current run, step by
+    step), and the time left appears once, on the study's bar. Not on a terminal (CI, a SLURM
+    log), plain lines: one per finished run, and one for the current run at most every
+    `interval_s` seconds, each ending in the elapsed time and the time left.
     """
 
-    def __init__(self, stream: TextIO | None = None, interval_s: float = 30.0) -> None:
+    def __init__(self, stream: TextIO | None = None, interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stderr
+        self.clock = clock  # seconds, for the elapsed time and the rate
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = interval_s
         self.labels: dict[str, str] = {}
         self.study = ""
         self.total = self.skipped = self.done = 0
-        self._fraction = 0.0
-        self._start = time.monotonic()
+        self._work: dict[str, float] = {}  # run id -> planned work, of the runs to do
+        self._fractions: dict[str, float] = {}  # run id -> fraction done (1: finished)
+        self._samples: list[tuple[float, float]] = []  # (time, work done), for the rate
+        self._start = self.clock()
         self._last_print = -math.inf
         self._live: Any = None
 
@@ -160,42 +167,52 @@ class TerminalProgress(ProgressReporter):
     def study_start(self, study: str, planned: Sequence[RunSpec],
                     todo: Sequence[RunSpec]) -> None:
         self.study = study
-        self.labels = run_labels(planned)
-        self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
-        self._start = time.monotonic()
+        self._round(planned, todo)
         self._line(f"{study}: {self.total} runs, {self.skipped} already done (skipped), "
                    f"{len(todo)} to run")
         if self.tty and todo:
-            self._live = _LiveBars(self.stream, study, len(todo))
+            self._live = _LiveBars(self.stream, study)
 
     def more_runs(self, planned: Sequence[RunSpec], todo: Sequence[RunSpec],
                   reason: str) -> None:
         """A further round: its runs are counted, and the time left estimated, from now on."""
-        self.labels = run_labels(planned)
-        self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
-        self._start = time.monotonic()
+        self._round(planned, todo)
         self._line(f"{self.study}: {reason}; {len(todo)} to run")
         if self._live is not None:
-            self._live.restart(len(todo))
+            self._live.restart()
         elif self.tty and todo:
-            self._live = _LiveBars(self.stream, self.study, len(todo))
+            self._live = _LiveBars(self.stream, self.study)
+
+    def _round(self, planned: Sequence[RunSpec], todo: Sequence[RunSpec]) -> None:
+        self.labels = run_labels(planned)
+        self.total, self.skipped, self.done = len(planned), len(planned) - len(todo), 0
+        self._work = planned_works(todo)
+        self._fractions = {}
+        self._start = self.clock()
+        self._samples = [(self._start, 0.0)]
 
     def run_progress(self, run_id: str, fraction: float, message: str) -> None:
-        self._fraction = min(max(fraction, 0.0), 1.0)
+        self._fractions[run_id] = fraction
         label = f"{self._counter(1)} {self.labels.get(run_id, run_id)}"
         if self._live is not None:
-            self._live.update(label, message, self._fraction, self.done + self._fraction)
-        elif time.monotonic() - self._last_print >= self.interval_s:
-            self._last_print = time.monotonic()
-            self._line(f"{label}: {100 * self._fraction:.0f}% {message} | {self._times()}")
+            self._live.update(label, message, min(max(fraction, 0.0), 1.0), *self._estimate())
+        elif self.clock() - self._last_print >= self.interval_s:
+            self._last_print = self.clock()
+            self._line(f"{label}: {100 * fraction:.0f}% {message} | {self._times()}")
 
     def run_end(self, spec: RunSpec, result: RunResult, done: int, total: int) -> None:
-        self.done, self._fraction = done, 0.0
+        self.done = done
+        if result.status != "completed":  # ended early: the rest of its work will not be done
+            share = min(max(self._fractions.get(spec.run_id, 0.0), 0.0), 1.0)
+            self._work[spec.run_id] = self._work.get(spec.run_id, 0.0) * share
+        self._fractions[spec.run_id] = 1.0
         label = self.labels.get(spec.run_id, spec.run_id)
+        # on a terminal the study's bar holds the time left: one estimate on the screen
+        times = self._times(left=self._live is None)
         self._line(f"{self._counter(0)} {label}: {result.status} in {result.wall_time_s:.1f} s"
-                   f"{_result_detail(result)} | {self._times()}")
+                   f"{_result_detail(result)} | {times}")
         if self._live is not None:
-            self._live.update("", "", 0.0, self.done)
+            self._live.update("", "", 0.0, *self._estimate())
         self._last_print = -math.inf
 
     def study_end(self) -> None:
@@ -206,22 +223,48 @@ class TerminalProgress(ProgressReporter):
     def _counter(self, ahead: int) -> str:
         return f"[{self.skipped + self.done + ahead}/{self.total}]"
 
-    def _times(self) -> str:
-        """"0:01:23 elapsed, about 0:04:56 left" (the left part once a run has progressed)."""
-        elapsed = time.monotonic() - self._start
-        text = f"{_clock(elapsed)} elapsed"
-        runs_done = self.done + self._fraction
-        todo = self.total - self.skipped
-        if runs_done > 0 and todo > runs_done:
-            text += f", about {_clock(elapsed / runs_done * (todo - runs_done))} left"
+    def _estimate(self) -> tuple[float, float | None]:
+        """(the share of this round's planned work done, seconds left or None)."""
+        total = sum(self._work.values())
+        done, now = work_done(self._work, self._fractions), self.clock()
+        if done > self._samples[-1][1]:
+            self._samples.append((now, done))
+            old = [i for i, (t, _) in enumerate(self._samples) if t <= now - RATE_WINDOW_S]
+            self._samples = self._samples[old[-1] if old else 0:]  # what the window reads
+        left = time_left(total, done, recent_rate(self._samples, now))
+        return (done / total if total > 0 else 0.0), left
+
+    def _times(self, left: bool = True) -> str:
+        """"0:01:23 elapsed, about 0:04:56 left" (the left part once work has been done)."""
+        text = f"{_clock(self.clock() - self._start)} elapsed"
+        seconds = self._estimate()[1]
+        if left and seconds:
+            text += f", {left_text(seconds)}"
         return text
 
 
-class _LiveBars:
-    """rich's live display: a bar for the study (runs to do, with elapsed time and time left)
-    and one for the current run (its steps)."""
+def planned_works(specs: Sequence[RunSpec]) -> dict[str, float]:
+    """Run id -> planned work (`eta.planned_work`), the training-set sizes read once per data
+    set."""
+    # imported on use: execute.throughput loads the data sets (torch, 1.3 s on the 2-core CPU),
+    # which `normlab show` and the CLI's start, that import this module, never need.
+    from normlab.execute.throughput import data_facts
 
-    def __init__(self, stream: TextIO, study: str, todo: int) -> None:
+    sizes: dict = {}
+    return {s.run_id: planned_work(s, data_facts(s, sizes)[0]) for s in specs}
+
+
+def left_text(seconds: float) -> str:
+    """"about 0:04:56 left"."""
+    return f"about {_clock(seconds)} left"
+
+
+class _LiveBars:
+    """rich's live display: a bar for the study (the share of its planned work done, elapsed
+    time and the time left, the only estimate on the screen) and one for the current run (its
+    steps and its own elapsed time)."""
+
+    def __init__(self, stream: TextIO, study: str) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -229,29 +272,31 @@ class _LiveBars:
             TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[message]}"),
-            console=Console(file=stream), refresh_per_second=4)
+            TimeElapsedColumn(), TextColumn("{task.fields[left]}"),
+            TextColumn("{task.fields[message]}"), console=Console(file=stream),
+            refresh_per_second=4)
         self.console = self.progress.console
-        self.study = self.progress.add_task(study, total=todo, message="")
-        self.run = self.progress.add_task("", total=1.0, message="")
+        self.study = self.progress.add_task(study, total=1.0, message="", left="")
+        self.run = self.progress.add_task("", total=1.0, message="", left="")
         self.label = ""
         self.progress.start()
 
-    def restart(self, todo: int) -> None:
-        """The study bar anew, for a further round of `todo` runs."""
-        self.progress.reset(self.study, total=todo)
+    def restart(self) -> None:
+        """The study bar anew, for a further round."""
+        self.progress.reset(self.study, total=1.0, left="")
 
-    def update(self, label: str, message: str, fraction: float, runs_done: float) -> None:
+    def update(self, label: str, message: str, fraction: float, work_share: float,
+               left: float | None) -> None:
         if label != self.label:  # a new run: its own clock
             self.label = label
             self.progress.reset(self.run)
         self.progress.update(self.run, description=label, completed=fraction, message=message)
-        self.progress.update(self.study, completed=runs_done)
+        self.progress.update(self.study, completed=work_share,
+                             left=left_text(left) if left is not None else "")
 
     def stop(self) -> None:
         self.progress.stop()

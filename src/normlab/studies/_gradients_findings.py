@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import Finding, verdict_if_measured
 from normlab.studies._gradients_figures import at_step
 from normlab.studies.base import StudyResults
 
@@ -30,18 +30,24 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b
 
 
+def _first_step(results: StudyResults, probe: str, quantity: str) -> pd.DataFrame | None:
+    """The `probe`'s records of `quantity` at each run's first measurement, or None when the
+    probe recorded nothing."""
+    rec = results.records(probe)
+    return None if rec.empty else at_step(rec[rec["quantity"] == quantity])
+
+
 def _e3_range(results: StudyResults) -> Finding | None:
-    rec = results.records("gradient_histogram")
-    if rec.empty:
+    rec = _first_step(results, "gradient_histogram", "range")
+    if rec is None:
         return None
-    rec = at_step(rec[rec["quantity"] == "range"])
     ranges = _per_norm(rec, lambda p: float(p["value"].iloc[0]))
     ratio = _ratio(ranges.get("none"), ranges.get("batch"))
     return Finding("E3", "Without BN, gradients at initialization are ~100x wider than with BN",
                    "range ~±0.04 with BN, ~100x wider without (ResNet-110, layer 55)",
                    f"range {ranges.get('batch', math.nan):.3g} with BN, "
                    f"{ranges.get('none', math.nan):.3g} without: ratio {ratio:.3g}",
-                   None if math.isnan(ratio) else verdict(ratio > 10))
+                   *verdict_if_measured(ratio, ratio > 10, "range ratio (no BN / BN) > 10"))
 
 
 def _e4_explosion(results: StudyResults) -> Finding | None:
@@ -61,15 +67,14 @@ def _e4_explosion(results: StudyResults) -> Finding | None:
                    "no BN: past 1e6 by s ~ 3e-3; BN: within a few x up to s = 0.1",
                    f"no BN: first s with L(s)/L(0) > 1e6: {first_text}; BN: max ratio "
                    f"{bn_max:.3g} on s in [1e-5, 0.1]",
-                   None if math.isnan(first) and math.isnan(bn_max)
-                   else verdict(bool(first <= 0.1 and bn_max < 10)))
+                   *verdict_if_measured(bn_max, bool(first <= 0.1 and bn_max < 10),
+                                        "no BN past 1e6 at some s <= 0.1; BN's ratio < 10"))
 
 
 def _e6_growth(results: StudyResults) -> Finding | None:
-    rec = results.records("activation_stats")
-    if rec.empty:
+    rec = _first_step(results, "activation_stats", "variance")
+    if rec is None:
         return None
-    rec = at_step(rec[rec["quantity"] == "variance"])
 
     def growth(part: pd.DataFrame) -> float:
         std = part.assign(std=part["value"].clip(lower=0) ** 0.5).groupby("depth")["std"]
@@ -82,14 +87,13 @@ def _e6_growth(results: StudyResults) -> Finding | None:
                    "no BN: ~1e-1.5 to ~1e3.5 over 110 layers; BN: within ~1e-1...1e1",
                    f"median channel std, last / first measured layer: no BN {none:.3g}, "
                    f"BN {bn:.3g}",
-                   None if math.isnan(none) or math.isnan(bn) else verdict(none > 10 * bn))
+                   *verdict_if_measured(none + bn, none > 10 * bn, "no BN's growth > 10x BN's"))
 
 
 def _e8_cancellation(results: StudyResults) -> Finding | None:
-    rec = results.records("gradient_coherence")
-    if rec.empty:
+    rec = _first_step(results, "gradient_coherence", "coherence_median")
+    if rec is None:
         return None
-    rec = at_step(rec[rec["quantity"] == "coherence_median"])
     means = _per_norm(rec, lambda p: float(p["value"].mean()))
     ratio = _ratio(means.get("none"), means.get("batch"))
     return Finding("E8", "With BN the terms of a gradient cancel; without BN they share a sign",
@@ -97,4 +101,4 @@ def _e8_cancellation(results: StudyResults) -> Finding | None:
                    f"median coherence averaged over layers: no BN "
                    f"{means.get('none', math.nan):.3g}, BN {means.get('batch', math.nan):.3g} "
                    f"(ratio {ratio:.3g})",
-                   None if math.isnan(ratio) else verdict(ratio > 10))
+                   *verdict_if_measured(ratio, ratio > 10, "coherence ratio (no BN / BN) > 10"))

@@ -40,6 +40,7 @@ from normlab.studies.figures import (
     require,
     save_figure,
     saved_figure,
+    separate_coinciding,
 )
 
 FRONTIER_GROUPS = ("sweep", "E10")  # the groups whose lr grids have a divergence frontier
@@ -100,6 +101,11 @@ def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
             high = right if np.isnan(high) else high
             ax.axvspan(low, high, color=color, alpha=0.06, lw=0)
             strip.plot([low, high], [row, row], "-|", color=color, lw=2.5, markersize=5)
+        hidden = separate_coinciding(ax)
+        if hidden and ax is not axes[0, 0]:  # the legend (first panel) names the others
+            ax.text(0.02, 0.97, "same curve (nudged): "
+                    + ", ".join(f"{a} = {b}" for a, b in hidden.items()),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=6)
         ax.set_xlim(left, right)
         ax.set_ylim(-0.04, 1.04)
         ax.tick_params(axis="x", which="both", labelbottom=False)
@@ -121,7 +127,8 @@ def divergence_vs_lr(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
                         "beside an edge point: k of its n runs diverged. Shaded, and drawn as a "
                         "bar under each panel (one row per norm, in the legend's order): the "
                         "bracket from the largest lr with p = 0 to the smallest with p = 1 (to "
-                        "the panel's edge where the grid has none)."
+                        "the panel's edge where the grid has none). A curve equal to another "
+                        "is drawn nudged by a few points and named '(= other)'."
                         + (f" {_setup(sweep)}." if len(sweep) else ""))
 
 
@@ -275,7 +282,8 @@ def e1_curves(results: StudyResults, fig_dir: Path) -> FigureInfo | None:
         ax.set_xlabel("% of training")
         ax.set_ylabel(what)
         ax.set_ylim(0, 1.02)
-    axes[0, 0].legend(handlelength=3.5)
+    separate_coinciding(axes[0, 1])
+    marker_legend(axes[0, 0], [], handlelength=3.5)
     axes[0, 0].set_title("E1: train accuracy")
     axes[0, 1].set_title("E1: test accuracy")
     final = pd.DataFrame(finals)

@@ -27,6 +27,8 @@ from normlab.runs.store import RunStore, read_json, read_jsonl, read_result
 from normlab.studies._findings import (  # noqa: F401 (re-exported)
     AGREES,
     DIFFERS,
+    FAILED,
+    MEASURED,
     NOT_TESTABLE,
     VERDICTS,
     Finding,

@@ -22,7 +22,7 @@ from normlab.probes._batches import fixed_batches
 from normlab.runs.result import RunResult, provenance
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import RunContext, register_task
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import Finding, verdict, verdict_if_measured
 from normlab.studies._options import Option, declare_options, read_options
 from normlab.studies._scales import TrainScale, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained, trains
@@ -182,7 +182,8 @@ class CurvatureStudy(Study):
                     "review's request (not in the paper)",
                     f"lambda_max {low['lambda_max']:.3g} at lr {low['lr']:g} vs "
                     f"{high['lambda_max']:.3g} at lr {high['lr']:g}",
-                    verdict(bool(high["lambda_max"] < low["lambda_max"]))))
+                    *verdict(bool(high["lambda_max"] < low["lambda_max"]),
+                             "lambda_max at the largest lr < at the smallest")))
         ranges = results.in_group("R8")
         stable = _stable_table(results).set_index("norm") if not runs.empty else None
         if not ranges.empty and stable is not None and "lr_at_min" in ranges:
@@ -193,8 +194,8 @@ class CurvatureStudy(Study):
                     "Smith: the lr where the loss stops improving bounds the usable range",
                     f"range test lr at min loss {run['lr_at_min']:.3g}; largest lr of the "
                     f"sweep that trained without diverging {edge:.3g}",
-                    None if math.isnan(edge) else verdict(bool(edge / 10 <= run["lr_at_min"]
-                                                               <= edge * 10))))
+                    *verdict_if_measured(edge, bool(edge / 10 <= run["lr_at_min"] <= edge * 10),
+                                         "the range test's lr within 10x of the sweep's")))
         return rows
 
 

@@ -9,7 +9,10 @@ colour per norm / init / batch size, and three markers with one meaning everywhe
 - ">=" beside a point: a censored limit (stable at the largest lr tried, so the true limit lies
   at or above it);
 - an open triangle on the bottom edge: no lr of the grid qualified.
-Each marker used in a panel gets its own legend entry (`marker_legend`).
+Each marker used in a panel gets its own legend entry (`marker_legend`). A line whose points
+equal an earlier line's would hide under it: it is drawn nudged diagonally by a few points and
+its legend entry says which line it coincides with (`separate_coinciding`, which `marker_legend`
+applies).
 """
 
 from __future__ import annotations
@@ -188,11 +191,55 @@ def mark_none(ax: Any, x: Any, color: str | None, filled: bool = True, slot: int
                edgecolors=color, facecolors=color if filled else "none", clip_on=False, zorder=4)
 
 
+def coinciding(curves: Iterable[tuple[Any, Iterable[float], Iterable[float]]]
+               ) -> dict[Any, Any]:
+    """key -> the key of the first earlier curve with exactly the same points, for each curve
+    (key, xs, ys) that would be drawn on top of another (NaN equal to NaN)."""
+    seen: list[tuple[Any, np.ndarray]] = []
+    out = {}
+    for key, xs, ys in curves:
+        points = np.array([list(xs), list(ys)], dtype=float)
+        same = next((k for k, p in seen if p.shape == points.shape
+                     and np.array_equal(p, points, equal_nan=True)), None)
+        if same is None:
+            seen.append((key, points))
+        else:
+            out[key] = same
+    return out
+
+
+def separate_coinciding(ax: Any, nudge_points: float = 2.5) -> dict[str, str]:
+    """Keep every labelled line of `ax` visible: a line with the same points as an earlier one
+    is nudged diagonally by `nudge_points` per line already at that place (its data unchanged),
+    and its label gains "(= <the earlier label>)" for the legend. Returns {hidden label: the
+    label it coincides with}, with the labels as they were."""
+    from matplotlib.transforms import ScaledTranslation
+
+    lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    labels = {id(line): line.get_label() for line in lines}
+    same = coinciding((id(line), line.get_xdata(), line.get_ydata()) for line in lines)
+    stacked: dict[int, int] = {}
+    for line in lines:
+        first = same.get(id(line))
+        if first is None or getattr(line, "_nudged", False):  # nudged by an earlier call
+            continue
+        line._nudged = True
+        stacked[first] = stacked.get(first, 0) + 1
+        step = stacked[first] * nudge_points / 72
+        line.set_transform(line.get_transform()
+                           + ScaledTranslation(step, step, ax.figure.dpi_scale_trans))
+        line.set_label(f"{labels[id(line)]} (= {labels[first]})")
+    return {labels[k]: labels[v] for k, v in same.items()}
+
+
 def marker_legend(ax: Any, used: Iterable[str], extra: Iterable[tuple[Any, str]] = (),
                   **kwargs: Any) -> None:
-    """The legend of `ax`: its labelled artists, the `extra` (handle, label) pairs, and one grey
-    entry per shared marker used ("diverged", "censored", "none")."""
+    """The legend of `ax`: its labelled artists (lines that coincide nudged apart and named, see
+    `separate_coinciding`), the `extra` (handle, label) pairs, and one grey entry per shared
+    marker used ("diverged", "censored", "none")."""
     from matplotlib.lines import Line2D
+
+    separate_coinciding(ax)
 
     texts = {DIVERGED: ("x", "diverged (strip above)"),
              CENSORED: ("$\\geq$", ">= : limit at or above the largest lr tried"),

@@ -24,7 +24,7 @@ import pandas as pd
 
 from normlab.runs.spec import RunSpec
 from normlab.studies import figures as plot
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import MEASURED, REVIEW_ONLY, Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._theory_tasks import JACOBIAN_TASK
 from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
@@ -109,7 +109,8 @@ class InitStudy(Study):
                     f"median channel variance, last conv / first conv, ResNet-"
                     f"{int(deepest['depth'].iloc[0])}: He {he:.3g}, Xavier {xavier:.3g}, "
                     f"BN+Xavier {bn:.3g}",
-                    verdict(bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1))))
+                    *verdict(bool(he > max(xavier, 1.0) and abs(math.log10(bn)) < 1),
+                             "He's growth > max(Xavier's, 1) and BN's within a decade of 1")))
         stable = _stable_table(results)
         if not stable.empty:
             deepest = stable[stable["depth"] == stable["depth"].max()]
@@ -126,7 +127,7 @@ class InitStudy(Study):
                     f"{answer}: largest lr that trains (no divergence, test accuracy >= "
                     f"{TRAINS_MIN_TEST_ACC:g}) at depth {int(deepest['depth'].iloc[0])}: "
                     f"no norm + delta-orthogonal {delta:.3g}, BN (best init) {bn:.3g}",
-                    None))
+                    MEASURED, REVIEW_ONLY))
         return rows
 
 

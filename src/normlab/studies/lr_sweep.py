@@ -26,7 +26,8 @@ bracket [largest lr with p = 0, smallest lr with p = 1]. After the grid's first 
 point within one grid step of a frontier gets `replicates` perturbation replicates per seed
 (`studies._frontier`; `--set replicates=R`, default per scale), in rounds until the frontiers
 settle. The verdicts on the paper's claims (R1, E10, and E1's runs) read the brackets, and say
-"not testable at this scale" where two brackets overlap.
+"not testable at this scale" where two brackets overlap; R1 is also judged by "trains" (BN's
+largest lr that trains against no norm's at every depth), each verdict beside its own numbers.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from normlab.runs.spec import RunSpec
-from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
+from normlab.studies._findings import (
+    AGREES,
+    DIFFERS,
+    MEASURED,
+    NOT_TESTABLE,
+    REVIEW_ONLY,
+    Finding,
+    verdict,
+)
 from normlab.studies._frontier import (
     REPLICATES,
     follow_up_note,
@@ -180,7 +189,8 @@ class LrSweepStudy(Study):
         runs = results.runs
         if runs.empty or "group" not in runs:
             return []
-        return [*_stable_lr_findings(runs), *_e1_findings(runs), *_depth_findings(runs)]
+        return [*_trains_findings(runs), *_stable_lr_findings(runs), *_e1_findings(runs),
+                *_depth_findings(runs)]
 
 
 def _brackets(runs, by: list[str]):
@@ -188,22 +198,61 @@ def _brackets(runs, by: list[str]):
     return stable_and_trained(runs[runs["group"].isin(FRONTIER_GROUPS)], by)
 
 
+def _trains_findings(runs) -> list[Finding]:
+    """R1 by "trains": BN's largest lr that trains against no norm's, at every depth that has
+    both (the sweep's and E10's)."""
+    table = _brackets(runs[runs["norm"].isin(["none", "batch"])], ["depth", "norm"])
+    pairs = {int(depth): part.set_index("norm") for depth, part in table.groupby("depth")
+             if {"none", "batch"} <= set(part["norm"])}
+    if not pairs:
+        return []
+    ours = "; ".join(f"depth {d}: BN {_trained(p.loc['batch'])}, no norm {_trained(p.loc['none'])}"
+                     for d, p in sorted(pairs.items()))
+    judged, reason = _trains_verdict({d: (p.loc["batch"], p.loc["none"])
+                                     for d, p in pairs.items()})
+    return [Finding("R1", "BN trains at larger learning rates than no normalization (largest "
+                    "lr that trains)", "BN at 0.1; no BN converged only up to 0.0001",
+                    f"largest lr that trains: {ours}", judged, reason)]
+
+
+def _trains_verdict(pairs: Mapping[int, tuple[Any, Any]]) -> tuple[str, str]:
+    """The verdict on "BN trains at larger lrs than no norm" from (BN, no norm) rows of
+    `stable_and_trained` per depth: "agrees" when at every depth BN's largest lr that trains
+    exceeds no norm's (or no norm trains at no lr of the grid and BN at some), "differs" when at
+    some depth it does not (no norm's is as large, or BN trains at none while no norm does),
+    else not testable (neither trains at any lr, or both train at the grid's largest lr)."""
+    below, open_ = [], []
+    for depth, (bn, none) in sorted(pairs.items()):
+        a, b = bn["largest_trained_lr"], none["largest_trained_lr"]
+        where = f"depth {depth} (BN {_trained(bn)}, no norm {_trained(none)})"
+        if np.isnan(a) and np.isnan(b):
+            open_.append(f"{where}: neither trains at any lr of the grid")
+        elif bool(bn["trained_censored"]) and bool(none["trained_censored"]):
+            open_.append(f"{where}: both train at the grid's largest lr")
+        elif np.isnan(a) or (not np.isnan(b) and a <= b):
+            below.append(where)
+        # else: BN's limit lies above no norm's (no norm's NaN, or a > b)
+    if below:
+        return DIFFERS, "no norm trains at an lr as large as BN's or larger at " + "; ".join(below)
+    if open_:
+        return NOT_TESTABLE, "the grid does not reach the limits at " + "; ".join(open_)
+    return AGREES, "at every depth BN's largest lr that trains exceeds no norm's"
+
+
 def _stable_lr_findings(runs) -> list[Finding]:
-    """R1 by the paper's criterion (divergence), read off the frontier brackets; "trains" is
-    reported beside it."""
+    """R1 by the paper's criterion (divergence), read off the frontier brackets."""
     table = stable_and_trained(runs[runs["group"] == "sweep"], ["norm"]).set_index("norm")
     if not {"none", "batch"} <= set(table.index):
         return []
     bn, none = table.loc["batch"], table.loc["none"]
-    ours = (f"frontier bracket: BN {bracket_text(bn)}, no norm {bracket_text(none)}; "
-            f"largest that trains: BN: {_trained(bn)}, no norm: {_trained(none)}")
-    order, reason = frontier_order(bn, none), ""
+    ours = f"frontier bracket: BN {bracket_text(bn)}, no norm {bracket_text(none)}"
+    order = frontier_order(bn, none)
     depth = int(runs.loc[runs["group"] == "sweep", "depth"].iloc[0])
-    if order:
-        judged = verdict(order > 0)
-        if order < 0:
-            reason = (f"at depth {depth} no norm's bracket lies at or above BN's; the paper's "
-                      f"gap is at depth 110 (E10)")
+    if order > 0:
+        judged, reason = AGREES, f"at depth {depth} BN's bracket lies wholly above no norm's"
+    elif order < 0:
+        judged, reason = DIFFERS, (f"at depth {depth} no norm's bracket lies at or above BN's; "
+                                   f"the paper's gap is at depth 110 (E10)")
     elif bn["stable_censored"] and none["stable_censored"]:
         judged, reason = NOT_TESTABLE, (f"both are stable up to the largest lr of the grid "
                                         f"({bn['largest_lr_tried']:g}): the grid does not "
@@ -212,8 +261,8 @@ def _stable_lr_findings(runs) -> list[Finding]:
         judged, reason = NOT_TESTABLE, _overlap("BN", bn, "no norm", none,
                                                 f" at depth {depth}; the paper's gap is at "
                                                 f"depth 110 (E10)")
-    out = [Finding("R1", "BN trains at far larger learning rates than no normalization "
-                   "(the paper's divergence criterion)",
+    out = [Finding("R1", "BN's divergence frontier lies at far larger learning rates than no "
+                   "normalization's (the paper's divergence criterion)",
                    "BN at 0.1; no BN converged only up to 0.0001", ours, judged, reason)]
     for norm in table.index.difference(["none", "batch"]):
         row = table.loc[norm]
@@ -221,7 +270,7 @@ def _stable_lr_findings(runs) -> list[Finding]:
                            "not tested in the paper (the review asks)",
                            f"frontier bracket: {norm} {bracket_text(row)}, BN "
                            f"{bracket_text(bn)}; largest that trains: {norm}: {_trained(row)}, "
-                           f"BN: {_trained(bn)}"))
+                           f"BN: {_trained(bn)}", MEASURED, REVIEW_ONLY))
     return out
 
 
@@ -262,13 +311,16 @@ def _e1_findings(runs) -> list[Finding]:
                                           for n, lr in unfitted)
                   + f"; below {E1_FITS_TRAINING:.0%}), while the paper compares runs that all "
                   "reach ~100 %: the final accuracies compare unfinished runs")
+    ordered = verdict(bn_hi >= bn_mid >= bn_lo, "BN's accuracy at 0.1 >= at 0.003 >= at 0.0001")
+    matched = verdict(bn_lo - none_lo < E1_MATCHED_MARGIN,
+                      f"BN at 1e-4 less than {100 * E1_MATCHED_MARGIN:.0f} points above no norm")
     return [
         Finding("E1", "With BN, a larger learning rate gives better final test accuracy",
-                _paper_e1(), ours, judged or verdict(bn_hi >= bn_mid >= bn_lo), reason),
+                _paper_e1(), ours, *((judged, reason) if judged else ordered)),
         Finding("E1", "At a matched small learning rate (1e-4) BN gives no advantage",
                 "BN 81 % vs no BN 82 %",
                 f"BN {100 * bn_lo:.1f} % vs no BN {100 * none_lo:.1f} %",
-                judged or verdict(bn_lo - none_lo < E1_MATCHED_MARGIN), reason),
+                *((judged, reason) if judged else matched)),
     ]
 
 
@@ -295,11 +347,14 @@ def _depth_findings(runs) -> list[Finding]:
     ours = ", ".join(f"depth {int(r['depth'])}: {bracket_text(r)}" for r in rows)
     pairs = list(itertools.pairwise(rows))
     orders = [frontier_order(shallow, deep) for shallow, deep in pairs]
-    reason = ""
     if all(o > 0 for o in orders):
-        judged = verdict(True)
+        judged, reason = AGREES, "each shallower depth's bracket lies wholly above the deeper one's"
     elif any(o < 0 for o in orders):
-        judged = verdict(False)
+        shallow, deep = pairs[orders.index(-1)]
+        judged, reason = DIFFERS, (f"the deeper network's bracket lies at or above the "
+                                   f"shallower one's: depth {int(deep['depth'])} "
+                                   f"{bracket_text(deep)} vs depth {int(shallow['depth'])} "
+                                   f"{bracket_text(shallow)}")
     else:
         judged = NOT_TESTABLE
         shallow, deep = pairs[orders.index(0)]

@@ -119,7 +119,8 @@ class NoiseScaleStudy(Study):
                 f" (N = {int(noise['examples'].iloc[0])}): largest deviation "
                 f"{abs(worst['noise_estimate'] / worst['noise_exact'] - 1):.1%} at b = "
                 f"{int(worst['batch_size'])} ({abs(z).max():.1f} standard errors)",
-                verdict(bool(z.abs().max() < 4))))
+                *verdict(bool(z.abs().max() < 4),
+                         "every Monte-Carlo estimate within 4 standard errors of the formula")))
         grid = _grid(results)
         if not grid.empty:
             for norm, part in grid.groupby("norm"):
@@ -136,7 +137,8 @@ class NoiseScaleStudy(Study):
                         f"B={int(r.batch_size)}: {r.lr:g} (g={r.noise_scale:.3g})"
                         for r in best.itertuples())
                     + f"; spread of best g {g_spread:.3g}x vs of best lr {lr_spread:.3g}x",
-                    verdict(bool(g_spread < lr_spread))))
+                    *verdict(bool(g_spread < lr_spread),
+                             "the best runs' noise scales spread less than their lrs")))
         return rows
 
 

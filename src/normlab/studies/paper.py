@@ -17,6 +17,7 @@ from typing import Any
 from normlab.runs.spec import RunSpec
 from normlab.studies._options import Option
 from normlab.studies.base import (
+    FAILED,
     FigureInfo,
     Finding,
     Study,
@@ -139,7 +140,7 @@ class PaperStudy(Study):
                 findings.extend(member.findings(share))
             except Exception as err:  # reported in the summary table instead of raised
                 findings.append(Finding(member.experiments[0],
-                                        f"findings of study {member.name!r}", "—",
-                                        f"could not be computed: {type(err).__name__}: {err}"))
+                                        f"findings of study {member.name!r}", "—", "—",
+                                        FAILED, f"{type(err).__name__}: {err}"))
         return findings
 

@@ -12,7 +12,6 @@ Per norm kind and learning rate:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from normlab.probes.mean_gradient import mean_gradient_direction
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import RunContext, register_task
-from normlab.studies._findings import Finding, verdict
+from normlab.studies._findings import Finding, verdict, verdict_if_measured
 from normlab.studies._options import Option, declare_options, read_options
 from normlab.studies._scales import TrainScale, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
@@ -209,7 +208,9 @@ class RadialStudy(Study):
                     "part.", "not measured (review's question)",
                     f"median radial share of the mean gradient per layer: none "
                     f"{by_norm['none']:.2g}, normalized at most {bn:.2g} (conv layers; the "
-                    f"classifier is not normalized)", verdict(bool(by_norm["none"] > 10 * bn))))
+                    f"classifier is not normalized)",
+                    *verdict(bool(by_norm["none"] > 10 * bn),
+                             "no norm's radial share > 10x the largest normalized one")))
         rows += _landscape_findings(results)
         stable = _stable_table(results)
         if not stable.empty:
@@ -226,8 +227,9 @@ class RadialStudy(Study):
                     f"no norm, largest lr that trained (and did not diverge): {full:.3g} "
                     f"({stable_full:.3g}) with full updates vs {tangential:.3g} "
                     f"({stable_tangential:.3g}) tangential-only",
-                    None if math.isnan(full) or math.isnan(tangential)
-                    else verdict(bool(tangential > full))))
+                    *verdict_if_measured(full + tangential, bool(tangential > full),
+                                         "tangential-only's largest lr that trains > full "
+                                         "updates'")))
         return rows
 
 
@@ -251,7 +253,7 @@ def _landscape_findings(results: StudyResults) -> list[Finding]:
                 "reduces the loss more than moving along a random orthogonal direction.",
                 "review's question", f"best loss drop on the 1-D slice at init: "
                 f"{100 * mean:.1f} % along the mean gradient vs {100 * random:.1f} % random",
-                verdict(bool(mean > random))))
+                *verdict(bool(mean > random), "the mean-gradient drop > the random one")))
     return rows
 
 

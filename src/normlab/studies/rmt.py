@@ -108,9 +108,11 @@ class RmtStudy(Study):
                     + f"; sampled max at N = {size}: "
                     + ", ".join(f"{ours[m]:.2f}" for m in common),
                     # finite N approaches the edge slowly from below (more so for large M)
-                    verdict(all(abs(edges[m] - PAPER_EDGES[m]) < 0.01
-                                and 0.85 * edges[m] < ours[m] < 1.05 * edges[m]
-                                for m in common))))
+                    *verdict(all(abs(edges[m] - PAPER_EDGES[m]) < 0.01
+                                 and 0.85 * edges[m] < ours[m] < 1.05 * edges[m]
+                                 for m in common),
+                             "the closed form within 0.01 of the paper's, the sampled max "
+                             "within 0.85-1.05x of the closed form")))
             ordered = products.sort_values("options.M")
             tiny = ordered["sv_tiny_share"].to_numpy()
             rows.append(Finding(
@@ -120,7 +122,8 @@ class RmtStudy(Study):
                 "tiny share " + ", ".join(f"M={int(m)}: {t:.3f}" for m, t in
                                           zip(ordered["options.M"], tiny, strict=True))
                 + "; mean s^2 " + ", ".join(f"{r ** 2:.2f}" for r in ordered["sv_rms"]),
-                verdict(bool(np.all(np.diff(tiny) > 0)))))
+                *verdict(bool(np.all(np.diff(tiny) > 0)),
+                         "the tiny share grows strictly with M")))
         jac = _jacobian_runs(results)
         linear = jac[(jac["model"] == "mlp") & (jac["norm"] == "none")] if not jac.empty else jac
         if not linear.empty:
@@ -132,7 +135,8 @@ class RmtStudy(Study):
                     "not in the paper (review R7)",
                     f"condition number at depth {int(linear['depth'].iloc[0])}: orthogonal "
                     f"{cond['orthogonal']:.3g}, xavier {cond['xavier_normal']:.3g}",
-                    verdict(bool(cond["orthogonal"] < 1 + 1e-6 < cond["xavier_normal"]))))
+                    *verdict(bool(cond["orthogonal"] < 1 + 1e-6 < cond["xavier_normal"]),
+                             "orthogonal's condition number < 1 + 1e-6 < xavier's")))
         return rows
 
 

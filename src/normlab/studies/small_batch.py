@@ -10,7 +10,7 @@ the points near a frontier get `replicates` perturbation replicates per seed, `s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +20,7 @@ import pandas as pd
 
 from normlab.runs.spec import RunSpec
 from normlab.studies import figures as plot
-from normlab.studies._findings import NOT_TESTABLE, Finding, verdict
+from normlab.studies._findings import AGREES, DIFFERS, NOT_TESTABLE, Finding, verdict
 from normlab.studies._frontier import (
     REPLICATES,
     follow_up_note,
@@ -34,6 +34,7 @@ from normlab.studies._trains import (
     TRAINS_DEFINITION,
     bracket_text,
     frontier_order,
+    lr_text,
     same_cell,
     stable_and_trained,
 )
@@ -118,23 +119,62 @@ class SmallBatchStudy(Study):
                     "not in the paper (review R1; Wu & He 2018, Ioffe 2017)",
                     "best test accuracy over the lr grid: "
                     + ", ".join(f"{n} {a:.3f}" for n, a in acc.items()),
-                    verdict(bool(rival > acc["batch"]))))
+                    *verdict(bool(rival > acc["batch"]),
+                             "the better of GroupNorm and Batch Renormalization > BN")))
         table = _stable_table(results)
         if not table.empty and "batch" in set(table["norm"]) and table["norm"].nunique() > 1:
-            lrs = table.groupby("norm")["largest_trained_lr"].max()  # over batch sizes
-            judged, reason = _as_large_as_bn(table)
+            claim = ("LayerNorm, GroupNorm, InstanceNorm and Batch Renormalization allow "
+                     "learning rates as large as BN's")
             rows.append(Finding(
-                "R1", "LayerNorm, GroupNorm, InstanceNorm and Batch Renormalization allow "
-                "learning rates as large as BN's (the paper's divergence criterion)",
+                "R1", f"{claim} (largest lr that trains)", "not in the paper (review R1)",
+                "largest lr that trains per batch size: " + _per_batch(table, _trained),
+                *_trains_as_large_as_bn(table)))
+            rows.append(Finding(
+                "R1", f"{claim} (the paper's divergence criterion)",
                 "not in the paper (review R1)",
-                "largest lr that trains (at any batch size): "
-                + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items())
-                + "; frontier brackets per batch size: "
-                + "; ".join(f"{int(b)}: " + ", ".join(f"{r['norm']} {bracket_text(r)}"
-                                                     for _, r in part.iterrows())
-                            for b, part in table.groupby("batch_size")),
-                judged, reason))
+                "frontier brackets per batch size: " + _per_batch(table, bracket_text),
+                *_as_large_as_bn(table)))
         return rows
+
+
+def _per_batch(table: pd.DataFrame, text: Callable[[pd.Series], str]) -> str:
+    """E.g. "2: batch [0.1, 1], group [1, > 1]; 8: ..." (`text` of each norm's row)."""
+    return "; ".join(f"{int(b)}: " + ", ".join(f"{r['norm']} {text(r)}"
+                                               for _, r in part.iterrows())
+                     for b, part in table.groupby("batch_size"))
+
+
+def _trained(row: pd.Series) -> str:
+    return lr_text(row["largest_trained_lr"], bool(row["trained_censored"]))
+
+
+def _trains_as_large_as_bn(table: pd.DataFrame) -> tuple[str, str]:
+    """The verdict on "the alternatives allow BN's learning rates" by "trains": "differs" when
+    at some batch size an alternative's largest lr that trains lies below BN's (or it trains at
+    no lr of the grid while BN does), "agrees" when each is at least BN's everywhere, else not
+    testable (neither trains at any lr of the grid, or both at its largest)."""
+    below, open_ = [], []
+    for batch, part in table.groupby("batch_size"):
+        rows = part.set_index("norm")
+        if "batch" not in rows.index:
+            continue
+        bn = rows.loc["batch", "largest_trained_lr"]
+        for norm, row in rows.drop(index="batch").iterrows():
+            lr = row["largest_trained_lr"]
+            if np.isnan(lr) and np.isnan(bn):
+                open_.append(f"neither {norm} nor BN trains at any lr of the grid at batch "
+                             f"{int(batch)}")
+            elif bool(row["trained_censored"]) and bool(rows.loc["batch", "trained_censored"]):
+                open_.append(f"{norm} and BN both train at the grid's largest lr at batch "
+                             f"{int(batch)}")
+            elif np.isnan(lr) or lr < bn:
+                below.append(f"{norm} {_trained(row)} vs BN {_trained(rows.loc['batch'])} at "
+                             f"batch {int(batch)}")
+    if below:
+        return DIFFERS, "below BN's largest lr that trains: " + "; ".join(below)
+    if open_:
+        return NOT_TESTABLE, "the grid does not reach the limits: " + "; ".join(open_)
+    return AGREES, "at every batch size each largest lr that trains is at least BN's"
 
 
 def _as_large_as_bn(table: pd.DataFrame) -> tuple[str, str]:
@@ -155,11 +195,12 @@ def _as_large_as_bn(table: pd.DataFrame) -> tuple[str, str]:
                 open_.append(f"{norm} {bracket_text(row)} vs BN {bracket_text(bn)} at batch "
                              f"{int(batch)}")
     if below:
-        return verdict(False), "below BN's frontier: " + ", ".join(below)
+        return DIFFERS, "below BN's frontier: " + ", ".join(below)
     if open_:
         return NOT_TESTABLE, ("the frontier brackets overlap, so the grid cannot order the "
                               "frontiers: " + "; ".join(open_))
-    return verdict(True), ""
+    return AGREES, ("at every batch size each bracket lies at or above BN's, or in the same "
+                    "grid step")
 
 
 # -- measurements, as tables ---------------------------------------------------------------------
@@ -194,7 +235,7 @@ def _accuracy_figure(results: StudyResults) -> plot.Drawn:
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     plot.label_axes(ax, "batch size", "best test accuracy over the lr grid")
-    ax.legend()
+    plot.marker_legend(ax, [])  # names any norm whose line coincides with another's
     return fig, table
 
 
