@@ -212,7 +212,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     # imported on use: they import torch (1.3 s), which --help, list and verify do not need
-    from normlab.execute.state import states_summary
+    from normlab.execute.state import run_states, states_summary
     from normlab.report.columns import in_plan_order
     from normlab.report.terminal import summary_table
     from normlab.studies import StudyResults
@@ -220,13 +220,19 @@ def _show(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     _check_study_folder(folder)
-    results = StudyResults.load(folder)
+    runs = StudyResults.load(folder).runs
     if (folder / "study.json").exists():
-        results = StudyResults(folder, in_plan_order(results.runs,
-                                                     read_study_file(folder).get("run_ids", [])))
-    print(summary_table(results.runs))
-    print(states_summary(folder, read_study_file(folder).get("run_ids", []) if (
-        folder / "study.json").exists() else list(results.runs.get("run_id", []))))
+        run_ids = list(dict.fromkeys(read_study_file(folder).get("run_ids", [])))
+        runs = in_plan_order(runs, run_ids)
+    else:
+        run_ids = list(runs.get("run_id", []))
+    states = run_states(folder, run_ids)
+    if not runs.empty:  # a run without result is "running" while a live writer holds it
+        unfinished = runs["status"] == "unfinished"
+        runs.loc[unfinished, "status"] = [states[run_id].kind
+                                          for run_id in runs.loc[unfinished, "run_id"]]
+    print(summary_table(runs))
+    print(states_summary(states))
     return 0
 
 
