@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import normlab
 from normlab.cli.bench import run_benchmarks
@@ -32,6 +32,9 @@ from normlab.runs.spec import RunSpec, settings_help
 from normlab.runs.store import CorruptRecordError, RunStore, read_json
 from normlab.runs.verify import DamagedStoreError, damaged_runs, verify_store
 from normlab.utils.config import ConfigError, check_choice, check_interval
+
+if TYPE_CHECKING:
+    from normlab.execute.state import RunState
 
 LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
 
@@ -144,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     # imported on use: they import torch (1.3 s), which --help, list and verify do not need
     from normlab.execute.local import LocalExecutor
     from normlab.execute.preflight import duplicate_note, plan_problems
+    from normlab.execute.state import run_states, without_result
     from normlab.execute.throughput import default_parallelism, plan_estimate
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
@@ -198,7 +202,19 @@ def _run(args: argparse.Namespace) -> int:
     if failed:
         print(f"normlab: {failed} run(s) failed (their errors are in the report's run table); "
               "run the same command again to retry them.", file=sys.stderr)
-    return 1 if failed else 0
+    missing = without_result(run_states(out_dir, read_study_file(out_dir)["run_ids"]))
+    if missing:
+        print(f"normlab: {_without_result_line(missing)}; run the same command again to "
+              "resume them.", file=sys.stderr)
+    return 1 if failed or missing else 0
+
+
+def _without_result_line(missing: dict[str, RunState], named: int = 10) -> str:
+    """"2 planned run(s) ended without a result: 3b52b12a3330 (unfinished), ..." (at most
+    `named` runs named; `normlab show` lists every one)."""
+    names = [f"{run_id[:12]} ({state})" for run_id, state in list(missing.items())[:named]]
+    more = f" and {len(missing) - named} more" if len(missing) > named else ""
+    return (f"{len(missing)} planned run(s) ended without a result: {', '.join(names)}{more}")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from normlab.runs.lease import current_owner
 from normlab.runs.store import read_result
 
 STATE_ORDER = ("done", "diverged", "failed", "running", "queued", "unfinished", "to run")
+WITH_RESULT = ("done", "diverged", "failed")  # the states of a run that has its result.json
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ def run_states(out_dir: str | Path, run_ids: list[str]) -> dict[str, RunState]:
         else:
             states[run_id] = RunState("unfinished" if run_dir.exists() else "to run")
     return states
+
+
+def without_result(states: dict[str, RunState]) -> dict[str, RunState]:
+    """The runs of `states` that have no result (yet): running, queued, unfinished, to run."""
+    return {run_id: state for run_id, state in states.items()
+            if state.kind not in WITH_RESULT}
 
 
 def states_summary(states: dict[str, RunState]) -> str:
