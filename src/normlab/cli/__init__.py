@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import normlab
 from normlab.cli.bench import run_benchmarks
-from normlab.execute.args import add_executor_arguments, executor_from_args
+from normlab.execute.args import (
+    add_executor_arguments,
+    check_executor_arguments,
+    executor_from_args,
+)
 from normlab.runs.spec import RunSpec, settings_help
 from normlab.runs.store import CorruptRecordError, RunStore, read_json
 from normlab.runs.verify import DamagedStoreError, damaged_runs, verify_store
@@ -164,12 +168,14 @@ def _run(args: argparse.Namespace) -> int:
                                                        low_open=False),
         lambda: args.pack is None or check_interval("--pack", args.pack, 1, kind=int,
                                                     low_open=False),
+        lambda: args.out is None or _check_out(args.out),
+        lambda: check_executor_arguments(args),
         also=lambda: _all_or_problems(
             lambda: check_scale(args.scale),
             lambda: _check_overrides(args, parse_overrides(args.settings))),
     )
     specs = plan_study(study, args.scale, args.data, overrides)
-    out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
+    out_dir = Path("runs") / f"{study.name}-{args.scale}" if args.out is None else Path(args.out)
     problems = plan_problems(specs, out_dir, args.device)
     if problems:
         raise ConfigError(problems)
@@ -376,6 +382,13 @@ def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> Non
         RunSpec().with_overrides(overrides)
         return
     plan_study(study, args.scale, args.data, overrides)
+
+
+def _check_out(out: str) -> None:
+    """An empty --out is refused: it would silently mean the default folder."""
+    if not out.strip():
+        raise ConfigError(f"The '--out' setting must be a folder path; got {out!r} (without "
+                          "--out, the study goes to runs/STUDY-SCALE).")
 
 
 def _check_device(device: str) -> None:
