@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
 import types
 from pathlib import Path
 
 import pytest
 
+import fake_grid
 import fake_study  # noqa: F401 (registers the "fake" task and study)
 from normlab.cli import main
 from normlab.execute import slurm
@@ -76,3 +82,26 @@ def test_slurm_tasks_cancelled_without_result_exit_1(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"run {lost_run_id} (SLURM job 9_2) left the queue without a result" in err
     assert f"normlab: 1 planned run(s) ended without a result: {lost_run_id} (to run)" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_ends_run_with_a_message_and_143_and_a_rerun_resumes(tmp_path, workers):
+    out = tmp_path / "study"
+    options = json.dumps({"sleep": 0.1, "steps": 10})
+    command = fake_grid.study_command(out, "--workers", workers, "--set", f"options={options}",
+                                      study="fake")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not list(out.glob("leases/*.lease")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.splitlines()[-1] == (
+        "normlab: terminated (SIGTERM); finished runs are kept: run the same command again to "
+        "resume (unfinished runs restart from their last checkpoint).")
+    assert "Traceback" not in stderr and "leaked semaphore" not in stderr
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr

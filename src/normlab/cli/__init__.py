@@ -18,12 +18,15 @@ with code 1 and names the file. None prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import normlab
 from normlab.cli.bench import run_benchmarks
@@ -51,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse has printed its message (or the help)
         return int(exit_.code or 0)
     try:
-        return args.handler(args)
+        with _sigterm_raises():
+            return args.handler(args)
     except ConfigError as err:
         for problem in err.problems:
             print(f"normlab: error: {problem}", file=sys.stderr)
@@ -71,15 +75,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"normlab: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nnormlab: interrupted; run the same command again to resume (finished runs "
-              "are kept).", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        if args.command == "run":
+            print(f"\nnormlab: {how}; finished runs are kept: run the same command again to "
+                  "resume (unfinished runs restart from their last checkpoint).", file=sys.stderr)
+        else:
+            print(f"\nnormlab: {how}.", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a run stops as on Ctrl-C (its lease released, a
+    process pool shut down), and the command ends with a message and exit code 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated within the block (where signals can be handled: the main
+    thread); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a value that starts with '-' taken as its option's value
+    (`--checkpoint-every -1epochs`, so that the option's own check names what is wrong) and
+    every usage error in one line instead of the whole usage (subparsers are of this class)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        args = list(sys.argv[1:] if args is None else args)
+        # argparse keeps its options in private attributes; only single-value ones are joined.
+        takes_value = {option for action in self._actions if action.nargs is None
+                       for option in action.option_strings}
+        joined: list[str] = []
+        for arg in args:
+            if (joined and joined[-1] in takes_value and arg.startswith("-")
+                    and arg.split("=")[0] not in self._option_string_actions):
+                arg = f"{joined.pop()}={arg}"
+            joined.append(arg)
+        return super().parse_known_args(joined, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the "
+                     "options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="normlab", description="Run, report and inspect normlab studies.")
+    parser = _Parser(prog="normlab", description="Run, report and inspect normlab studies.")
     parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
