@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import normlab
 from normlab.cli.bench import run_benchmarks
+from normlab.cli.listing import study_lines, study_rows
 from normlab.execute.args import (
     add_executor_arguments,
     check_executor_arguments,
@@ -367,13 +368,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _list_studies() -> list[str]:
-    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
-    from normlab.studies import get_study, list_studies
-
-    studies = [get_study(name) for name in list_studies()]
-    width = max((len(s.name) for s in studies), default=0)
-    return [f"{s.name.ljust(width)}  {s.description}"
-            + (f" [{', '.join(s.experiments)}]" if s.experiments else "") for s in studies]
+    return study_lines(study_rows())
 
 
 def _list_settings() -> list[str]:
