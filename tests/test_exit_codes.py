@@ -101,7 +101,7 @@ def test_sigterm_ends_run_with_a_message_and_143_and_a_rerun_resumes(tmp_path, w
     assert process.returncode == 143, stderr
     assert stderr.splitlines()[-1] == (
         "normlab: terminated (SIGTERM); finished runs are kept: run the same command again to "
-        "resume (unfinished runs restart from their last checkpoint).")
+        "resume (an unfinished run goes on from its last checkpoint, if it has one).")
     assert "Traceback" not in stderr and "leaked semaphore" not in stderr
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

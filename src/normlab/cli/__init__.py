@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         if args.command == "run":
             print(f"\nnormlab: {how}; finished runs are kept: run the same command again to "
-                  "resume (unfinished runs restart from their last checkpoint).", file=sys.stderr)
+                  "resume (an unfinished run goes on from its last checkpoint, if it has one).",
+                  file=sys.stderr)
         else:
             print(f"\nnormlab: {how}.", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
