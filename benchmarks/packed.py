@@ -14,7 +14,7 @@ evaluation), with `--warmup` steps first and the device synchronized around each
   (`_Pack.sgd_step`: stacking the K batches, vmapped forward and backward, SGD on the stack).
 Reported: the median over `--repeats` of aggregate images/s (K x batch / step time) and its ratio
 to solo and to packed K = 1, all from this run. `--record` writes the rows into
-src/normlab/packing_throughput.json, which `normlab run --pack` defaults and `--dry-run`
+src/normlab/execute/packing_throughput.json, which `normlab run --pack` defaults and `--dry-run`
 estimates read; the row names the device it was measured on.
 Targets (issue 10, H100/H200): ResNet-20 batch 128 at K = 8 >= 4x solo (>= 49,000 images/s on
 an H200); ResNet-110 >= 14,000 images/s aggregate.
@@ -49,7 +49,8 @@ from normlab.runs.tasks import RunContext
 from normlab.train.loop import _Run
 from normlab.train.packed import _Pack
 
-TABLE = Path(__file__).resolve().parents[1] / "src" / "normlab" / "packing_throughput.json"
+TABLE = (Path(__file__).resolve().parents[1] / "src" / "normlab" / "execute"
+         / "packing_throughput.json")
 
 
 def spec_for(args: argparse.Namespace, seed: int = 0) -> RunSpec:

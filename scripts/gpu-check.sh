@@ -13,7 +13,7 @@
 #               ResNet-20 and ResNet-110 at batch 128)
 #   packed, packed110, packed_small   benchmarks/packed.py for ResNet-20 (K = 1 2 4 8 16),
 #               ResNet-110, and ResNet-20 at R1's batch sizes 2-64 (K = 1 8); the rows are
-#               recorded in src/normlab/packing_throughput.json (a copy goes to OUTDIR)
+#               recorded in src/normlab/execute/packing_throughput.json (a copy goes to OUTDIR)
 #   estimate    normlab run paper --scale reduced --dry-run --device cuda (the device-hours)
 #   paper       normlab run paper --scale smoke --device cuda, with the time that is left of the
 #               8 minutes less 110 s (the store keeps finished runs: rerunning resumes it)
@@ -93,7 +93,7 @@ fi
 
 part throughput 80 "$PY" benchmarks/train_throughput.py --quick --device cuda \
     --json "$OUT/throughput.json"
-# packed rows are recorded in src/normlab/packing_throughput.json (copied to OUTDIR)
+# packed rows are recorded in src/normlab/execute/packing_throughput.json (copied to OUTDIR)
 part packed 70 "$PY" benchmarks/packed.py --device cuda --packs 1 2 4 8 16 --steps 10 \
     --repeats 2 --record --json "$OUT/packed.json"
 part packed110 50 "$PY" benchmarks/packed.py --device cuda --depth 110 --packs 1 4 8 16 \
@@ -101,7 +101,7 @@ part packed110 50 "$PY" benchmarks/packed.py --device cuda --depth 110 --packs 1
 # the small batch sizes of the batch-size study (R1), which dominate the plan's device-hours
 part packed_small 75 "$PY" benchmarks/packed.py --device cuda --batch 2 4 8 16 32 64 \
     --packs 1 8 --steps 20 --repeats 1 --record --json "$OUT/packed_small.json"
-cp src/normlab/packing_throughput.json "$OUT/"
+cp src/normlab/execute/packing_throughput.json "$OUT/"
 # the reduced plan's device-hours from the rows just recorded (a dry run: nothing is trained)
 part estimate 30 "$PY" -m normlab.cli run paper --scale reduced --dry-run --device cuda \
     --out "$OUT/reduced"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE = ROOT / "src" / "normlab" / "packing_throughput.json"
+TABLE = ROOT / "src" / "normlab" / "execute" / "packing_throughput.json"
 PARTS = ("nvidia-smi", "versions", "tests", "throughput", "packed", "packed110", "packed_small",
          "estimate", "paper", "per_example", "hessian", "thr_nhwc")
 

@@ -22,9 +22,23 @@ from normlab.runs.store import read_json, read_jsonl
 from normlab.utils.config import ConfigError
 
 TESTS = str(Path(__file__).parent)
+
+
+def slurm_answers() -> bool:
+    """True when a SLURM controller answers here (sbatch installed is not enough)."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10,
+                              check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 needs_slurm = pytest.mark.skipif(
-    shutil.which("sbatch") is None,
-    reason="no SLURM here: `bash scripts/slurm-cluster.sh` starts a single-node cluster")
+    not slurm_answers(),
+    reason="no SLURM controller answers here: `bash scripts/slurm-cluster.sh` starts a "
+           "single-node cluster (scripts/test.sh does where it may)")
 
 
 def test_resources_reject_bad_values_naming_each_setting():

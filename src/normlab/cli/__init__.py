@@ -457,6 +457,3 @@ def _pool_devices(workers: int, device: str | None) -> list[str] | None:
     count = torch.cuda.device_count()
     return [f"cuda:{i}" for i in range(count)] if count else None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m normlab.cli ...`: the `normlab` command (as benchmarks and scripts call it)."""
+"""`python -m normlab.cli ...`: the `normlab` command."""
 
 import sys
 

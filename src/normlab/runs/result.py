@@ -82,7 +82,7 @@ def numerics(device: str) -> dict[str, Any]:
       `cublas_workspace_config` (needed by deterministic cuBLAS);
     - `device_name` (the GPU's, or the CPU's model) and `torch_version`: kernels differ.
     """
-    import torch
+    import torch  # imported on use: torch takes 1.3 s to import; this module stays torch-free
 
     return {
         "device_name": _device_name(device),

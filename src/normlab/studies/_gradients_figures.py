@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pandas as pd
 from normlab.studies.base import StudyResults
 from normlab.studies.figures import (
     NORM_COLORS,
+    Drawn,
     FigureInfo,
     draw_figures,
+    figure,
     new_figure,
     require,
     save_figure,
@@ -21,8 +24,10 @@ MODE = "BN mode: train (batch statistics; running statistics frozen during probe
 
 
 def draw_all(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-    return draw_figures(results, fig_dir, histograms, step_loss_grid, anatomy, channel_stats,
-                        output_heatmaps, coherence_bars, spectra)
+    """Every figure of the study; each caption ends with the BN mode of the probes (`MODE`)."""
+    drawn = draw_figures(results, fig_dir, histograms, step_loss_grid, anatomy, channel_stats,
+                         output_heatmaps, coherence_bars, spectra)
+    return [dataclasses.replace(info, caption=f"{info.caption} {MODE}") for info in drawn]
 
 
 def norms_in(frame: pd.DataFrame) -> list[str]:
@@ -45,7 +50,7 @@ def at_step(frame: pd.DataFrame, step: int | str = "first") -> pd.DataFrame:
 
 
 def info(experiment: str, name: str, title: str, caption: str, files) -> list[FigureInfo]:
-    return [FigureInfo(experiment, name, title, f"{caption} {MODE}", files)]
+    return [FigureInfo(experiment, name, title, caption, files)]
 
 
 def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
@@ -69,7 +74,11 @@ def histograms(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
                 files)
 
 
-def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+@figure("E4", "step_loss_grid", "Relative loss along the mini-batch gradient")
+def step_loss_grid(results: StudyResults) -> Drawn:
+    """Relative loss L(θ - s g)/L(θ) on the measured batch (solid) and a held-out batch (dashed); g
+    is the mini-batch gradient of the mean loss (not per-example); dotted: the divergence
+    threshold (loss 1e3)."""
     rec = require(results.records("step_loss"))
     norms, batches = norms_in(rec), sorted(rec["minibatch"].unique())
     fig, axes = new_figure(len(norms), len(batches), compact=True, sharex=True)
@@ -95,11 +104,7 @@ def step_loss_grid(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
             if j == 0:
                 ax.set_ylabel("L(θ - s g) / L(θ)")
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "step_loss_grid", rec)
-    return info("E4", "step_loss_grid", "Relative loss along the mini-batch gradient",
-                "Relative loss L(θ - s g)/L(θ) on the measured batch (solid) and a held-out "
-                "batch (dashed); g is the mini-batch gradient of the mean loss (not per-example); "
-                "dotted: the divergence threshold (loss 1e3).", files)
+    return fig, rec
 
 
 def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
@@ -133,7 +138,11 @@ def anatomy(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
     return out
 
 
-def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+@figure("E6", "channel_stats_vs_depth", "Channel mean and std vs depth")
+def channel_stats(results: StudyResults) -> Drawn:
+    """Median over channels (band: 10-90 %) of |mean| and std over the measurement batch of each
+    block's output (the residual stream for a ResNet; depth of the block's last weight layer),
+    at initialization (solid) and after training (dashed)."""
     rec = require(results.records("activation_stats"))
     fig, axes = new_figure(1, 2)
     rows = []
@@ -159,15 +168,13 @@ def channel_stats(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
                           "q10": r[0.1], "median": r[0.5], "q90": r[0.9]}
                          for d, r in q.iterrows()]
     axes[0][0].legend()
-    files = save_figure(fig, fig_dir, "channel_stats_vs_depth", pd.DataFrame(rows))
-    return info("E6", "channel_stats_vs_depth", "Channel mean and std vs depth",
-                "Median over channels (band: 10-90 %) of |mean| and std over the measurement "
-                "batch of each block's output (the residual stream for a ResNet; depth of the "
-                "block's last weight layer), at initialization "
-                "(solid) and after training (dashed).", files)
+    return fig, pd.DataFrame(rows)
 
 
-def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+@figure("E7", "output_gradients", "Output-layer gradients at initialization")
+def output_heatmaps(results: StudyResults) -> Drawn:
+    """Per-example loss gradient with respect to the logits, d ℓ_i/d z_i (softmax - one-hot; the
+    mean loss's gradient is this / B), examples x classes."""
     rec = require(results.records("output_gradients"))
     rec = at_step(rec)
     norms = norms_in(rec)
@@ -181,14 +188,14 @@ def output_heatmaps(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
         ax.set_xlabel("class")
     axes[0][0].set_ylabel("example")
     fig.colorbar(image, ax=axes[0][-1], label="d ℓ_i / d logit")
-    files = save_figure(fig, fig_dir, "output_gradients", rec)
-    return info("E7", "output_gradients", "Output-layer gradients at initialization",
-                "Per-example loss gradient with respect to the logits, d ℓ_i/d z_i "
-                "(softmax - one-hot; the mean loss's gradient is this / B), examples x classes.",
-                files)
+    return fig, rec
 
 
-def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+@figure("R6", "gradient_coherence", "Table 1 as a bar plot: do gradient terms cancel?")
+def coherence_bars(results: StudyResults) -> Drawn:
+    """Median over kernel entries of |Σ terms| / Σ |terms| for the terms d[b,o,w,h]·a[b,i,w+x,h+y]
+    of the mini-batch gradient (not per-example), at initialization; 1 = all terms share a sign,
+    small = they cancel (E8)."""
     rec = require(results.records("gradient_coherence"))
     rec = at_step(rec[rec["quantity"] == "coherence_median"])
     norms, depths = norms_in(rec), sorted(rec["depth"].unique())
@@ -204,14 +211,15 @@ def coherence_bars(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
     ax.set_yscale("log")
     ax.set_ylabel("median |Σ terms| / Σ |terms|")
     ax.legend()
-    files = save_figure(fig, fig_dir, "gradient_coherence", rec)
-    return info("R6", "gradient_coherence", "Table 1 as a bar plot: do gradient terms cancel?",
-                "Median over kernel entries of |Σ terms| / Σ |terms| for the terms "
-                "d[b,o,w,h]·a[b,i,w+x,h+y] of the mini-batch gradient (not per-example), at "
-                "initialization; 1 = all terms share a sign, small = they cancel (E8).", files)
+    return fig, rec
 
 
-def spectra(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
+@figure("E8", "gradient_spectra", "Per-example gradient spectra")
+def spectra(results: StudyResults) -> Drawn:
+    """Left: singular values of the B x P matrix of exact per-example loss gradients
+    (per_example_loss_grads, through the batch statistics) of a middle layer's weight. Right:
+    top-direction energy share vs depth, exact per-example loss gradients (solid) and
+    per-example contributions (dashed), at initialization."""
     rec = require(results.records("gradient_spectrum"))
     rec = at_step(rec)
     fig, axes = new_figure(1, 2)
@@ -239,10 +247,4 @@ def spectra(results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
     left.legend()
     right.set_xlabel("depth (weight layer)")
     right.set_ylabel("σ_1² / Σ σ_k²")
-    files = save_figure(fig, fig_dir, "gradient_spectra", rec)
-    return info("E8", "gradient_spectra", "Per-example gradient spectra",
-                "Left: singular values of the B x P matrix of exact per-example loss gradients "
-                "(per_example_loss_grads, through the batch statistics) of a middle layer's "
-                "weight. Right: top-direction energy share vs depth, exact per-example loss "
-                "gradients (solid) and per-example contributions (dashed), at initialization.",
-                files)
+    return fig, rec

@@ -67,7 +67,7 @@ class Measurement:
         self.log("output_gradients", probes.output_gradients(
             model, loss_fn, (x[:opts["probe_batch"]], y[:opts["probe_batch"]])), tag)
         self.log("gradient_coherence", probes.gradient_coherence(model, loss_fn, (x, y),
-                                                                 layers), tag)
+                                                                 layers=layers), tag)
         self.spectra(model, loss_fn, x[:opts["probe_batch"]], y[:opts["probe_batch"]],
                      stats_layers, tag)
         self.anatomy(model, loss_fn, x, y, layers, tag)

@@ -45,6 +45,19 @@ class ScaleConfig:
         return type(self).make(**{**dataclasses.asdict(self), **changes})
 
 
+@dataclass(frozen=True)
+class TrainScale(ScaleConfig):
+    """The fields of a study whose runs train one ResNet per norm and lr: its depth, width,
+    batch size and number of steps, the norms and the lr grid."""
+
+    depth: int
+    width: int
+    batch_size: int
+    steps: int
+    norms: tuple[str, ...]
+    lrs: tuple[float, ...]
+
+
 def resnet_spec(data: str, **settings: Any) -> RunSpec:
     """A RunSpec of the shared set-up (RESNET_SETUP) on `data`; `settings` add to or replace it."""
     return RunSpec(**{**RESNET_SETUP, "data": data, **settings})

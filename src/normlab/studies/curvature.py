@@ -24,7 +24,7 @@ from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import RunContext, register_task
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._options import Option, declare_options, read_options
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._scales import TrainScale, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained, trains
 from normlab.studies.base import Study, StudyResults, register_study
 from normlab.studies.figures import (
@@ -49,16 +49,10 @@ RANGE_TASK = "lr-range"
 
 
 @dataclass(frozen=True)
-class CurvatureScale(ScaleConfig):
+class CurvatureScale(TrainScale):
     """R9: `norms` x `lrs` runs of `steps` (sharpness every `every` steps, lambda_max at the end on
     `hessian_batches` batches). R8: one range test of `range_steps` per norm."""
 
-    depth: int
-    width: int
-    batch_size: int
-    steps: int
-    norms: tuple[str, ...]
-    lrs: tuple[float, ...]
     every: int
     hessian_batches: int
     range_steps: int

@@ -23,24 +23,12 @@ import numpy as np
 import pandas as pd
 
 from normlab.runs.spec import RunSpec
+from normlab.studies import figures as plot
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
 from normlab.studies._theory_tasks import JACOBIAN_TASK
 from normlab.studies._trains import TRAINS_DEFINITION, TRAINS_MIN_TEST_ACC, stable_and_trained
 from normlab.studies.base import Study, StudyResults, register_study
-from normlab.studies.figures import (
-    INIT_COLORS,
-    Drawn,
-    FigureInfo,
-    draw_figures,
-    figure,
-    grouped_bars,
-    label_axes,
-    marker_legend,
-    new_figure,
-    plot_series,
-    require,
-)
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 
@@ -98,8 +86,8 @@ class InitStudy(Study):
         return specs
 
     # -- figures ----------------------------------------------------------------------------------
-    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        return draw_figures(results, fig_dir, _profile_figure, _jacobian_figure,
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[plot.FigureInfo]:
+        return plot.draw_figures(results, fig_dir, _profile_figure, _jacobian_figure,
                             _stable_lr_figure, _accuracy_figure)
 
     # -- findings ---------------------------------------------------------------------------------
@@ -179,30 +167,30 @@ def _variance_growth(results: StudyResults) -> pd.DataFrame:
 
 # -- figures --------------------------------------------------------------------------------------
 
-@figure("R7", "init_signal_propagation", "Signal propagation at initialization")
-def _profile_figure(results: StudyResults) -> Drawn:
+@plot.figure("R7", "init_signal_propagation", "Signal propagation at initialization")
+def _profile_figure(results: StudyResults) -> plot.Drawn:
     """Median over channels of the per-channel variance and |mean| of each conv/linear output
     (before its norm) at initialization, one batch of training images; BN mode: train (batch
     statistics)."""
-    table = require(_profile_table(results))
+    table = plot.require(_profile_table(results))
     keys = sorted(table.groupby(["network_depth", "norm"]).groups)
-    fig, axes = new_figure(2, len(keys))
+    fig, axes = plot.new_figure(2, len(keys))
     for col, (depth, norm) in enumerate(keys):
         for row, quantity in enumerate(("variance", "mean")):
             ax = axes[row][col]
             part = table[(table["network_depth"] == depth) & (table["norm"] == norm)
                          & (table["quantity"] == quantity)]
-            plot_series(ax, part.assign(value=part["value"].clip(lower=1e-30)), "layer_depth",
+            plot.plot_series(ax, part.assign(value=part["value"].clip(lower=1e-30)), "layer_depth",
                         "value", "init")
-            label_axes(ax, "layer depth",
+            plot.label_axes(ax, "layer depth",
                        f"median channel {'variance' if row == 0 else '|mean|'}",
                        f"ResNet-{int(depth)}, norm {norm}", ylog=True)
     axes[0][0].legend()
     return fig, table
 
 
-@figure("R7", "init_jacobian", "Jacobian conditioning at initialization")
-def _jacobian_figure(results: StudyResults) -> Drawn:
+@plot.figure("R7", "init_jacobian", "Jacobian conditioning at initialization")
+def _jacobian_figure(results: StudyResults) -> plot.Drawn:
     """Spread of the singular values of the Jacobian from the input batch to the stage3 feature map
     at initialization (Golub-Kahan-Lanczos on JVPs/VJPs, full spectrum); BN mode: train (batch
     statistics)."""
@@ -214,42 +202,43 @@ def _jacobian_figure(results: StudyResults) -> Drawn:
                   "jac_tiny_share"]].copy()
     table["max_over_rms"] = table["jac_max"] / table["jac_rms"]
     norms = sorted(table["norm"].unique())
-    fig, axes = new_figure(1, 2)
+    fig, axes = plot.new_figure(1, 2)
     for ax, column, label in ((axes[0][0], "max_over_rms", "largest / rms singular value"),
                               (axes[0][1], "jac_tiny_share", "share of s < 0.1 rms")):
         for init, part in table.groupby("init"):
             for norm in norms:
                 line = part[part["norm"] == norm].sort_values("depth")
                 ax.plot(line["depth"], line[column], "o-" if norm == "none" else "s--",
-                        color=INIT_COLORS.get(init), label=f"{init}, {norm}")
-        label_axes(ax, "network depth", label)
+                        color=plot.INIT_COLORS.get(init), label=f"{init}, {norm}")
+        plot.label_axes(ax, "network depth", label)
     axes[0][0].set_yscale("log")
     axes[0][0].legend()
     return fig, table
 
 
-@figure("R7",
+@plot.figure("R7",
         "init_stable_lr",
         "Largest lr that trains, by init and norm",
         f"Largest learning rate of the grid whose short constant-lr SGD run "
         f"trains ({TRAINS_DEFINITION}); BN mode: train during the steps, eval for "
         "the test accuracy. '>=': the largest lr tried; a triangle: none of the "
         "grid.")
-def _stable_lr_figure(results: StudyResults) -> Drawn:
-    table = require(_stable_table(results))
+def _stable_lr_figure(results: StudyResults) -> plot.Drawn:
+    table = plot.require(_stable_table(results))
     depths = sorted(table["depth"].unique())
     inits = [i for i in INITS if i in set(table["init"])]
-    fig, axes = new_figure(1, len(depths))
+    fig, axes = plot.new_figure(1, len(depths))
     used: set[str] = set()
     for ax, depth in zip(axes[0], depths, strict=True):
-        used |= grouped_bars(ax, table[table["depth"] == depth], "norm", "init", inits)
-        label_axes(ax, "", "largest lr that trains (constant schedule)", f"ResNet-{int(depth)}")
-    marker_legend(axes[0][0], used)
+        used |= plot.grouped_bars(ax, table[table["depth"] == depth], "norm", "init", inits)
+        plot.label_axes(ax, "", "largest lr that trains (constant schedule)",
+                        f"ResNet-{int(depth)}")
+    plot.marker_legend(axes[0][0], used)
     return fig, table
 
 
-@figure("R7", "init_accuracy", "Test accuracy after a fixed budget")
-def _accuracy_figure(results: StudyResults) -> Drawn:
+@plot.figure("R7", "init_accuracy", "Test accuracy after a fixed budget")
+def _accuracy_figure(results: StudyResults) -> plot.Drawn:
     """Test accuracy after the fixed number of constant-lr SGD steps; BN mode: train for the steps,
     eval (running statistics) for the test set; missing points diverged."""
     runs = results.in_group("R7-train")
@@ -257,12 +246,12 @@ def _accuracy_figure(results: StudyResults) -> Drawn:
         return None
     table = runs[["depth", "norm", "init", "lr", "status", "test_acc"]].copy()
     keys = sorted(table.groupby(["depth", "norm"]).groups)
-    fig, axes = new_figure(1, len(keys))
+    fig, axes = plot.new_figure(1, len(keys))
     for ax, (depth, norm) in zip(axes[0], keys, strict=True):
-        plot_series(ax, table[(table["depth"] == depth) & (table["norm"] == norm)], "lr",
+        plot.plot_series(ax, table[(table["depth"] == depth) & (table["norm"] == norm)], "lr",
                     "test_acc", "init")
         ax.set_ylim(0, 1)
-        label_axes(ax, "learning rate", "test accuracy after the budget",
+        plot.label_axes(ax, "learning rate", "test accuracy after the budget",
                    f"ResNet-{int(depth)}, norm {norm}", xlog=True)
     axes[0][0].legend()
     return fig, table

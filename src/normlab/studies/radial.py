@@ -30,7 +30,7 @@ from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import RunContext, register_task
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._options import Option, declare_options, read_options
-from normlab.studies._scales import ScaleConfig, default_data, pick_scale, resnet_spec
+from normlab.studies._scales import TrainScale, default_data, pick_scale, resnet_spec
 from normlab.studies._trains import TRAINS_DEFINITION, stable_and_trained
 from normlab.studies.base import Study, StudyResults, register_study
 from normlab.studies.figures import (
@@ -54,17 +54,11 @@ PROJECTIONS = ("none", "tangential", "radial")
 
 
 @dataclass(frozen=True)
-class RadialScale(ScaleConfig):
+class RadialScale(TrainScale):
     """R2/R3: `norms` x `lrs` runs of `steps` (radial probe every `every` steps; mean gradient
     over `mean_batches`, landscapes on `landscape_batches` with `points` / `points_2d` points over
     +-`span`). R4: `norms` x projections x `stability_lrs` runs of `stability_steps`."""
 
-    depth: int
-    width: int
-    batch_size: int
-    steps: int
-    norms: tuple[str, ...]
-    lrs: tuple[float, ...]
     stability_lrs: tuple[float, ...]
     stability_steps: int
     every: int

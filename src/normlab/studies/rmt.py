@@ -19,19 +19,11 @@ import pandas as pd
 
 from normlab.probes.rmt import fuss_catalan_singular_value_density, fuss_catalan_support
 from normlab.runs.spec import RunSpec
+from normlab.studies import figures as plot
 from normlab.studies._findings import Finding, verdict
 from normlab.studies._scales import ScaleConfig, default_data, pick_scale
 from normlab.studies._theory_tasks import JACOBIAN_TASK, RMT_TASK
 from normlab.studies.base import Study, StudyResults, register_study
-from normlab.studies.figures import (
-    INIT_COLORS,
-    Drawn,
-    FigureInfo,
-    draw_figures,
-    figure,
-    new_figure,
-    require,
-)
 
 INITS = ("xavier_normal", "kaiming_normal", "orthogonal", "delta_orthogonal")
 PAPER_EDGES = {1: 2.00, 3: 3.08, 5: 3.86}  # the paper's largest singular values (E9)
@@ -93,8 +85,8 @@ class RmtStudy(Study):
         return specs
 
     # -- figures ----------------------------------------------------------------------------------
-    def figures(self, results: StudyResults, fig_dir: Path) -> list[FigureInfo]:
-        return draw_figures(results, fig_dir, _products_figure, _conditioning_figure,
+    def figures(self, results: StudyResults, fig_dir: Path) -> list[plot.FigureInfo]:
+        return plot.draw_figures(results, fig_dir, _products_figure, _conditioning_figure,
                             _jacobian_figure)
 
     # -- findings ---------------------------------------------------------------------------------
@@ -163,15 +155,15 @@ def _jacobian_runs(results: StudyResults) -> pd.DataFrame:
 
 # -- figures ---------------------------------------------------------------------------------------
 
-@figure("E9", "rmt_products", "Singular values of products of Gaussian matrices")
-def _products_figure(results: StudyResults) -> Drawn:
+@plot.figure("E9", "rmt_products", "Singular values of products of Gaussian matrices")
+def _products_figure(results: StudyResults) -> plot.Drawn:
     """Histogram of the singular values of W_M...W_1, W_i with i.i.d. N(0, 1/N) entries (no
     network, BN mode not applicable), against the closed-form Fuss-Catalan density 2 s f(s^2)
     (not fitted)."""
-    records = require(results.records("rmt_product"))
+    records = plot.require(results.records("rmt_product"))
     values = records[records["quantity"] == "singular_value"]
     factors = sorted(int(m) for m in values["options.M"].unique())
-    fig, axes = new_figure(1, len(factors))
+    fig, axes = plot.new_figure(1, len(factors))
     for ax, m in zip(axes[0], factors, strict=True):
         s = values.loc[values["options.M"] == m, "value"].to_numpy()
         edge = math.sqrt(fuss_catalan_support(m))
@@ -191,14 +183,14 @@ def _products_figure(results: StudyResults) -> Drawn:
     return fig, data
 
 
-@figure("E9", "rmt_conditioning", "Conditioning of the product versus M")
-def _conditioning_figure(results: StudyResults) -> Drawn:
+@plot.figure("E9", "rmt_conditioning", "Conditioning of the product versus M")
+def _conditioning_figure(results: StudyResults) -> plot.Drawn:
     """Largest singular value (with the Fuss-Catalan edge), condition number and share of singular
     values below 0.1 x rms of W_M...W_1 (Gaussian N(0, 1/N) entries; BN mode not applicable)."""
-    runs = require(_product_runs(results))
+    runs = plot.require(_product_runs(results))
     table = runs[["options.M", "sv_max", "sv_edge_theory", "sv_condition", "sv_tiny_share",
                   "sv_rms"]].rename(columns={"options.M": "M"}).sort_values("M")
-    fig, axes = new_figure(1, 3)
+    fig, axes = plot.new_figure(1, 3)
     ax = axes[0][0]
     ax.plot(table["M"], table["sv_max"], "o-", label="sampled")
     ax.plot(table["M"], table["sv_edge_theory"], "k--", label="edge sqrt((M+1)^(M+1)/M^M)")
@@ -213,23 +205,23 @@ def _conditioning_figure(results: StudyResults) -> Drawn:
     return fig, table
 
 
-@figure("E9", "jacobian_spectra", "Input-output Jacobian spectra at initialization")
-def _jacobian_figure(results: StudyResults) -> Drawn:
+@plot.figure("E9", "jacobian_spectra", "Input-output Jacobian spectra at initialization")
+def _jacobian_figure(results: StudyResults) -> plot.Drawn:
     """Sorted singular values (divided by their rms) of the Jacobian of the batch output with
     respect to the batch input at initialization, by Golub-Kahan-Lanczos on JVPs/VJPs; BN mode:
     train (batch statistics, dashed lines). A flat line at 1 is an isometry."""
-    records = require(results.records("jacobian_spectrum"))
+    records = plot.require(results.records("jacobian_spectrum"))
     values = records[records["quantity"] == "singular_value"].copy()
     values["rms"] = values.groupby("run_id")["value"].transform(lambda v: np.sqrt((v ** 2).mean()))
     values["relative"] = values["value"] / values["rms"]
     values["fraction"] = values.groupby("run_id")["rank"].transform(lambda r: r / max(r.max(), 1))
     models = sorted(values["model"].unique())
-    fig, axes = new_figure(1, len(models))
+    fig, axes = plot.new_figure(1, len(models))
     for ax, model in zip(axes[0], models, strict=True):
         part = values[values["model"] == model]
         for (init, norm), line in part.groupby(["init", "norm"]):
             ax.plot(line["fraction"], line["relative"].clip(lower=1e-8),
-                    "-" if norm == "none" else "--", color=INIT_COLORS.get(init),
+                    "-" if norm == "none" else "--", color=plot.INIT_COLORS.get(init),
                     label=f"{init}, {norm}")
         ax.set_yscale("log")
         ax.set_xlabel("rank / number of values")
