@@ -118,3 +118,64 @@ def test_the_docs_example_runs():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/data.md", "exec"), {})
+
+
+@pytest.mark.parametrize("options", [{}, {"test_fraction": 0.5}, {"test_fraction": 0.1},
+                                     {"test_fraction": 0.333}, {"test_fraction": 0.9}])
+def test_the_digits_check_gives_the_training_size_the_loader_returns(options):
+    from normlab.data.base import check_dataset
+
+    assert check_dataset("digits", **options) == len(load("digits", **options)[0])
+
+
+def test_the_synthetic_check_gives_the_training_size_the_loader_returns():
+    from normlab.data.base import check_dataset
+
+    assert check_dataset("synthetic", n_train=37) == len(load("synthetic", n_train=37)[0]) == 37
+    with pytest.raises(ConfigError, match="'shape' setting"):
+        check_dataset("synthetic", shape=[3, 8])
+
+
+@pytest.mark.parametrize("fraction", [0.005, 0.0056, 0.994, 0.995])
+def test_a_digits_split_without_every_class_on_both_sides_is_refused_as_sklearn_would(fraction):
+    """Ground truth: scikit-learn's stratified split itself."""
+    from sklearn.model_selection import train_test_split
+
+    from normlab.data.base import check_dataset
+
+    labels = load_digits().target
+    try:
+        train_test_split(labels, test_size=fraction, random_state=0, stratify=labels)
+        splits = True
+    except ValueError:
+        splits = False
+    if splits:
+        assert check_dataset("digits", test_fraction=fraction) == len(
+            load("digits", test_fraction=fraction)[0])
+    else:
+        for call in (check_dataset, load):
+            with pytest.raises(ConfigError, match="The 'test_fraction' setting must leave both"):
+                call("digits", test_fraction=fraction)
+
+
+def test_the_cifar10_check_finds_the_cache_or_says_why_it_cannot_be_had(tmp_path):
+    """Nothing is loaded: a cached npz is only looked for; without one, download=False or an
+    address that does not answer is a DataError naming what to do."""
+    from normlab.data import DataError
+    from normlab.data.base import check_dataset
+    from normlab.data.cifar10 import ARCHIVE, MD5
+
+    unreachable = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # the discard port: refused
+    with pytest.raises(DataError, match=f"cannot be reached to download it.*{ARCHIVE}"):
+        check_dataset("cifar10", root=tmp_path, url=unreachable)
+    with pytest.raises(DataError, match=r"not in the cache .* and download=False"):
+        check_dataset("cifar10", root=tmp_path, download=False)
+    assert check_dataset("cifar10", root=tmp_path, present=False, url=unreachable) == 50000
+    (tmp_path / ARCHIVE).write_bytes(b"not the archive")  # wrong md5: not a cache
+    with pytest.raises(DataError, match="download=False"):
+        check_dataset("cifar10", root=tmp_path, download=False)
+    (tmp_path / f"cifar-10-{MD5}.npz").write_bytes(b"")
+    assert check_dataset("cifar10", root=tmp_path, download=False) == 50000
+    assert check_dataset("cifar10", root=tmp_path, limit_train=100) == 100
+    with pytest.raises(ConfigError, match="'limit_train'"):
+        check_dataset("cifar10", root=tmp_path, limit_train=0)

@@ -123,7 +123,7 @@ def test_function_level_imports_of_normlab_say_why():
 
 def test_the_package_top_level_is_its_layers():
     entries = sorted(p.name for p in (SRC / "normlab").iterdir() if p.name != "__pycache__")
-    assert len(entries) <= 13, entries
+    assert len(entries) <= 14, entries  # the layers, runner.py, _moved.py, __init__.py
 
 
 def run_lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:

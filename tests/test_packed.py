@@ -29,8 +29,9 @@ from normlab.execute.throughput import (
     with_measured_rows,
 )
 from normlab.runs.spec import RunSpec
-from normlab.runs.store import RunStore, read_jsonl, read_result
+from normlab.runs.store import RunStore, file_fingerprint, read_jsonl, read_result
 from normlab.runs.tasks import RunContext, execute_run
+from normlab.runs.verify import verify_store
 from normlab.train import TrainState, list_callbacks, register_callback, train
 from normlab.train.packed import check_packable, execute_pack, train_packed
 from normlab.utils.config import ConfigError
@@ -213,6 +214,10 @@ def test_members_are_stored_as_solo_runs(tmp_path):
         assert packed_result.status == solo_result.status == "completed"
         assert_close(packed_result.final, solo_result.final, "final")
         assert packed_result.provenance["pack_size"] == 2
+        recorded = json.loads((packed_dir / "result.json").read_text())["files"]
+        assert recorded["metrics.jsonl"] == file_fingerprint(packed_dir / "metrics.jsonl")
+        assert len(recorded["metrics.jsonl"]["sha256"]) == 64  # so verify sees a changed digit
+    assert verify_store(tmp_path / "packed") == []
 
 
 @pytest.mark.slow

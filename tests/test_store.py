@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -32,7 +33,8 @@ def test_run_folder_is_named_by_the_spec_hash_and_holds_the_spec(tmp_path):
 def test_a_run_is_done_when_its_result_has_a_final_status(tmp_path, status, done):
     store = RunStore(tmp_path)
     store.begin(spec())
-    store.finish(spec(), RunResult(status=status))
+    fields = {"diverged": {"steps": 3, "diverged_step": 3}, "failed": {"error": "boom"}}
+    store.finish(spec(), RunResult(status=status, **fields.get(status, {})))
     assert store.is_done(spec()) is done
 
 
@@ -140,14 +142,15 @@ def test_results_keep_the_step_budget_beside_the_steps_done(tmp_path):
     assert row["steps"] == 7 and row["steps_done"] == 3
 
 
-def test_finish_records_the_size_and_lines_of_the_run_files(tmp_path):
+def test_finish_records_the_size_lines_and_digest_of_the_run_files(tmp_path):
     store = RunStore(tmp_path)
     run_dir = store.begin(spec())
     append_jsonl(run_dir / "metrics.jsonl", [{"step": 1}, {"step": 2}])
     store.finish(spec(), RunResult("completed"))
     stored = json.loads((run_dir / "result.json").read_text())
-    size = (run_dir / "metrics.jsonl").stat().st_size
-    assert stored["files"] == {"metrics.jsonl": {"bytes": size, "rows": 2}}
+    content = (run_dir / "metrics.jsonl").read_bytes()
+    assert stored["files"] == {"metrics.jsonl": {
+        "bytes": len(content), "rows": 2, "sha256": hashlib.sha256(content).hexdigest()}}
     assert read_result(run_dir / "result.json") == RunResult("completed")
 
 

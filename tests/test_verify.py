@@ -70,6 +70,13 @@ def finished_with(lines_of: Callable[[list[str]], list[str]]) -> Callable[[Path]
     return damage
 
 
+def change_one_digit(path: Path) -> None:
+    """Change the first digit of the first loss: the file keeps its size, lines and order."""
+    text = path.read_text()
+    at = text.index('"train_loss": ') + len('"train_loss": ')
+    path.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1:])
+
+
 PROBE_ROWS = [f'{{"probe": "radial", "step": {s}, "value": 1.0}}\n' for s in (0, 5, 10, 0, 5)]
 
 DAMAGE = {
@@ -84,6 +91,26 @@ DAMAGE = {
                                                  "the field 'steps' must be an integer"),
     "result.json with an unknown status": ("result.json", edit_json(status="great"),
                                            "'status' must be one of"),
+    "result.json with test_acc 5.0": ("result.json", edit_json(final={"test_acc": 5.0}),
+                                       "the accuracy 'final.test_acc' must be in [0, 1]"),
+    "result.json with a negative loss": ("result.json", edit_json(final={"train_loss": -0.5}),
+                                         "the loss 'final.train_loss' must be >= 0"),
+    "result.json with steps -7": ("result.json", edit_json(steps=-7),
+                                  "the field 'steps' must be >= 0; got -7."),
+    "result.json with a negative wall time": ("result.json", edit_json(wall_time_s=-1.5),
+                                              "the field 'wall_time_s' must be >= 0"),
+    "result.json diverged after its last step": (
+        "result.json", edit_json(status="diverged", diverged_step=9),
+        "the field 'diverged_step' must be in [0, steps=5]; got 9."),
+    "result.json diverged without a step": ("result.json", edit_json(status="diverged"),
+                                            "the status 'diverged' contradicts 'diverged_step'"),
+    "result.json completed with an error": ("result.json", edit_json(error="boom"),
+                                            "the status 'completed' contradicts 'error'"),
+    "result.json with a files record of the wrong type": (
+        "result.json", edit_json(files={"metrics.jsonl": 5}),
+        "the field 'files' must map file names to objects"),
+    "metrics.jsonl with one digit changed": ("metrics.jsonl", change_one_digit,
+                                             "same size and line count, but its sha256 is"),
     "spec.json of another run": ("spec.json", swap_spec, "holds the spec of run"),
     "spec.json with a bad value": ("spec.json", edit_json(lr=-1), "The 'lr' setting"),
     "spec.json deleted": ("spec.json", Path.unlink, "missing: a finished run must keep"),
@@ -181,6 +208,19 @@ def test_results_written_before_sizes_were_recorded_are_checked_for_parsing(stud
     assert damaged_runs(verify_store(out)) == [path.parent.name]
 
 
+def test_results_written_before_digests_were_recorded_are_checked_for_size_and_lines(study):
+    out, _ = study
+    path = first_run(out) / "result.json"
+    data = json.loads(path.read_text())
+    for record in data["files"].values():
+        del record["sha256"]
+    path.write_text(json.dumps(data))
+    change_one_digit(path.parent / "metrics.jsonl")  # unseen without a digest, as before
+    assert verify_store(out) == []
+    drop_last_line(path.parent / "metrics.jsonl")
+    assert damaged_runs(verify_store(out)) == [path.parent.name]
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_are_created_with_the_users_umask(tmp_path, umask, mode):
     old = os.umask(umask)
@@ -192,3 +232,83 @@ def test_files_are_created_with_the_users_umask(tmp_path, umask, mode):
     for path in (tmp_path / "report.html", tmp_path / "study.json", run_dir / "spec.json",
                  run_dir / "result.json", run_dir / "metrics.jsonl"):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def refused_by_every_command(out: Path, expected: str, capsys) -> None:
+    """verify, show and report each exit 1 naming `expected`, with no traceback."""
+    capsys.readouterr()
+    for command in ("verify", "show", "report"):
+        assert main([command, str(out)]) == 1, command
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (command, err)
+
+
+def test_a_study_file_naming_another_study_is_damage(study, capsys):
+    """The lr-sweep-over-rmt case: a hand edit of study.json's plan no longer matches its
+    digest; `normlab run` writes the plan again."""
+    out, counter = study
+    edit_json(study="rmt")(out / "study.json")
+    refused_by_every_command(out, f"damaged: {out / 'study.json'}: changed since normlab wrote "
+                                  "it: its fields no longer match its sha256 (study 'rmt'",
+                             capsys)
+    assert main(["run", "fake", "--out", str(out), "--set",
+                 f'options={{"counter": "{counter}"}}']) == 0
+    assert verify_store(out) == [] and len(counter.read_text().split()) == 3  # nothing redone
+
+
+def test_a_study_file_with_a_run_id_removed_is_damage(study):
+    out, _ = study
+    plan = json.loads((out / "study.json").read_text())
+    edit_json(run_ids=plan["run_ids"][1:])(out / "study.json")
+    assert [d.path for d in verify_store(out)] == [out / "study.json"]
+
+
+def test_a_study_file_written_before_digests_is_checked_for_types_only(study):
+    out, _ = study
+    plan = json.loads((out / "study.json").read_text())
+    del plan["sha256"]
+    (out / "study.json").write_text(json.dumps({**plan, "study": "rmt"}))
+    assert verify_store(out) == []
+
+
+@pytest.mark.parametrize("loss", ["runs/ deleted", "runs/ emptied"])
+def test_a_study_whose_run_folders_are_gone_is_damage(study, loss, capsys):
+    """verify must not find "every file sound" in 0 runs, nor report draw 0 runs, when the
+    study's runs had started; `normlab run` redoes them all."""
+    import shutil
+
+    out, counter = study
+    shutil.rmtree(out / "runs")
+    if loss == "runs/ emptied":
+        (out / "runs").mkdir()
+        what = "holds no run folder"
+    else:
+        what = "is missing"
+    refused_by_every_command(out, f"damaged: {out / 'runs'}: {what}, but study.json plans 3 "
+                                  "run(s) and runs have started", capsys)
+    assert main(["run", "fake", "--out", str(out), "--set",
+                 f'options={{"counter": "{counter}"}}']) == 0
+    assert verify_store(out) == [] and len(counter.read_text().split()) == 6
+
+
+def test_a_study_whose_runs_have_not_started_is_no_damage(tmp_path, capsys):
+    """study.json is written before the first run: until a run is claimed (leases/) or a report
+    is written, a planned study without runs/ is one that has not started."""
+    from normlab.runs.store import study_record
+
+    (tmp_path / "study.json").write_text(json.dumps(study_record("fake", "smoke", None, {},
+                                                                 ["a" * 12])))
+    assert verify_store(tmp_path) == []
+    (tmp_path / "runs").mkdir()
+    assert verify_store(tmp_path) == []
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "no run folder yet" in capsys.readouterr().out  # not "every file sound" over none
+
+
+def test_a_study_without_its_study_file_is_refused_alike_by_every_command(study, capsys):
+    out, _ = study
+    (out / "study.json").unlink()
+    refused_by_every_command(out, f"damaged: {out / 'study.json'}: missing, but report.html "
+                                  "shows a study was run here", capsys)
+    (out / "report.html").unlink()  # a bare run store, as execute_run writes: its runs are
+    assert verify_store(out) == []  # checked; report alone needs the plan

@@ -19,7 +19,7 @@ from normlab.execute.progress import ProgressReporter
 from normlab.execute.settle import run_until_settled
 from normlab.report.build import build_report
 from normlab.runs.spec import RunSpec
-from normlab.runs.store import RunStore
+from normlab.runs.store import STUDY_FILE, RunStore, study_record
 from normlab.runs.verify import damaged_runs, verify_store
 from normlab.studies.base import Study, StudyResults, get_study
 from normlab.studies.plan import MAX_ROUNDS, new_follow_ups, plan_study, study_settings, unsettled
@@ -59,9 +59,8 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
                         + "; ".join(d.problem for d in damages if d.run_id == run_id))
 
     def write_plan(run_ids: list[str]) -> None:
-        atomic_write_json(out_dir / "study.json", {
-            "study": study.name, "scale": scale, "data": data,
-            "overrides": dict(overrides or {}), "run_ids": run_ids})
+        atomic_write_json(out_dir / STUDY_FILE,
+                          study_record(study.name, scale, data, overrides or {}, run_ids))
 
     write_plan([s.run_id for s in specs])
     note = duplicate_note(specs)

@@ -8,6 +8,7 @@
     normlab verify DIR
     normlab list [studies|norms|inits|data|probes|tasks|settings]
     normlab bench [NAME ...] [--quick] [--device DEV]
+    normlab export DIR --to tensorboard OUT
 
 Bad input (unknown study, setting or value, a device this machine lacks, an output folder that
 cannot be written) exits with code 2 and one line per problem, all at once, before any run. A
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import normlab
 from normlab.cli.bench import run_benchmarks
+from normlab.cli.export import add_export_parser
 from normlab.cli.listing import study_lines, study_rows
 from normlab.execute.args import (
     add_executor_arguments,
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="each benchmark's fast check")
     bench.add_argument("--device", default=None, help="device passed to each benchmark")
     bench.set_defaults(handler=_bench)
+    add_export_parser(commands, _check_study_folder)
     return parser
 
 
@@ -233,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path("runs") / f"{study.name}-{args.scale}" if args.out is None else Path(args.out)
-    problems = plan_problems(specs, out_dir, args.device)
+    problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run)
     if problems:
         raise ConfigError(problems)
     pack, workers = default_parallelism(args.pack, args.workers, args.device,  # checked
@@ -320,7 +323,8 @@ def _verify(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     _check_study_folder(folder)
     runs = sum(1 for _ in RunStore(folder).run_dirs())
-    print(f"{folder}: {runs} run folder(s), every file sound.")
+    print(f"{folder}: {runs} run folder(s), every file sound." if runs else
+          f"{folder}: no run folder yet (no run of the plan has started), study.json sound.")
     return 0
 
 

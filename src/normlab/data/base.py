@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from normlab.utils.registry import Registry
 
 Loader = Callable[..., "tuple[ArrayDataset, ArrayDataset]"]
 _DATASETS: Registry[Loader] = Registry("data")
+SizeCheck = Callable[..., int]
+_CHECKS: Registry[SizeCheck] = Registry("data check")
 
 
 class DataError(RuntimeError):
@@ -79,6 +81,42 @@ def register_dataset(name: str, *, overwrite: bool = False) -> Callable[[Loader]
     return _DATASETS.register(name, overwrite=overwrite)
 
 
+def register_dataset_check(name: str, *, overwrite: bool = False
+                           ) -> Callable[[SizeCheck], SizeCheck]:
+    """Register `fn(root, present, **options) -> int` for data set `name`: the number of
+    training images `load(name, root, **options)` would return, found without loading them. It
+    takes the loader's options and raises ConfigError for a bad option value; with `present`
+    true it also raises DataError when the data cannot be had (not cached, and not
+    downloadable). `normlab run` calls it before the first run (`check_dataset`), so that these
+    mistakes cost no run.
+    """
+    return _CHECKS.register(name, overwrite=overwrite)
+
+
+def check_dataset(name: str, root: str | os.PathLike | None = None, *, present: bool = True,
+                  **options: Any) -> int | None:
+    """The training split's size of data set `name` with `options`, from its registered check
+    (cheap: no data is loaded); None when the data set registered no check (a plugin's: its
+    options are then checked by name only). ConfigError for an unknown name, option or a bad
+    value; with `present`, DataError when the data cannot be had (for CIFAR-10 not cached and
+    its address not answering: a network request)."""
+    problems = option_problems(name, options)
+    if problems:
+        raise ConfigError(problems)
+    return _CHECKS.get(name)(root, present, **options) if name in _CHECKS else None
+
+
+def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
+    """The options `options` that data set `name`'s loader does not take, one sentence each
+    (ConfigError for an unknown data set)."""
+    loader = _DATASETS.get(name)
+    allowed = [p.name for p in inspect.signature(loader).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [f"The data set {name!r} has no option {key!r}; its options are "
+            f"{', '.join(repr(a) for a in allowed) or 'none'}."
+            for key in sorted(set(options) - set(allowed))]
+
+
 def available() -> list[str]:
     """Names of the registered data sets."""
     return _DATASETS.names()
@@ -92,17 +130,10 @@ def load(name: str, root: str | os.PathLike | None = None,
     ~/.cache/normlab); data sets that need no files ignore it. An unknown name or option raises
     ConfigError listing what is allowed.
     """
-    loader = _DATASETS.get(name)
-    allowed = [p.name for p in inspect.signature(loader).parameters.values()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError([
-            f"The data set {name!r} has no option {key!r}; its options are "
-            f"{', '.join(repr(a) for a in allowed) or 'none'}."
-            for key in unknown
-        ])
-    return loader(root, **options)
+    problems = option_problems(name, options)
+    if problems:
+        raise ConfigError(problems)
+    return _DATASETS.get(name)(root, **options)
 
 
 def cache_dir(root: str | os.PathLike | None) -> Path:

@@ -44,6 +44,7 @@ from normlab.data.base import (
     DataError,
     cache_dir,
     register_dataset,
+    register_dataset_check,
     standardized_pair,
 )
 from normlab.utils.config import ConfigError, check_interval
@@ -55,6 +56,8 @@ _FOLDER = "cifar-10-batches-py"
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCHES = ("test_batch",)
 _KEYS = ("train_x", "train_y", "test_x", "test_y")
+TRAIN_IMAGES = 50000
+REACH_TIMEOUT_S = 10.0  # the plan check's wait for the download address to answer
 
 
 @register_dataset("cifar10")
@@ -68,11 +71,7 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True
     of each split, for quick runs. First call: download (~170 MB), then md5 + parse (~2 s);
     later calls read the cached npz (~1 s).
     """
-    if not (isinstance(md5, str) and re.fullmatch(r"[0-9a-f]{32}", md5)):
-        raise ConfigError(f"The 'md5' setting must be 32 lowercase hex digits; got {md5!r}.")
-    for setting, value in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if value is not None:
-            check_interval(setting, value, 1, kind=int, low_open=False)
+    _check_options(md5, limit_train, limit_test)
     arrays = cifar10_arrays(cache_dir(root), url=url, md5=md5, download=download)
     train_x = torch.from_numpy(arrays["train_x"])
     train = (train_x[:limit_train], torch.from_numpy(arrays["train_y"])[:limit_train])
@@ -80,6 +79,52 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True
             torch.from_numpy(arrays["test_y"])[:limit_test])
     return standardized_pair("cifar10", train, test, num_classes=10, pad=4, flip=True,
                              stats_from=train_x)
+
+
+@register_dataset_check("cifar10")
+def cifar10_train_size(root: str | os.PathLike | None = None, present: bool = True,
+                       *, download: bool = True,
+                       url: str = URL, md5: str = MD5, limit_train: int | None = None,
+                       limit_test: int | None = None) -> int:
+    """The training images `load_cifar10` would return, without loading them; with `present`,
+    DataError when CIFAR-10 is neither cached (the parsed arrays, or an archive with the right
+    md5) nor downloadable: `download=False`, or `url` does not answer within
+    `REACH_TIMEOUT_S`. The runs then download it, the first one that needs it.
+
+    Cost: a stat when cached; an md5 of the archive (~0.3 s) when only it is; one request
+    (its headers, not the file) when nothing is.
+    """
+    _check_options(md5, limit_train, limit_test)
+    folder = cache_dir(root)
+    archive = folder / ARCHIVE
+    if present and not ((folder / f"cifar-10-{md5}.npz").exists() or (
+            archive.exists() and file_md5(archive) == md5)):
+        if not download:
+            raise DataError(f"CIFAR-10 is not in the cache {folder} and download=False. "
+                            f"{_by_hand(url, archive, md5)}")
+        reason = _unreachable(url)
+        if reason:
+            raise DataError(f"CIFAR-10 is not in the cache {folder}, and {url} cannot be "
+                            f"reached to download it ({reason}). {_by_hand(url, archive, md5)}")
+    return min(TRAIN_IMAGES, limit_train or TRAIN_IMAGES)
+
+
+def _check_options(md5: str, limit_train: int | None, limit_test: int | None) -> None:
+    if not (isinstance(md5, str) and re.fullmatch(r"[0-9a-f]{32}", md5)):
+        raise ConfigError(f"The 'md5' setting must be 32 lowercase hex digits; got {md5!r}.")
+    for setting, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if value is not None:
+            check_interval(setting, value, 1, kind=int, low_open=False)
+
+
+def _unreachable(url: str) -> str | None:
+    """Why `url` cannot be opened now (its response headers read, the body left unread), or
+    None when it can."""
+    try:
+        with urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return str(getattr(err, "reason", None) or err)
 
 
 def cifar10_arrays(folder: Path, *, url: str = URL, md5: str = MD5,

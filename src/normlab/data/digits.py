@@ -11,13 +11,22 @@ same class).
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import torch
 
-from normlab.data.base import ArrayDataset, register_dataset, standardized_pair
-from normlab.utils.config import check_interval
+from normlab.data.base import (
+    ArrayDataset,
+    register_dataset,
+    register_dataset_check,
+    standardized_pair,
+)
+from normlab.utils.config import ConfigError, check_interval
+
+IMAGES = 1797  # scikit-learn's load_digits
+CLASSES = 10
 
 
 @register_dataset("digits")
@@ -27,9 +36,7 @@ def load_digits(root: str | os.PathLike | None = None, *, test_fraction: float =
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    check_interval("test_fraction", test_fraction, 0.0, 1.0)
-    check_interval("split_seed", split_seed, 0, 2**32 - 1, kind=int, low_open=False,
-                   high_open=False)
+    digits_train_size(root, test_fraction=test_fraction, split_seed=split_seed)  # the checks
     bunch = sklearn_digits()
     images = (bunch.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
     labels = bunch.target.astype(np.int64)
@@ -41,3 +48,21 @@ def load_digits(root: str | os.PathLike | None = None, *, test_fraction: float =
         (torch.from_numpy(x_test), torch.from_numpy(y_test)),
         num_classes=10, pad=1, flip=False,
     )
+
+
+@register_dataset_check("digits")
+def digits_train_size(root: str | os.PathLike | None = None, present: bool = True,
+                      *, test_fraction: float = 0.25, split_seed: int = 0) -> int:
+    """The training images of `load_digits` with these options, without loading them:
+    scikit-learn's split puts ceil(test_fraction * 1797) images in test. A stratified split
+    needs one image of each of the 10 classes in both splits."""
+    check_interval("test_fraction", test_fraction, 0.0, 1.0)
+    check_interval("split_seed", split_seed, 0, 2**32 - 1, kind=int, low_open=False,
+                   high_open=False)
+    test = math.ceil(test_fraction * IMAGES)
+    if min(test, IMAGES - test) < CLASSES:
+        low, high = CLASSES / IMAGES, (IMAGES - CLASSES) / IMAGES
+        raise ConfigError(f"The 'test_fraction' setting must leave both splits of the {IMAGES} "
+                          f"digits an image of each of the {CLASSES} classes, so lie in about "
+                          f"[{low:.4f}, {high:.4f}]; got {test_fraction!r}.")
+    return IMAGES - test

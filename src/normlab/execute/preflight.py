@@ -3,9 +3,13 @@
 `plan_problems` looks at what `RunSpec` validation cannot see on its own: each task's options
 (the check a task declares with `register_task_check`), the models (each distinct architecture
 is built on PyTorch's "meta" device: no memory, about 0.3 s for a ResNet-110 on a CPU core), the
-devices the runs would use on this machine, and the output folder (a folder, writable, with free
-disk). A plan that passes may still fail at run time (a run can run out of memory), but none of
-the mistakes caught here costs a run.
+data (`data_problems`: each data set's options, its presence in the cache or else whether its
+download address answers, and each batch size against its training split, all without loading
+it), the devices the runs would use on this machine, the lease timings of the environment
+(NORMLAB_LEASE_HEARTBEAT_S, NORMLAB_LEASE_STALE_S) and the output folder (a folder, writable,
+with free disk, every path a run writes of the right kind and within the file system's name and
+path limits). A plan that passes may still fail at run time (a run can run out of memory, a
+download can break off), but none of the mistakes caught here costs a run.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from normlab.data import DataError
+from normlab.data.base import check_dataset
 from normlab.nn import build_model
+from normlab.runs.lease import lease_timing
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import task_problems
 from normlab.utils.config import ConfigError, shown
@@ -29,15 +36,19 @@ _ARCHITECTURE = ("model", "depth", "width", "norm", "norm_options", "norm_placem
 
 
 def plan_problems(specs: Sequence[RunSpec], out_dir: str | Path,
-                  device: str | None = None) -> list[str]:
+                  device: str | None = None, data_present: bool = True) -> list[str]:
     """Every problem of running `specs` into `out_dir` on this machine, one sentence each.
 
-    `device` is the `--device` of the command line (used by runs whose device is "auto").
+    `device` is the `--device` of the command line (used by runs whose device is "auto");
+    `data_present=False` leaves out whether the data is cached or downloadable (a dry run on a
+    machine that will not run the plan).
     """
     distinct = list(dict.fromkeys(specs))
     problems = [p for spec in distinct for p in task_problems(spec)]
     problems += model_problems(distinct)
+    problems += data_problems(distinct, present=data_present)
     problems += device_problems(distinct, device)
+    problems += lease_problems()
     problems += folder_problems(Path(out_dir))
     return list(dict.fromkeys(problems))
 
@@ -77,6 +88,47 @@ def model_problems(specs: Iterable[RunSpec]) -> list[str]:
             problems.append(f"{where}: the model cannot be built ({type(err).__name__}: "
                             f"{shown(str(err), 200)}).")
     return problems
+
+
+def data_problems(specs: Iterable[RunSpec], present: bool = True) -> list[str]:
+    """The problems of each distinct data set and options of the runs (`check_dataset`: a bad
+    option; with `present`, data neither cached nor downloadable), and each `batch_size` larger
+    than its data set's training split (every step draws a full batch). Nothing is loaded: a
+    data set that registered no check has its options checked by name only, and its batch sizes
+    not at all.
+
+    Every run's data is checked, whether or not its task reads the data; the tasks that do not
+    (e.g. "rmt") keep the defaults, which fit.
+    """
+    problems, sizes = [], {}
+    for spec in specs:
+        key = (spec.data, spec.data_options)
+        if key not in sizes:
+            sizes[key] = None
+            options = spec.mapping("data_options")
+            where = f"In runs on data {spec.data!r}" + (
+                f" with data_options {options}" if options else "")
+            try:
+                sizes[key] = check_dataset(spec.data, present=present, **options)
+            except ConfigError as err:
+                problems += [f"{where}: {problem}" for problem in err.problems]
+            except DataError as err:
+                problems.append(f"{where}: {err}")
+        size = sizes[key]
+        if size is not None and spec.batch_size > size:
+            problems.append(f"The 'batch_size' setting must be an int in [1, {size}] (the "
+                            f"training images of {spec.data!r}, each step drawing a full "
+                            f"batch); got {spec.batch_size}.")
+    return problems
+
+
+def lease_problems() -> list[str]:
+    """The lease timings of the environment (runs.lease.lease_timing), read as a run will."""
+    try:
+        lease_timing()
+    except ConfigError as err:
+        return list(err.problems)
+    return []
 
 
 def device_problems(specs: Iterable[RunSpec], device: str | None = None) -> list[str]:
@@ -119,17 +171,25 @@ def device_problem(name: str, source: str) -> str | None:
 
 
 def folder_problems(out_dir: Path, min_free: int | None = None) -> list[str]:
-    """Whether runs can be written into `out_dir`: a folder (or creatable), whose `runs` is a
-    folder, writable (probed by creating and removing an empty file, which also catches
-    read-only and immutable folders, for root too), on a disk with `min_free` bytes free
+    """Whether runs can be written into `out_dir`: a folder (or creatable), every path a study
+    writes in it of the right kind (`WRITTEN`), names within the file system's limits
+    (`name_problems`), writable (probed by creating and removing an empty file, which also
+    catches read-only and immutable folders, for root too), on a disk with `min_free` bytes free
     (default MIN_FREE_BYTES)."""
     min_free = MIN_FREE_BYTES if min_free is None else min_free
     runs = out_dir / "runs"
+    problems = name_problems(out_dir)  # first: a stat of a name too long raises
+    if problems:
+        return problems
     if out_dir.exists() and not out_dir.is_dir():
         return [f"The output folder {out_dir} is a file, not a folder; choose another --out."]
-    if runs.exists() and not runs.is_dir():
-        return [f"{runs} is a file, but the output folder keeps its runs in a folder of that "
-                f"name; move the file away or choose another --out."]
+    for name, folder in WRITTEN.items():
+        path = out_dir / name
+        if path.exists() and path.is_dir() != folder:
+            return [f"{path} is a file, but the output folder keeps its {name} in a folder of "
+                    "that name; move the file away or choose another --out." if folder else
+                    f"{path} is a folder, but the study writes its {name} file there; move the "
+                    "folder away or choose another --out."]
     existing = next((p for p in (runs, out_dir, *out_dir.absolute().parents) if p.exists()),
                     None)
     if existing is None or not existing.is_dir():
@@ -145,3 +205,48 @@ def folder_problems(out_dir: Path, min_free: int | None = None) -> list[str]:
         return [f"The disk of the output folder {out_dir} has {free / 2**20:.1f} MiB free; "
                 f"normlab asks for at least {min_free / 2**20:.0f} MiB before it starts."]
     return []
+
+
+# The paths a study writes in its folder, and whether each is a folder.
+WRITTEN = {"runs": True, "leases": True, ".staging": True, "damaged": True, "figures": True,
+           "study.json": False, "report.html": False}
+# The most characters normlab adds below the folder: .staging/<run id>.<token>.new/ and an
+# atomic write's temporary name (.<name>.<random>.tmp) take about 70; figure files and
+# submitit's logs about 60. Rounded up.
+LONGEST_INSIDE = 128
+
+
+def name_problems(out_dir: Path) -> list[str]:
+    """Names in `out_dir` too long for the file system of its first existing folder: a path
+    component over NAME_MAX bytes, or a folder so deep that the paths of its runs
+    (`LONGEST_INSIDE` more characters) would pass PATH_MAX."""
+    existing = next(p for p in (*out_dir.absolute().parents, Path("/")) if _exists(p))
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    for part in out_dir.absolute().parts:
+        if len(os.fsencode(part)) > name_max:
+            return [f"The output folder {shown(str(out_dir), 80)} has a name of "
+                    f"{len(os.fsencode(part))} bytes ({shown(part, 40)}); this file system "
+                    f"allows at most {name_max}. Choose a shorter --out."]
+    length = len(os.fsencode(str(out_dir.absolute())))
+    if length + LONGEST_INSIDE >= path_max:
+        return [f"The output folder {shown(str(out_dir), 80)} is a path of {length} bytes; the "
+                f"files of its runs would pass this system's limit of {path_max} (they need "
+                f"{LONGEST_INSIDE} more). Choose a shorter --out."]
+    return []
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    """os.pathconf(path, name), or `default` where the system does not say."""
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for a name the system cannot even look up (too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False

@@ -16,7 +16,8 @@ from typing import Any
 from normlab.utils.version import __version__
 
 STATUSES = ("completed", "diverged", "failed")
-FILES_KEY = "files"  # result.json's record of the run's JSON-lines files: {name: {bytes, rows}}
+FILES_KEY = "files"  # result.json's record of the run's JSON-lines files:
+# {name: {bytes, rows, sha256}} (older results hold bytes and rows only, or no record at all)
 DATA_FILES = ("metrics.jsonl", "records.jsonl")
 
 
@@ -131,7 +132,8 @@ def _git_commit() -> str | None:
 
 
 def result_problems(data: Any) -> list[str]:
-    """The fields of a result.json that RunResult would not hold (missing, unknown, wrong type)."""
+    """The fields of a result.json that RunResult would not hold (missing, unknown, wrong type),
+    and the values no run can end with (`value_problems`)."""
     if not isinstance(data, dict):
         return [f"must hold a JSON object; got {type(data).__name__}."]
     number = (int, float)
@@ -144,6 +146,47 @@ def result_problems(data: Any) -> list[str]:
     unknown = sorted(set(data) - set(expected) - {FILES_KEY})
     if unknown:
         problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}.")
+    files = data.get(FILES_KEY, {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        problems.append(f"the field {FILES_KEY!r} must map file names to objects; got "
+                        f"{json.dumps(files)[:60]}.")
+    return problems or value_problems(data)
+
+
+def value_problems(data: Mapping[str, Any]) -> list[str]:
+    """The values of a well-typed result.json that no run can end with: negative `steps`,
+    `wall_time_s` or `diverged_loss`; a `diverged_step` outside [0, steps]; an accuracy in
+    `final` (a name `acc` or ending `_acc`) outside [0, 1] or a loss (`loss`, `*_loss`) below 0;
+    a status its fields contradict ("diverged" without a `diverged_step`, "failed" without an
+    `error`, a `diverged_step` or an `error` on a run of another status)."""
+    problems = []
+    steps, status = data.get("steps", 0), data["status"]
+    for key in ("steps", "wall_time_s", "diverged_loss"):
+        value = data.get(key)
+        if value is not None and value < 0:
+            problems.append(f"the field {key!r} must be >= 0; got {value!r}.")
+    step = data.get("diverged_step")
+    if step is not None and not 0 <= step <= steps:
+        problems.append(f"the field 'diverged_step' must be in [0, steps={steps}]; got {step!r}.")
+    for key, value in data.get("final", {}).items():
+        kind = "acc" if key == "acc" or key.endswith("_acc") else \
+            "loss" if key == "loss" or key.endswith("_loss") else None
+        if kind is None or value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "acc" and not (number and 0 <= value <= 1):
+            problems.append(f"the accuracy 'final.{key}' must be in [0, 1] (or null); "
+                            f"got {json.dumps(value)[:60]}.")
+        elif kind == "loss" and not (number and value >= 0):
+            problems.append(f"the loss 'final.{key}' must be >= 0 (or null); "
+                            f"got {json.dumps(value)[:60]}.")
+    if (status == "diverged") != (step is not None):
+        problems.append(f"the status {status!r} contradicts 'diverged_step' = {step!r}: a run "
+                        "has a diverged_step exactly when it diverged.")
+    if (status == "failed") != (data.get("error") is not None):
+        problems.append(f"the status {status!r} contradicts 'error' = "
+                        f"{json.dumps(data.get('error'))[:60]}: a run has an error exactly when "
+                        "it failed.")
     return problems
 
 

@@ -6,9 +6,13 @@ Layout of `<out>/runs/<run_id>/`:
     metrics.jsonl   per-step and per-epoch metric rows, appended as the run goes
     records.jsonl   tidy probe records (one JSON object a line, each with a "probe" key)
     result.json     the RunResult, written atomically and last: its presence means "done";
-                    it also records the size and line count of the two JSON-lines files
-                    ("files"), so that a file deleted or truncated later is detected
+                    it also records the size, line count and sha256 digest of the two
+                    JSON-lines files ("files"), so that a file deleted, truncated or edited
+                    later is detected
     checkpoint.pt   the state of an unfinished run, written atomically (train/checkpoint.py)
+
+`<out>/study.json` holds the plan (`study_record`: study, scale, data, overrides, run ids) and
+the sha256 digest of those fields, so that a hand edit of the plan is detected.
 
 A run folder without a valid result.json is unfinished; starting the run again resumes it from
 its checkpoint, or else replaces it by a fresh folder. Writers claim a run first (lease.py).
@@ -17,9 +21,10 @@ its checkpoint, or else replaces it by a fresh folder. Writers claim a run first
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,8 @@ from normlab.utils.atomic import _jsonable, atomic_replace_dir, atomic_write_jso
 
 DONE_STATUSES = ("completed", "diverged")
 CHECKPOINT_FILE = "checkpoint.pt"
+STUDY_FILE = "study.json"
+STUDY_DIGEST_KEY = "sha256"  # study.json's digest of its other fields (absent in older folders)
 
 
 class CorruptRecordError(RuntimeError):
@@ -120,15 +127,39 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CorruptRecordError(f"{path}: not valid JSON ({err}).") from err
 
 
-def files_record(run_dir: Path) -> dict[str, dict[str, int]]:
-    """Size in bytes and line count of each JSON-lines file of a run, for its result.json."""
-    out = {}
-    for name in DATA_FILES:
-        path = run_dir / name
-        if path.exists():
-            with open(path, "rb") as handle:
-                out[name] = {"bytes": path.stat().st_size, "rows": sum(1 for _ in handle)}
-    return out
+def files_record(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The fingerprint (`file_fingerprint`) of each JSON-lines file of a run, for its
+    result.json."""
+    return {name: file_fingerprint(run_dir / name) for name in DATA_FILES
+            if (run_dir / name).exists()}
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """Size in bytes, line count (a last line without a newline counts) and sha256 hex digest
+    of a file, from one streamed read."""
+    digest, rows = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            digest.update(line)
+            rows += 1
+        size = handle.tell()
+    return {"bytes": size, "rows": rows, "sha256": digest.hexdigest()}
+
+
+def study_record(study: str, scale: str, data: str | None, overrides: Mapping[str, Any],
+                 run_ids: list[str]) -> dict[str, Any]:
+    """The content of study.json: the plan, and its sha256 digest (`study_digest`)."""
+    record = json.loads(json.dumps({"study": study, "scale": scale, "data": data,
+                                    "overrides": dict(overrides), "run_ids": list(run_ids)},
+                                   default=_jsonable))
+    return {**record, STUDY_DIGEST_KEY: study_digest(record)}
+
+
+def study_digest(record: Mapping[str, Any]) -> str:
+    """sha256 (hex) of study.json's fields but the digest, as canonical JSON (sorted keys)."""
+    text = json.dumps({k: v for k, v in record.items() if k != STUDY_DIGEST_KEY}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_result(path: Path) -> RunResult:
