@@ -205,3 +205,24 @@ def test_contributions_of_torch_layernorm_over_trailing_dims():
     got = per_example_contributions(model, loss_fn, (x, y))
     want = per_example_loss_grads(model, loss_fn, (x, y), method="vjp")
     assert_close({k: v * 5 for k, v in got.items()}, dict(want))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_a_users_full_backward_hook_on_the_first_layer_warns_nothing(chunk_size):
+    """torch warns on each backward through a full backward hook whose module input needs no
+    gradient; the B per-example backwards repeated it B times. The hook still runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+
+    def hook(module, grad_in, grad_out):
+        warnings.warn("the hook's own warning passes", UserWarning, stacklevel=1)
+
+    model[0].register_full_backward_hook(hook)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = per_example_loss_grads(model, torch.nn.CrossEntropyLoss(), (x, y), method="vjp",
+                                     chunk_size=chunk_size)
+    assert caught and {str(w.message) for w in caught} == {"the hook's own warning passes"}
+    assert got.method == "vjp"

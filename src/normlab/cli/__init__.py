@@ -19,21 +19,32 @@ with code 1 and names the file. None prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import normlab
 from normlab.cli.bench import run_benchmarks
 from normlab.cli.export import add_export_parser
-from normlab.execute.args import add_executor_arguments, executor_from_args
+from normlab.cli.listing import study_lines, study_rows
+from normlab.execute.args import (
+    add_executor_arguments,
+    check_executor_arguments,
+    executor_from_args,
+)
 from normlab.runs.spec import RunSpec, settings_help
 from normlab.runs.store import CorruptRecordError, RunStore, read_json
 from normlab.runs.verify import DamagedStoreError, damaged_runs, verify_store
 from normlab.utils.config import ConfigError, check_choice, check_interval
+
+if TYPE_CHECKING:
+    from normlab.execute.state import RunState
 
 LISTS = ("studies", "norms", "inits", "data", "probes", "tasks", "settings")
 
@@ -46,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse has printed its message (or the help)
         return int(exit_.code or 0)
     try:
-        return args.handler(args)
+        with _sigterm_raises():
+            return args.handler(args)
     except ConfigError as err:
         for problem in err.problems:
             print(f"normlab: error: {problem}", file=sys.stderr)
@@ -66,15 +78,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"normlab: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nnormlab: interrupted; run the same command again to resume (finished runs "
-              "are kept).", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        if args.command == "run":
+            print(f"\nnormlab: {how}; finished runs are kept: run the same command again to "
+                  "resume (an unfinished run goes on from its last checkpoint, if it has one).",
+                  file=sys.stderr)
+        else:
+            print(f"\nnormlab: {how}.", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a run stops as on Ctrl-C (its lease released, a
+    process pool shut down), and the command ends with a message and exit code 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated within the block (where signals can be handled: the main
+    thread); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a value that starts with '-' taken as its option's value
+    (`--checkpoint-every -1epochs`, so that the option's own check names what is wrong) and
+    every usage error in one line instead of the whole usage (subparsers are of this class)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        args = list(sys.argv[1:] if args is None else args)
+        # argparse keeps its options in private attributes; only single-value ones are joined.
+        takes_value = {option for action in self._actions if action.nargs is None
+                       for option in action.option_strings}
+        joined: list[str] = []
+        for arg in args:
+            if (joined and joined[-1] in takes_value and arg.startswith("-")
+                    and arg.split("=")[0] not in self._option_string_actions):
+                arg = f"{joined.pop()}={arg}"
+            joined.append(arg)
+        return super().parse_known_args(joined, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the "
+                     "options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="normlab", description="Run, report and inspect normlab studies.")
+    parser = _Parser(prog="normlab", description="Run, report and inspect normlab studies.")
     parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -147,6 +211,7 @@ def _run(args: argparse.Namespace) -> int:
     # imported on use: they import torch (1.3 s), which --help, list and verify do not need
     from normlab.execute.local import LocalExecutor
     from normlab.execute.preflight import duplicate_note, plan_problems
+    from normlab.execute.state import run_states, without_result
     from normlab.execute.throughput import default_parallelism, plan_estimate
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
@@ -163,12 +228,14 @@ def _run(args: argparse.Namespace) -> int:
                                                        low_open=False),
         lambda: args.pack is None or check_interval("--pack", args.pack, 1, kind=int,
                                                     low_open=False),
+        lambda: args.out is None or _check_out(args.out),
+        lambda: check_executor_arguments(args),
         also=lambda: _all_or_problems(
             lambda: check_scale(args.scale),
             lambda: _check_overrides(args, parse_overrides(args.settings))),
     )
     specs = plan_study(study, args.scale, args.data, overrides)
-    out_dir = Path(args.out or Path("runs") / f"{study.name}-{args.scale}")
+    out_dir = Path("runs") / f"{study.name}-{args.scale}" if args.out is None else Path(args.out)
     problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run)
     if problems:
         raise ConfigError(problems)
@@ -201,7 +268,19 @@ def _run(args: argparse.Namespace) -> int:
     if failed:
         print(f"normlab: {failed} run(s) failed (their errors are in the report's run table); "
               "run the same command again to retry them.", file=sys.stderr)
-    return 1 if failed else 0
+    missing = without_result(run_states(out_dir, read_study_file(out_dir)["run_ids"]))
+    if missing:
+        print(f"normlab: {_without_result_line(missing)}; run the same command again to "
+              "resume them.", file=sys.stderr)
+    return 1 if failed or missing else 0
+
+
+def _without_result_line(missing: dict[str, RunState], named: int = 10) -> str:
+    """"2 planned run(s) ended without a result: 3b52b12a3330 (unfinished), ..." (at most
+    `named` runs named; `normlab show` lists every one)."""
+    names = [f"{run_id[:12]} ({state})" for run_id, state in list(missing.items())[:named]]
+    more = f" and {len(missing) - named} more" if len(missing) > named else ""
+    return (f"{len(missing)} planned run(s) ended without a result: {', '.join(names)}{more}")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -215,7 +294,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     # imported on use: they import torch (1.3 s), which --help, list and verify do not need
-    from normlab.execute.state import states_summary
+    from normlab.execute.state import run_states, states_summary
     from normlab.report.columns import in_plan_order
     from normlab.report.terminal import summary_table
     from normlab.studies import StudyResults
@@ -223,13 +302,19 @@ def _show(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     _check_study_folder(folder)
-    results = StudyResults.load(folder)
+    runs = StudyResults.load(folder).runs
     if (folder / "study.json").exists():
-        results = StudyResults(folder, in_plan_order(results.runs,
-                                                     read_study_file(folder).get("run_ids", [])))
-    print(summary_table(results.runs))
-    print(states_summary(folder, read_study_file(folder).get("run_ids", []) if (
-        folder / "study.json").exists() else list(results.runs.get("run_id", []))))
+        run_ids = list(dict.fromkeys(read_study_file(folder).get("run_ids", [])))
+        runs = in_plan_order(runs, run_ids)
+    else:
+        run_ids = list(runs.get("run_id", []))
+    states = run_states(folder, run_ids)
+    if not runs.empty:  # a run without result is "running" while a live writer holds it
+        unfinished = runs["status"] == "unfinished"
+        runs.loc[unfinished, "status"] = [states[run_id].kind
+                                          for run_id in runs.loc[unfinished, "run_id"]]
+    print(summary_table(runs))
+    print(states_summary(states))
     return 0
 
 
@@ -288,13 +373,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _list_studies() -> list[str]:
-    # imported on use: they import torch (1.3 s), which --help, list and verify do not need
-    from normlab.studies import get_study, list_studies
-
-    studies = [get_study(name) for name in list_studies()]
-    width = max((len(s.name) for s in studies), default=0)
-    return [f"{s.name.ljust(width)}  {s.description}"
-            + (f" [{', '.join(s.experiments)}]" if s.experiments else "") for s in studies]
+    return study_lines(study_rows())
 
 
 def _list_settings() -> list[str]:
@@ -358,6 +437,13 @@ def _check_overrides(args: argparse.Namespace, overrides: dict[str, str]) -> Non
         RunSpec().with_overrides(overrides)
         return
     plan_study(study, args.scale, args.data, overrides)
+
+
+def _check_out(out: str) -> None:
+    """An empty --out is refused: it would silently mean the default folder."""
+    if not out.strip():
+        raise ConfigError(f"The '--out' setting must be a folder path; got {out!r} (without "
+                          "--out, the study goes to runs/STUDY-SCALE).")
 
 
 def _check_device(device: str) -> None:

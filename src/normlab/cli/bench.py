@@ -29,16 +29,23 @@ def available(folder: Path) -> list[str]:
 def run_benchmarks(names: Sequence[str] = (), quick: bool = False,
                    device: str | None = None) -> int:
     """Run the named benchmarks (all when none are named); the exit code of the first that
-    fails, else 0."""
+    fails, else 0. Unknown names and a device this machine lacks are refused first."""
     folder = benchmarks_dir()
     if folder is None:
         raise ConfigError("`normlab bench` runs the scripts in benchmarks/ of a source checkout, "
                           "and this normlab is installed without them: clone the repository "
                           "and `pip install -e .` from it.")
     known = available(folder)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError([choice_problem("benchmark", name, known) for name in unknown])
+    problems = [choice_problem("benchmark", name, known) for name in names if name not in known]
+    if device is not None:
+        # imported on use: the device check imports torch (1.3 s), which `bench NAME` without
+        # --device leaves to the benchmark scripts
+        from normlab.execute.preflight import device_problem
+
+        problem = device_problem(device, f"--device {device}")
+        problems += [problem] if problem else []
+    if problems:
+        raise ConfigError(problems)
     flags = (["--quick"] if quick else []) + (["--device", device] if device else [])
     for name in names or known:
         command = [sys.executable, str(folder / f"{name}.py"), *flags]

@@ -6,20 +6,22 @@
     --ray-address ADDRESS, --ray-gpus-per-run G, --ray-cpus-per-run C, --ray-max-retries N
                                                                            (ray.py)
 
-`add_executor_arguments(parser)` adds them; `executor_from_args(args, local)` validates them
-(ConfigError naming each bad setting) and returns the executor.
+`add_executor_arguments(parser)` adds them; `check_executor_arguments(args)` refuses every bad
+one at once (ConfigError naming each setting; a --slurm-* or --ray-* flag given without its
+executor included), before anything runs; `executor_from_args(args, local)` returns the
+executor. Importing this module does not import torch (`normlab --help` stays fast).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
-from normlab.execute.local import Executor
+from normlab.execute.base import Executor
 from normlab.execute.ray import RayExecutor, RayResources, import_ray
 from normlab.execute.slurm import SlurmExecutor, SlurmResources, import_submitit
-from normlab.train.checkpoint import CHECKPOINT_ENV, CheckpointEvery
-from normlab.utils.config import ConfigError, check_choice
+from normlab.utils.config import ConfigError, choice_problem
 
 EXECUTORS = ("local", "slurm", "ray")
 SLURM_FLAGS = {  # flag suffix -> (type, help)
@@ -32,6 +34,13 @@ SLURM_FLAGS = {  # flag suffix -> (type, help)
     "qos": (str, "quality of service"),
     "constraint": (str, "node features, e.g. h100"),
     "array-parallelism": (int, "most runs of the array running at once (default 256)"),
+}
+RAY_FLAGS = {  # flag suffix -> (type, help); the defaults are RayResources'
+    "address": (str, "Ray cluster to join, e.g. 'auto' or ray://head:10001 (default: start a "
+                     "local one)"),
+    "gpus-per-run": (float, "GPU share of each run, e.g. 0.25 (default 0)"),
+    "cpus-per-run": (float, "CPUs of each run (default 1)"),
+    "max-retries": (int, "retries of a run whose worker is lost (default 3)"),
 }
 
 
@@ -47,54 +56,71 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm-config", default=None, metavar="FILE",
                        help="JSON file of SLURM settings (the flag names with underscores); "
                             "flags override it")
-    group.add_argument("--ray-address", default=None,
-                       help="Ray cluster to join, e.g. 'auto' or ray://head:10001 (default: "
-                            "start a local one)")
-    group.add_argument("--ray-gpus-per-run", type=float, default=0.0,
-                       help="GPU share of each run, e.g. 0.25 (default 0)")
-    group.add_argument("--ray-cpus-per-run", type=float, default=1.0,
-                       help="CPUs of each run (default 1)")
-    group.add_argument("--ray-max-retries", type=int, default=3,
-                       help="retries of a run whose worker is lost (default 3)")
+    for flag, (kind, text) in RAY_FLAGS.items():
+        group.add_argument(f"--ray-{flag}", type=kind, default=None, help=text)
 
 
-def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
-    """The executor `args` ask for (`local` for --executor local); sets the checkpoint interval
-    for the runs of this process (NORMLAB_CHECKPOINT_EVERY, inherited by workers and jobs)."""
+def check_executor_arguments(args: argparse.Namespace) -> None:
+    """ConfigError listing every problem of the executor and checkpoint options: an unknown
+    executor, a bad --checkpoint-every, a --slurm-*/--ray-* flag given without its executor, a
+    bad resource, the executor's extra not installed."""
+    # imported on use: normlab.train.checkpoint imports torch (1.3 s), which --help does not need
+    from normlab.train.checkpoint import CheckpointEvery
+
     problems = []
-    try:
-        check_choice("executor", args.executor, EXECUTORS)
-    except ConfigError as err:
-        problems += err.problems
+    if args.executor not in EXECUTORS:
+        problems.append(choice_problem("executor", args.executor, EXECUTORS))
     if args.checkpoint_every is not None:
         try:
             CheckpointEvery.parse(args.checkpoint_every)
         except ConfigError as err:
             problems += err.problems
-    executor = local
-    builders = {"slurm": _slurm_executor, "ray": _ray_executor}
-    if args.executor in builders:
+    for executor in ("slurm", "ray"):
+        given = [f"--{flag}" for flag in _given_flags(args, executor)]
+        if given and args.executor != executor:
+            problems.append(f"The {', '.join(repr(f) for f in given)} option"
+                            f"{'s apply' if len(given) > 1 else ' applies'} only with "
+                            f"'--executor {executor}'; got '--executor {args.executor}'.")
+    if args.executor in ("slurm", "ray"):
         try:
-            executor = builders[args.executor](args)
+            _resources(args)
+            (import_submitit if args.executor == "slurm" else import_ray)()
         except ConfigError as err:
             problems += err.problems
     if problems:
         raise ConfigError(problems)
+
+
+def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
+    """The executor `args` ask for (`local` for --executor local), once
+    `check_executor_arguments` passes; sets the checkpoint interval for the runs of this
+    process (NORMLAB_CHECKPOINT_EVERY, inherited by workers and jobs)."""
+    # imported on use: normlab.train.checkpoint imports torch (1.3 s), which --help does not need
+    from normlab.train.checkpoint import CHECKPOINT_ENV
+
+    check_executor_arguments(args)
     if args.checkpoint_every is not None:
         os.environ[CHECKPOINT_ENV] = args.checkpoint_every
-    return executor
+    if args.executor == "slurm":
+        return SlurmExecutor(_resources(args), job_name=f"normlab-{args.study}")
+    if args.executor == "ray":
+        return RayExecutor(_resources(args))
+    return local
 
 
-def _slurm_executor(args: argparse.Namespace) -> Executor:
-    resources = SlurmResources.from_settings(args.slurm_config, {
-        flag.replace("-", "_"): getattr(args, f"slurm_{flag.replace('-', '_')}")
-        for flag in SLURM_FLAGS})
-    import_submitit()
-    return SlurmExecutor(resources, job_name=f"normlab-{args.study}")
+def _given_flags(args: argparse.Namespace, executor: str) -> list[str]:
+    """The --slurm-* (or --ray-*) flags given on the command line, without the dashes."""
+    flags = [*SLURM_FLAGS, "config"] if executor == "slurm" else list(RAY_FLAGS)
+    return [f"{executor}-{flag}" for flag in flags
+            if getattr(args, f"{executor}_{flag.replace('-', '_')}") is not None]
 
 
-def _ray_executor(args: argparse.Namespace) -> Executor:
-    resources = RayResources(args.ray_address, args.ray_gpus_per_run, args.ray_cpus_per_run,
-                             args.ray_max_retries)
-    import_ray()
-    return RayExecutor(resources)
+def _resources(args: argparse.Namespace) -> Any:
+    """SlurmResources or RayResources from the flags (ConfigError naming each bad one)."""
+    if args.executor == "slurm":
+        return SlurmResources.from_settings(args.slurm_config, {
+            flag.replace("-", "_"): getattr(args, f"slurm_{flag.replace('-', '_')}")
+            for flag in SLURM_FLAGS})
+    values = {flag.replace("-", "_"): getattr(args, f"ray_{flag.replace('-', '_')}")
+              for flag in RAY_FLAGS}
+    return RayResources(**{k: v for k, v in values.items() if v is not None})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from normlab.execute.local import Executor
+from normlab.execute.base import Executor
 from normlab.runs.lease import release_held_leases
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec

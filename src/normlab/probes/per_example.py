@@ -18,8 +18,10 @@ Both take one batch: `probe(model, loss_fn, (x, y), *, ...)`.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -197,12 +199,29 @@ def _vjp_grads(forward, loss_fn, x, y, selected, chunk_size, max_memory):
     parts: list[list[torch.Tensor]] = [[] for _ in names]
     for start in range(0, batch, chunk_size):
         cotangents = eye[start:start + chunk_size]
-        got = torch.autograd.grad(losses, tensors, cotangents, retain_graph=True,
-                                  is_grads_batched=True, allow_unused=True)
+        with _hook_warning_silenced():
+            got = torch.autograd.grad(losses, tensors, cotangents, retain_graph=True,
+                                      is_grads_batched=True, allow_unused=True)
         for i, (g, p) in enumerate(zip(got, tensors, strict=True)):
             parts[i].append(torch.zeros(cotangents.shape[0], *p.shape, dtype=p.dtype,
                                         device=p.device) if g is None else g.detach())
     return {n: torch.cat(chunks) for n, chunks in zip(names, parts, strict=True)}
+
+
+@contextlib.contextmanager
+def _hook_warning_silenced() -> Iterator[None]:
+    """Without torch's UserWarning "Full backward hook is firing when gradients are computed
+    with respect to module outputs since no inputs require gradients", raised on every backward
+    through a user's full backward hook on a module whose input needs no gradient (the first
+    layer: its input is the data). The hook runs as before; only the per-example backwards'
+    repetition of the warning (B per call) is dropped. Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_HOOK_WARNING), category=UserWarning)
+        yield
+
+
+_HOOK_WARNING = ("Full backward hook is firing when gradients are computed with respect to "
+                 "module outputs since no inputs require gradients")
 
 
 def _rows_one_at_a_time(losses: torch.Tensor, tensors: list[torch.Tensor],
@@ -213,8 +232,9 @@ def _rows_one_at_a_time(losses: torch.Tensor, tensors: list[torch.Tensor],
     cotangent = torch.zeros_like(losses)
 
     def step() -> tuple[torch.Tensor | None, ...]:
-        return torch.autograd.grad(losses, tensors, cotangent, retain_graph=True,
-                                   allow_unused=True)
+        with _hook_warning_silenced():
+            return torch.autograd.grad(losses, tensors, cotangent, retain_graph=True,
+                                       allow_unused=True)
 
     out = [torch.zeros(len(losses), *p.shape, dtype=p.dtype, device=p.device) for p in tensors]
     for i in range(len(losses)):
