@@ -234,7 +234,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(fake_dir, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     cases = {
-        ("--to", "wandb"): "The '--to' setting must be one of 'tensorboard', 'mlflow'; got 'wandb'.",
+        ("--to", "wandb"):
+            "The '--to' setting must be one of 'tensorboard', 'mlflow'; got 'wandb'.",
         ("dir", str(tmp_path / "missing")): "is not a study folder: it is not there.",
         ("out", str(a_file)): "is a file, not a folder",
         ("out", str(foreign)): "is not empty and holds no normlab export",
