@@ -309,6 +309,7 @@ def test_export_holds_every_number_of_a_trained_study(server, tmp_path):
     client = MlflowClient(server.uri)
     experiment = client.get_experiment(export.experiment_id)
     assert experiment.name == f"normlab tiny-mlflow (smoke): {study_dir.resolve()}"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     _check_export(client, study_dir, export.experiment_id, export.parent_run_id, tmp_path)
     runs = load_results(study_dir)
     diverged = runs[runs["status"] == "diverged"].iloc[0]

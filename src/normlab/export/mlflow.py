@@ -56,6 +56,8 @@ METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
 
 ROLE_TAG = "normlab.role"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what MLflow's UI opens the experiment as
+MODEL_TRAINING = "custom_model_development"  # the runs table, not MLflow 3's GenAI overview
 RUN_ID_TAG = "normlab.run_id"
 COMPLETE_TAG = "normlab.result_sha256"  # set last: the run was exported whole from this result
 PARENT_TAG = "mlflow.parentRunId"
@@ -313,7 +315,8 @@ class _Exporter:
         if experiment is None:
             return self.client.create_experiment(name, tags={
                 "normlab.study": str(plan["study"]), "normlab.scale": str(plan["scale"]),
-                "normlab.study_dir": str(self.study_dir.resolve())})
+                "normlab.study_dir": str(self.study_dir.resolve()),
+                EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         if experiment.lifecycle_stage != "active":
             raise ConfigError(f"The MLflow experiment {name!r} (id {experiment.experiment_id}) "
                               "is deleted: restore it (`mlflow experiments restore "
