@@ -3,13 +3,16 @@ before anything runs, in one line each."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import fake_study  # noqa: F401 (registers the "fake" task and study)
 from normlab.cli import main
+from normlab.execute.ray import address_problem
 
 REFUSED = {
     "empty out": (["--out", ""], "The '--out' setting must be a folder path; got '' "
@@ -28,6 +31,10 @@ REFUSED = {
         ["--ray-cpus-per-run", "1"],
         "The '--ray-cpus-per-run' option applies only with '--executor ray'; "
         "got '--executor local'."),
+    "ray address, no port": (
+        ["--executor", "ray", "--ray-address", "headnode"],
+        "The '--ray-address' setting must be host:port, ray://host:port or 'auto'; "
+        "got 'headnode'."),
     "ray flags, slurm executor": (
         ["--executor", "slurm", "--ray-address", "auto", "--ray-max-retries", "3"],
         "The '--ray-address', '--ray-max-retries' options apply only with '--executor ray'; "
@@ -45,6 +52,35 @@ def test_refused_before_anything_runs(argv, expected, dry_run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"normlab: error: {expected}" in err.splitlines()
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the default folder
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_a_ray_address_nobody_answers_at_is_refused_within_seconds(dry_run, tmp_path, capsys):
+    address = f"127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    assert main(["run", "fake", "--out", str(tmp_path / "study"), "--executor", "ray",
+                 "--ray-address", address, *dry_run]) == 2
+    assert time.monotonic() - start < 60  # ray.init would have hung for minutes
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"normlab: error: No Ray cluster answers at '--ray-address' "
+                           f"'{address}' within 5 s")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ray_address_that_accepts_a_connection_passes_the_check():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        host, port = server.getsockname()
+        assert address_problem(f"{host}:{port}") is None
+        assert address_problem(f"ray://{host}:{port}") is None
+    assert address_problem(None) is None and address_problem("auto") is None
 
 
 def test_executor_flags_with_their_executor_are_taken(tmp_path, capsys):

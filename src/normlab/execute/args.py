@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from normlab.execute.base import Executor
-from normlab.execute.ray import RayExecutor, RayResources, import_ray
+from normlab.execute.ray import RayExecutor, RayResources, address_problem, import_ray
 from normlab.execute.slurm import SlurmExecutor, SlurmResources, import_submitit
 from normlab.utils.config import ConfigError, choice_problem
 
@@ -87,6 +87,8 @@ def check_executor_arguments(args: argparse.Namespace) -> None:
             (import_submitit if args.executor == "slurm" else import_ray)()
         except ConfigError as err:
             problems += err.problems
+    if args.executor == "ray" and (unreachable := address_problem(args.ray_address)):
+        problems.append(unreachable)
     if problems:
         raise ConfigError(problems)
 

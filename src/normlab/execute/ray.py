@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from normlab.utils.config import ConfigError, interval_problem
 from normlab.utils.optional import import_extra
 
 ENV_PREFIX = "NORMLAB_"
+ADDRESS_TIMEOUT_S = 5.0  # how long the plan check waits for a Ray cluster to accept a connection
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,27 @@ class RayExecutor(Executor):
                           f"the same command again to resume it.", file=sys.stderr)
                     continue
                 yield spec, result
+
+
+def address_problem(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> str | None:
+    """Why `--ray-address` cannot be used, checked before any run: not `host:port` or
+    `ray://host:port`, or nothing accepts a TCP connection there within `timeout_s` (a Ray
+    cluster that is down would otherwise hang `ray.init` for minutes after study.json is
+    written). None for no address or "auto" (Ray then starts or finds a local instance itself).
+    Cost: one connection attempt."""
+    if address is None or address == "auto":
+        return None
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return (f"The '--ray-address' setting must be host:port, ray://host:port or 'auto'; "
+                f"got {address!r}.")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return (f"No Ray cluster answers at '--ray-address' {address!r} within {timeout_s:g} s "
+                f"({reason}): start one (`ray start --head`) or check the address.")
 
 
 def import_ray() -> Any:
