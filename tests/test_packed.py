@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ from normlab.runs.store import RunStore, file_fingerprint, read_jsonl, read_resu
 from normlab.runs.tasks import RunContext, execute_run
 from normlab.runs.verify import verify_store
 from normlab.train import TrainState, list_callbacks, register_callback, train
-from normlab.train.packed import check_packable, execute_pack, train_packed
+from normlab.train.packed import (
+    check_packable,
+    execute_pack,
+    no_batching_rule_warning,
+    train_packed,
+)
 from normlab.utils.config import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -411,3 +417,16 @@ def test_the_defaults_follow_the_device_the_runs_will_use(monkeypatch):
     assert default_parallelism(None, None, None) == (default_pack("cuda"),
                                                      default_workers("cuda"))
     assert default_parallelism(None, None, "cuda:0")[0] == default_pack("cuda")
+
+
+def test_a_batch_renorm_pack_trains_without_torch_s_batching_rule_warning():
+    """BatchRenorm's in-place lerp_ has no vmap batching rule; torch's warning about it (asking
+    users to file a torch issue) must not reach the progress output. Other warnings pass."""
+    specs = [s.replace(steps=2) for s in three_members("batch_renorm")[:2]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with no_batching_rule_warning():
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        run_pack(specs)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["another warning"], messages
