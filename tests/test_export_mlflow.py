@@ -250,11 +250,12 @@ def test_metrics_keep_per_step_and_eval_rows_apart():
             {"step": 2, "epoch": 1.0, "kind": "eval", "test_acc": 0.25, "test_loss": None,
              "finite": True, "note": "x"},
             {"step": 2, "loss": 1.5, "acc": 0.75}]
-    metrics = run_metrics(rows)
-    assert metrics[:2] == [("train/loss", 0, 2.0), ("train/acc", 0, 0.5)]
-    assert metrics[2][:2] == ("eval/test_acc", 2) and metrics[3][:2] == ("eval/test_loss", 2)
-    assert math.isnan(metrics[3][2])
-    assert metrics[4:] == [("train/loss", 2, 1.5), ("train/acc", 2, 0.75)]
+    metrics = {(name, step): value for name, step, value in run_metrics(rows)}
+    assert len(metrics) == len(run_metrics(rows)) == 6
+    assert {k: v for k, v in metrics.items() if k != ("eval/test_loss", 2)} == {
+        ("train/loss", 0): 2.0, ("train/acc", 0): 0.5, ("eval/test_acc", 2): 0.25,
+        ("train/loss", 2): 1.5, ("train/acc", 2): 0.75}
+    assert math.isnan(metrics[("eval/test_loss", 2)])
 
 
 def test_a_bad_uri_and_a_folder_without_a_study_are_refused_together(tmp_path):

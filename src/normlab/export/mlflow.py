@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 
+from normlab.export.series import metric_series
 from normlab.report.terminal import run_labels
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import RunStore, read_json, read_jsonl
@@ -61,7 +62,6 @@ MODEL_TRAINING = "custom_model_development"  # the runs table, not MLflow 3's Ge
 RUN_ID_TAG = "normlab.run_id"
 COMPLETE_TAG = "normlab.result_sha256"  # set last: the run was exported whole from this result
 PARENT_TAG = "mlflow.parentRunId"
-_AXES = ("step", "epoch", "kind")  # the axes of a metric row, not series
 _KEY_CHARACTERS = re.compile(r"[^\w./\- :]")  # what MLflow refuses in a param name
 _MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
 
@@ -163,19 +163,11 @@ def run_params(spec: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 
 
 def run_metrics(rows: list[Mapping[str, Any]]) -> list[tuple[str, int, float]]:
-    """(name, step, value) of every number of metric rows (as metrics.jsonl), in row order:
-    `train/<key>` for per-step rows, `<kind>/<key>` for rows of a kind; null is NaN; step,
-    epoch and kind are axes, booleans and strings no metrics."""
-    out = []
-    for row in rows:
-        prefix = row.get("kind") or "train"
-        for key, value in row.items():
-            if key in _AXES or isinstance(value, (bool, str)):
-                continue
-            if value is None or isinstance(value, (int, float)):
-                out.append((f"{prefix}/{key}", int(row["step"]),
-                            float("nan") if value is None else float(value)))
-    return out
+    """(name, step, value) of every number of metric rows (as metrics.jsonl), named as in
+    TensorBoard (`normlab.export.series.metric_series`: `train/<key>` for per-step rows,
+    `<kind>/<key>` for rows of a kind; null is NaN), series by series."""
+    return [(name, step, value) for name, points in metric_series(rows).items()
+            for step, value in points]
 
 
 def run_tags(row: pd.Series, result: Mapping[str, Any]) -> dict[str, str]:
