@@ -35,12 +35,13 @@ from normlab.runs.tasks import RunContext, execute_run
 from normlab.runs.verify import verify_store
 from normlab.train import TrainState, list_callbacks, register_callback, train
 from normlab.train.packed import (
+    BATCHING_RULE_WARNING,
     check_packable,
     execute_pack,
-    no_batching_rule_warning,
     train_packed,
 )
 from normlab.utils.config import ConfigError
+from normlab.utils.silence import silenced
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -425,7 +426,7 @@ def test_a_batch_renorm_pack_trains_without_torch_s_batching_rule_warning():
     specs = [s.replace(steps=2) for s in three_members("batch_renorm")[:2]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with no_batching_rule_warning():
+        with silenced(BATCHING_RULE_WARNING):
             warnings.warn("another warning", UserWarning, stacklevel=1)
         run_pack(specs)
     messages = [str(w.message) for w in caught]

@@ -18,10 +18,8 @@ Both take one batch: `probe(model, loss_fn, (x, y), *, ...)`.
 
 from __future__ import annotations
 
-import contextlib
-import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +35,7 @@ from normlab.probes._results import RecordsMixin, all_finite, rounding_slack
 from normlab.probes._stateless import Stateless, leaves
 from normlab.train.graphed import cudnn_autotuned, hooks_refusal, on_side_stream
 from normlab.utils.config import ConfigError, check_choice, check_interval
+from normlab.utils.silence import silenced
 
 METHODS = ("auto", "vjp", "vmap")
 LOSS_GRADS = "per_example_loss_grads"
@@ -199,7 +198,7 @@ def _vjp_grads(forward, loss_fn, x, y, selected, chunk_size, max_memory):
     parts: list[list[torch.Tensor]] = [[] for _ in names]
     for start in range(0, batch, chunk_size):
         cotangents = eye[start:start + chunk_size]
-        with _hook_warning_silenced():
+        with silenced(_HOOK_WARNING):
             got = torch.autograd.grad(losses, tensors, cotangents, retain_graph=True,
                                       is_grads_batched=True, allow_unused=True)
         for i, (g, p) in enumerate(zip(got, tensors, strict=True)):
@@ -208,18 +207,9 @@ def _vjp_grads(forward, loss_fn, x, y, selected, chunk_size, max_memory):
     return {n: torch.cat(chunks) for n, chunks in zip(names, parts, strict=True)}
 
 
-@contextlib.contextmanager
-def _hook_warning_silenced() -> Iterator[None]:
-    """Without torch's UserWarning "Full backward hook is firing when gradients are computed
-    with respect to module outputs since no inputs require gradients", raised on every backward
-    through a user's full backward hook on a module whose input needs no gradient (the first
-    layer: its input is the data). The hook runs as before; only the per-example backwards'
-    repetition of the warning (B per call) is dropped. Every other warning passes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=re.escape(_HOOK_WARNING), category=UserWarning)
-        yield
-
-
+# torch's UserWarning raised on every backward through a user's full backward hook on a module
+# whose input needs no gradient (the first layer: its input is the data). The hook runs as
+# before; only the per-example backwards' repetition of the warning (B per call) is dropped.
 _HOOK_WARNING = ("Full backward hook is firing when gradients are computed with respect to "
                  "module outputs since no inputs require gradients")
 
@@ -232,7 +222,7 @@ def _rows_one_at_a_time(losses: torch.Tensor, tensors: list[torch.Tensor],
     cotangent = torch.zeros_like(losses)
 
     def step() -> tuple[torch.Tensor | None, ...]:
-        with _hook_warning_silenced():
+        with silenced(_HOOK_WARNING):
             return torch.autograd.grad(losses, tensors, cotangent, retain_graph=True,
                                        allow_unused=True)
 

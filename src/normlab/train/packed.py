@@ -40,11 +40,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,22 +88,15 @@ from normlab.train.packable import pack_key
 from normlab.train.projection import projected_weights
 from normlab.train.schedules import lr_at
 from normlab.utils.config import ConfigError
+from normlab.utils.silence import silenced
 
 OnDone = Callable[[int, RunResult], None]
+# torch's UserWarning that an op (BatchRenorm's in-place `lerp_` of its running statistics) has
+# no vmap batching rule and runs as a loop over the members: the numbers are the same, only
+# slower, and the warning (which asks users to file a torch issue) would reach the progress
+# display once per pack; silenced around the vmapped calls.
 BATCHING_RULE_WARNING = ("There is a performance drop because we have not yet implemented the "
                          "batching rule")
-
-
-@contextlib.contextmanager
-def no_batching_rule_warning() -> Iterator[None]:
-    """Drop torch's UserWarning that an op (BatchRenorm's in-place `lerp_` of its running
-    statistics) has no vmap batching rule and runs as a loop over the members: the numbers are
-    the same, only slower, and the warning (which asks users to file a torch issue) would reach
-    the progress display once per pack. Every other warning passes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=re.escape(BATCHING_RULE_WARNING),
-                                category=UserWarning)
-        yield
 
 
 @dataclass
@@ -181,7 +172,7 @@ class PackedSGD:
         """One SGD step of every member on its batch x[k], y[k] with lr[k]; returns the (K,)
         mini-batch losses and correct counts measured before the update (train mode)."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        with no_batching_rule_warning():
+        with silenced(BATCHING_RULE_WARNING):
             losses, correct = vmap(self._member_loss)(leaves, self.buffers, x, y)
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
         with torch.no_grad():
@@ -233,7 +224,7 @@ class PackedSGD:
                 # the chunk repeated per member: with an unbatched input and batched weights,
                 # vmap's convolution output has strides group_norm cannot query under vmap
                 x = x.unsqueeze(0).expand(k, *x.shape).contiguous()  # (K, n, C, H, W)
-                with no_batching_rule_warning():
+                with silenced(BATCHING_RULE_WARNING):
                     losses, hits = vmap(member, in_dims=(0, 0, 0, None))(
                         self.params, self.buffers, x, y)
                 loss_sum += losses
