@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -53,13 +54,13 @@ from normlab.studies._lr_sweep_figures import divergence_table
 CURVE = ["group", "norm", "depth"]
 
 
-def main_job(out: Path, settings: list[str], pack: int | None, device: str | None
-             ) -> tuple[float, float]:
+def main_job(out: Path, settings: list[str], pack: int | None, device: str | None,
+             extra: Sequence[str] = ()) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of `normlab run lr-sweep --scale smoke` into `out` (its
-    report included)."""
+    report included), with the options `extra`."""
     command = [sys.executable, "-m", "normlab.cli", "run", "lr-sweep", "--scale", "smoke",
                "--out", str(out), *(["--pack", str(pack)] if pack else []),
-               *(["--device", device] if device else [])]
+               *(["--device", device] if device else []), *extra]
     for setting in settings:
         command += ["--set", setting]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -11,6 +11,8 @@ import matplotlib
 import pytest
 import torch
 
+from mlflow_server import module_server, server  # noqa: F401 (fixtures of the MLflow tests)
+
 matplotlib.use("Agg")
 
 

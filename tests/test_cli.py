@@ -434,7 +434,8 @@ def test_run_exits_1_after_the_summary_when_a_run_failed(tmp_path, capsys):
 def test_bench_names_its_benchmarks_and_says_when_there_are_none(capsys, monkeypatch):
     assert main(["bench", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "'hessian', 'packed', 'per_example', 'startup', 'train_throughput'; got 'nope'" in err
+    assert ("'frontier', 'hessian', 'live_log', 'packed', 'per_example', 'startup', "
+            "'train_throughput'; got 'nope'") in err
     monkeypatch.setattr("normlab.cli.bench.benchmarks_dir", lambda: None)
     assert main(["bench"]) == 2
     assert "runs the scripts in benchmarks/ of a source checkout" in capsys.readouterr().err

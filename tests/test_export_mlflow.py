@@ -8,18 +8,13 @@ each run is read back with `MlflowClient` and compared with the run's own files.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +23,7 @@ import pytest
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 
 import fake_study  # noqa: E402, F401 (registers the "fake" study and its task)
+from mlflow_server import free_port  # noqa: E402
 from normlab.cli import main  # noqa: E402
 from normlab.export.mlflow import (  # noqa: E402
     COMPLETE_TAG,
@@ -44,74 +40,6 @@ from normlab.studies import Study, load_results  # noqa: E402
 from normlab.utils.config import ConfigError  # noqa: E402
 
 MlflowClient = mlflow_tracking.MlflowClient
-
-
-# -- a real server ------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` in its own process group, on one port and one folder across restarts."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 180.0) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.root / "server.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server exited: {log}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer in {timeout_s} s")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        """Kill the server's whole process group (uvicorn runs its workers as children)."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.process = None
-
-
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def server(module_server) -> MlflowServer:
-    """The module's server, running (a test that killed it and failed may have left it dead)."""
-    if not module_server.alive():
-        module_server.start()
-    return module_server
 
 
 # -- study folders ----------------------------------------------------------------------------
@@ -271,17 +199,17 @@ def test_a_damaged_folder_is_refused_before_the_server_is_asked(fake_dir):
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9, "train_loss": 1.0}\n')
     with pytest.raises(DamagedStoreError, match=re.escape("metrics.jsonl")):
-        export_mlflow(fake_dir, f"http://127.0.0.1:{_free_port()}")
+        export_mlflow(fake_dir, f"http://127.0.0.1:{free_port()}")
 
 
 def test_without_mlflow_the_error_names_the_extra(fake_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # as if not installed
     with pytest.raises(ConfigError, match=re.escape("pip install 'normlab[mlflow]'")):
-        export_mlflow(fake_dir, f"http://127.0.0.1:{_free_port()}")
+        export_mlflow(fake_dir, f"http://127.0.0.1:{free_port()}")
 
 
 def test_no_server_at_the_uri_is_an_error_naming_it(fake_dir):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     message = re.escape(f"No MLflow tracking server answers at {uri}")
     with pytest.raises(TrackingServerError, match=message):
@@ -290,7 +218,7 @@ def test_no_server_at_the_uri_is_an_error_naming_it(fake_dir):
 
 
 def test_the_cli_exports_to_mlflow_and_says_when_no_server_answers(fake_dir, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     assert main(["export", str(fake_dir), "--to", "mlflow", uri]) == 1
     assert f"No MLflow tracking server answers at {uri}" in capsys.readouterr().err
     assert main(["export", str(fake_dir), "--to", "mlflow", "localhost:5000"]) == 2

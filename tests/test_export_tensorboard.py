@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
 import fake_study  # noqa: F401 (registers the "fake" study and its task)
+from mlflow_server import free_port
 from normlab.cli import main
 from normlab.export import export_tensorboard
 from normlab.export.series import (
@@ -385,12 +385,6 @@ def test_export_of_a_trained_study_holds_every_number(trained_dir, tmp_path):
         "^sharpness/two_over_lr$"]}  # activation_stats is per layer and channel: no chart
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -403,7 +397,7 @@ def test_a_tensorboard_server_shows_the_scalars_the_hparams_and_the_figures(fake
     what the dashboards read, not only what the event files hold."""
     out = tmp_path / "tb"
     export_tensorboard(fake_dir, out)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(out),
                                "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -71,3 +71,19 @@ def test_a_worker_killed_mid_study_has_its_run_retried_and_every_run_done_once(t
         assert (result["provenance"]["torch_num_threads"],
                 result["provenance"]["omp_num_threads"]) == (1, "1")
         assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 6))
+
+
+@pytest.mark.slow
+def test_each_ray_worker_streams_its_runs_to_tensorboard(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'normlab[ray]'")
+    pytest.importorskip("tensorboard")
+    from test_live_log import check_live_tensorboard, run_live
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}})
+    try:
+        live = run_live(RayExecutor(), fake_grid.FakeGridStudy(), tmp_path / "study",
+                        [f"tensorboard:{tmp_path / 'tb'}"])
+    finally:
+        ray.shutdown()
+    check_live_tensorboard(tmp_path / "study", live.targets[0])

@@ -17,7 +17,7 @@ import pytest
 
 import fake_grid
 from normlab.cli import main
-from normlab.execute.slurm import SlurmResources
+from normlab.execute.slurm import SlurmExecutor, SlurmResources
 from normlab.runs.store import read_json, read_jsonl
 from normlab.utils.config import ConfigError
 
@@ -160,3 +160,15 @@ def test_a_signalled_task_is_requeued_and_its_run_done_once(tmp_path):
 def squeue_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
                           text=True).stdout
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_each_slurm_task_streams_its_run_to_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from test_live_log import check_live_tensorboard, run_live
+
+    monkeypatch.setenv("PYTHONPATH", TESTS)  # the tasks import the fake study from there
+    live = run_live(SlurmExecutor(poll_s=0.5), fake_grid.FakeGridStudy(), tmp_path / "study",
+                    [f"tensorboard:{tmp_path / 'tb'}"])
+    check_live_tensorboard(tmp_path / "study", live.targets[0])

@@ -8,7 +8,7 @@ plans the same runs again and skips the finished ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from normlab.execute.local import LocalExecutor
 from normlab.execute.preflight import duplicate_note, plan_problems
 from normlab.execute.progress import ProgressReporter
 from normlab.execute.settle import run_until_settled
+from normlab.export.live import live_log, log_to_problems
 from normlab.report.build import build_report
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import STUDY_FILE, RunStore, study_record
@@ -30,7 +31,8 @@ from normlab.utils.config import ConfigError
 def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
               data: str | None = None, overrides: Mapping[str, Any] | None = None,
               executor: Executor | None = None, progress: ProgressReporter | None = None,
-              report: bool = True, preflight: bool = True) -> StudyResults:
+              report: bool = True, preflight: bool = True,
+              log_to: Sequence[str] = ()) -> StudyResults:
     """Run every unfinished run of `study` into `out_dir`, then write the report.
 
     Before any run: the whole plan is checked (`normlab.execute.preflight`; skip with
@@ -41,13 +43,16 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     execute.settle.run_until_settled). Then the study's follow-ups (`Study.follow_ups`) run in
     further rounds until none is new; study.json lists every run planned so far. A run that
     ends "failed" is not retried within the call. Returns the study's results.
+
+    `log_to` ("tensorboard:DIR", "mlflow:URI"; normlab.export.live) streams the runs to those
+    tools as they run, from wherever they execute, and exports the study into them at the end.
     """
     study = get_study(study) if isinstance(study, str) else study
     out_dir = Path(out_dir)
     specs = plan_study(study, scale, data, overrides)
     settings, _ = study_settings(study, overrides)
     if preflight:
-        problems = plan_problems(specs, out_dir)
+        problems = plan_problems(specs, out_dir) + log_to_problems(log_to, out_dir)
         if problems:
             raise ConfigError(problems)
     progress = progress or ProgressReporter()
@@ -63,6 +68,7 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
                           study_record(study.name, scale, data, overrides or {}, run_ids))
 
     write_plan([s.run_id for s in specs])
+    live = live_log(log_to, out_dir) if log_to else None
     note = duplicate_note(specs)
     if note:
         progress.notice(note)
@@ -74,7 +80,9 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
         todo = [s for s in planned if not store.is_done(s)]
         progress.study_start(study.name, planned, todo)
         for round_ in range(2, MAX_ROUNDS + 2):
-            run_until_settled(executor, todo, store, progress)
+            if live is not None:
+                live.plan(planned)
+            run_until_settled(executor, todo, store, progress, live=live)
             tried.update(todo)
             new = new_follow_ups(study, planned, StudyResults.load(out_dir), scale, settings)
             if not new:
@@ -95,4 +103,7 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     results = StudyResults.load(out_dir).subset([s.run_id for s in planned])
     if report:
         build_report(out_dir)
+    if live is not None:
+        for line in live.finish(out_dir):
+            progress.notice(line)
     return results

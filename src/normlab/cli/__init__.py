@@ -3,6 +3,7 @@
     normlab run STUDY [--scale smoke|reduced|paper] [--data NAME] [--set key=value ...]
                       [--out DIR] [--device DEV] [--workers N] [--pack K] [--dry-run]
                       [--executor local|slurm|ray] [--checkpoint-every EVERY] [--slurm-...]
+                      [--log-to tensorboard:DIR|mlflow:URI ...]
     normlab report DIR
     normlab show DIR
     normlab verify DIR
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pack", type=int, default=None, metavar="K",
                      help="train up to K compatible runs as one computation (1: off; default: "
                           "the measured best for the device, see docs/cli.md)")
+    run.add_argument("--log-to", dest="log_to", action="append", default=[],
+                     metavar="TOOL:WHERE",
+                     help="stream the runs to tensorboard:DIR or mlflow:URI while they run, "
+                          "and export the study there at the end (repeatable; "
+                          "docs/tracking.md)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the planned runs and how many are done; run nothing")
     add_executor_arguments(run)
@@ -213,6 +219,7 @@ def _run(args: argparse.Namespace) -> int:
     from normlab.execute.preflight import duplicate_note, plan_problems
     from normlab.execute.state import run_states, without_result
     from normlab.execute.throughput import default_parallelism, plan_estimate
+    from normlab.export.live import log_to_problems
     from normlab.report.columns import in_plan_order, plan_table
     from normlab.report.terminal import TerminalProgress, plan_summary, summary_table
     from normlab.runner import run_study
@@ -236,7 +243,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     specs = plan_study(study, args.scale, args.data, overrides)
     out_dir = Path("runs") / f"{study.name}-{args.scale}" if args.out is None else Path(args.out)
-    problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run)
+    problems = plan_problems(specs, out_dir, args.device, data_present=not args.dry_run) \
+        + log_to_problems(args.log_to, out_dir)
     if problems:
         raise ConfigError(problems)
     pack, workers = default_parallelism(args.pack, args.workers, args.device,  # checked
@@ -261,7 +269,8 @@ def _run(args: argparse.Namespace) -> int:
     executor = executor_from_args(
         args, LocalExecutor(workers, _pool_devices(workers, args.device), pack=pack))
     results = run_study(study, out_dir, args.scale, args.data, overrides, executor=executor,
-                        progress=TerminalProgress(sys.stderr), preflight=False)
+                        progress=TerminalProgress(sys.stderr), preflight=False,
+                        log_to=args.log_to)
     print(summary_table(in_plan_order(results.runs, read_study_file(out_dir)["run_ids"])))
     print(f"\nreport: {out_dir / 'report.html'}")
     failed = int((results.runs["status"] == "failed").sum()) if "status" in results.runs else 0

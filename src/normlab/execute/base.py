@@ -1,7 +1,8 @@
 """Executors: how a list of RunSpecs gets run. Studies never know which one is used.
 
 An executor maps `execute_run` over specs and yields (spec, result) as runs finish (result None:
-another writer holds the run, see runs/lease.py). `local`, `slurm` and `ray` implement it.
+another writer holds the run, see runs/lease.py). `local`, `slurm` and `ray` implement it. A
+`live` log (normlab.runs.live) goes with the runs to where they execute.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from normlab.runs.live import LiveLog
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import ProgressFn
@@ -20,5 +22,6 @@ class Executor(ABC):
 
     @abstractmethod
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
+            on_progress: ProgressFn | None = None, live: LiveLog | None = None
+            ) -> Iterator[tuple[RunSpec, RunResult | None]]:
         ...

@@ -13,6 +13,7 @@ from pathlib import Path
 from normlab.execute.base import Executor
 from normlab.execute.packing import execute_group, pack_specs
 from normlab.execute.pool import die_with_parent, stopped_on_error
+from normlab.runs.live import LiveLog
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import ProgressFn, get_task
@@ -35,12 +36,13 @@ class LocalExecutor(Executor):
         self.pack = pack  # runs trained together as one computation (normlab.execute.packing)
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None
+            on_progress: ProgressFn | None = None, live: LiveLog | None = None
             ) -> Iterator[tuple[RunSpec, RunResult | None]]:
         groups = pack_specs(specs, self.pack)  # one spec each when pack == 1
         if self.workers == 1:
             for group in groups:
-                yield from zip(group, execute_group(group, out_dir, on_progress), strict=True)
+                yield from zip(group, execute_group(group, out_dir, on_progress, live),
+                                     strict=True)
             return
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent,
@@ -51,13 +53,14 @@ class LocalExecutor(Executor):
                 if self.devices and group[0].device == "auto":
                     device = self.devices[i % len(self.devices)]
                 task_module = get_task(group[0].task).__module__
-                pending[pool.submit(_execute_on, group, str(out_dir), device, task_module)] = group
+                pending[pool.submit(_execute_on, group, str(out_dir), device, task_module,
+                                      live)] = group
             for done in futures.as_completed(pending):
                 yield from zip(pending[done], done.result(), strict=True)
 
 
 def _execute_on(group: list[RunSpec], out_dir: str, device: str | None,
-                task_module: str) -> list[RunResult | None]:
+                task_module: str, live: LiveLog | None) -> list[RunResult | None]:
     """Run a group of specs (one, or a pack) in a worker, with "auto" meaning `device` when one
     is given (None for a run another writer holds).
 
@@ -69,4 +72,4 @@ def _execute_on(group: list[RunSpec], out_dir: str, device: str | None,
     importlib.import_module(task_module)
     if device is not None:
         os.environ["NORMLAB_DEVICE"] = device
-    return execute_group(group, out_dir)
+    return execute_group(group, out_dir, live=live)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.runs.live import LiveLog
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import ProgressFn, execute_run
@@ -53,9 +54,11 @@ def pack_specs(specs: Sequence[RunSpec], k: int) -> list[list[RunSpec]]:
 
 
 def execute_group(specs: Sequence[RunSpec], out_dir: str | Path,
-                  on_progress: ProgressFn | None = None) -> list[RunResult | None]:
+                  on_progress: ProgressFn | None = None,
+                  live: LiveLog | None = None) -> list[RunResult | None]:
     """A group from `pack_specs` into the store at `out_dir`: one spec runs alone
-    (`execute_run`), several as a pack (`normlab.train.packed.execute_pack`)."""
+    (`execute_run`), several as a pack (`normlab.train.packed.execute_pack`); with `live`,
+    the runs stream to a tracking tool (normlab.runs.live)."""
     if len(specs) == 1:
-        return [execute_run(specs[0], out_dir, on_progress)]
-    return execute_pack(specs, out_dir, on_progress)
+        return [execute_run(specs[0], out_dir, on_progress, live)]
+    return execute_pack(specs, out_dir, on_progress, live)

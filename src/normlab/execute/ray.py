@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.execute.base import Executor
+from normlab.runs.live import LiveLog
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import ProgressFn, execute_run, get_task
@@ -51,11 +52,14 @@ class RayResources:
 
 
 def _run_in_ray(spec: RunSpec, out_dir: str, task_modules: Sequence[str],
-                environment: Mapping[str, str]) -> RunResult | None:
+                environment: Mapping[str, str], live: LiveLog | None) -> RunResult | None:
     os.environ.update(environment)
     for module in task_modules:
         importlib.import_module(module)
-    return execute_run(spec, out_dir)
+    result = execute_run(spec, out_dir, live=live)
+    if live is not None:
+        live.wait()
+    return result
 
 
 class RayExecutor(Executor):
@@ -65,7 +69,8 @@ class RayExecutor(Executor):
         self.resources = resources or RayResources()
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
+            on_progress: ProgressFn | None = None, live: LiveLog | None = None
+            ) -> Iterator[tuple[RunSpec, RunResult | None]]:
         if not specs:
             return
         ray = import_ray()
@@ -78,7 +83,8 @@ class RayExecutor(Executor):
                           num_cpus=self.resources.cpus_per_run,
                           max_retries=self.resources.max_retries)(_run_in_ray)
         modules = sorted({get_task(spec.task).__module__ for spec in specs})
-        pending = {task.remote(spec, str(out_dir), modules, environment): spec for spec in specs}
+        pending = {task.remote(spec, str(out_dir), modules, environment,
+                                   live): spec for spec in specs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from normlab.execute.base import Executor
 from normlab.execute.progress import ProgressReporter
 from normlab.runs.lease import current_owner, lease_timing
+from normlab.runs.live import LiveLog
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import RunStore
 
 
 def run_until_settled(executor: Executor, specs: Sequence[RunSpec], store: RunStore,
-                      progress: ProgressReporter, poll_s: float | None = None) -> None:
+                      progress: ProgressReporter, poll_s: float | None = None,
+                      live: LiveLog | None = None) -> None:
     """Run `specs` through `executor`, then wait for (or take over) those other writers hold.
 
     Only runs nobody holds are handed to the executor. A run this process executed is not
@@ -29,7 +31,9 @@ def run_until_settled(executor: Executor, specs: Sequence[RunSpec], store: RunSt
     while todo:
         free = [s for s in todo if current_owner(store.root, s.run_id) is None]
         elsewhere = [s for s in todo if s not in free]
-        for spec, result in executor.run(free, store.root, progress.run_progress):
+        # `live` only when given: an executor written before it existed still works without
+        for spec, result in executor.run(free, store.root, progress.run_progress,
+                                         **({"live": live} if live is not None else {})):
             if result is None:
                 elsewhere.append(spec)
             else:

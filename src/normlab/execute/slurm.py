@@ -28,6 +28,7 @@ from typing import Any
 
 from normlab.execute.base import Executor
 from normlab.runs.lease import release_held_leases
+from normlab.runs.live import LiveLog
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.tasks import ProgressFn, execute_run, get_task
@@ -107,16 +108,20 @@ class SlurmRun:
     """What each array task calls: one spec into the store; checkpointable for submitit."""
 
     def __init__(self, out_dir: Path, task_modules: Sequence[str],
-                 environment: Mapping[str, str]) -> None:
+                 environment: Mapping[str, str], live: LiveLog | None = None) -> None:
         self.out_dir = str(out_dir)
         self.task_modules = list(task_modules)
         self.environment = dict(environment)
+        self.live = live
 
     def __call__(self, spec: RunSpec) -> RunResult | None:
         os.environ.update(self.environment)
         for module in self.task_modules:
             importlib.import_module(module)
-        return execute_run(spec, self.out_dir)
+        result = execute_run(spec, self.out_dir, live=self.live)
+        if self.live is not None:
+            self.live.wait()
+        return result
 
     def checkpoint(self, spec: RunSpec) -> Any:
         """On preemption or time-out: free the run for the requeued task, which resumes it."""
@@ -138,7 +143,8 @@ class SlurmExecutor(Executor):
         self.job_name = job_name
 
     def run(self, specs: Sequence[RunSpec], out_dir: Path,
-            on_progress: ProgressFn | None = None) -> Iterator[tuple[RunSpec, RunResult | None]]:
+            on_progress: ProgressFn | None = None, live: LiveLog | None = None
+            ) -> Iterator[tuple[RunSpec, RunResult | None]]:
         if not specs:
             return
         submitit = import_submitit()
@@ -148,7 +154,7 @@ class SlurmExecutor(Executor):
         modules = sorted({get_task(spec.task).__module__ for spec in specs})
         environment = {k: v for k, v in os.environ.items()
                        if k.startswith(ENV_PREFIX) or k == "PYTHONPATH"}
-        jobs = executor.map_array(SlurmRun(out_dir, modules, environment), list(specs))
+        jobs = executor.map_array(SlurmRun(out_dir, modules, environment, live), list(specs))
         record_submission(out_dir, {spec.run_id: job.job_id
                                     for spec, job in zip(specs, jobs, strict=True)})
         print(f"normlab: submitted {len(jobs)} runs as SLURM array job "

@@ -19,9 +19,11 @@ after the fact (docs/tracking.md).
 
 Exporting again never duplicates a run. Each nested run carries the hash of its result.json
 (`normlab.result_sha256`), set last, once everything else is written: a run exported whole
-from the same result is left alone; a run without it (an export cut short) or with another
-(the run was redone) is deleted and written again; a run the folder no longer holds finished
-is deleted. Unfinished runs are left out until they finish. normlab's own folder is only read.
+from the same result is kept, with only the tags its study changed since set again (the
+p(diverge) and edge of its point, the parent); a run without it (an export cut short) or with
+another (the run was redone) is deleted and written again; a run the folder no longer holds
+finished is deleted. Unfinished runs are left out until they finish. normlab's own folder is
+only read.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,7 @@ RUN_ID_TAG = "normlab.run_id"
 COMPLETE_TAG = "normlab.result_sha256"  # set last: the run was exported whole from this result
 PARENT_TAG = "mlflow.parentRunId"
 _KEY_CHARACTERS = re.compile(r"[^\w./\- :]")  # what MLflow refuses in a param name
-_MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
 
 
 class TrackingServerError(ConnectionError):
@@ -127,10 +130,10 @@ def export_mlflow(study_dir: str | Path, tracking_uri: str,
     entities = import_extra("mlflow.entities", "mlflow", setting="--to")
     exceptions = import_extra("mlflow.exceptions", "mlflow", setting="--to")
     requests = import_extra("requests", "mlflow", setting="--to")  # mlflow's HTTP client
-    _check_server(tracking_uri, timeout_s)
-    exporter = _Exporter(tracking.MlflowClient(tracking_uri=tracking_uri), entities, study_dir)
+    check_server(tracking_uri, timeout_s)
+    exporter = Exporter(tracking.MlflowClient(tracking_uri=tracking_uri), entities, study_dir)
     try:
-        with _http_settings(timeout_s):
+        with http_settings(timeout_s):
             return exporter.export(plan, runs, tracking_uri)
     except (exceptions.MlflowException, requests.RequestException) as err:
         raise TrackingServerError(
@@ -170,7 +173,7 @@ def run_metrics(rows: list[Mapping[str, Any]]) -> list[tuple[str, int, float]]:
             for step, value in points]
 
 
-def run_tags(row: pd.Series, result: Mapping[str, Any]) -> dict[str, str]:
+def run_tags(row: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, str]:
     """The tags of a run's MLflow run, from its row of `load_results` and its result.json."""
     tags = {ROLE_TAG: "run", RUN_ID_TAG: str(row["run_id"]), "normlab.status": row["status"],
             "normlab.version": str(result.get("provenance", {}).get("normlab_version", ""))}
@@ -215,7 +218,7 @@ def _checked_study(study_dir: Path, tracking_uri: str) -> dict[str, Any]:
     return read_json(study_dir / "study.json")
 
 
-def _check_server(tracking_uri: str, timeout_s: float) -> None:
+def check_server(tracking_uri: str, timeout_s: float) -> None:
     """TrackingServerError naming `tracking_uri` when nothing answers there within `timeout_s`.
 
     Any HTTP answer counts (a server that wants a login answers 401: MLflow's client sends the
@@ -234,7 +237,7 @@ def _check_server(tracking_uri: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def _http_settings(timeout_s: float) -> Iterator[None]:
+def http_settings(timeout_s: float) -> Iterator[None]:
     """MLflow's request timeout and retries for the export (its defaults retry a lost server for
     minutes), and no "View run" line printed per run, unless the environment sets them; the
     environment is restored after."""
@@ -251,7 +254,7 @@ def _http_settings(timeout_s: float) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -260,7 +263,63 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start:start + size]
 
 
-class _Exporter:
+def create_run(client: Any, entities: Any, experiment_id: str, parent: str | None,
+               spec: Mapping[str, Any], label: str, tags: Mapping[str, str],
+               start_ms: int) -> tuple[str, list[str]]:
+    """A new MLflow run of one normlab run (nested under `parent` when given), with its spec as
+    params; its MLflow id and the params cut to MLflow's limit."""
+    params, cut = run_params(spec)
+    tags = dict(tags)
+    if cut:
+        tags["normlab.truncated_params"] = ",".join(cut)[:TAG_VALUE_LIMIT]
+    if parent is not None:
+        tags[PARENT_TAG] = parent
+    mlflow_id = client.create_run(experiment_id, start_time=start_ms, run_name=label,
+                                  tags=tags).info.run_id
+    for chunk in _chunks(list(params.items()), PARAMS_PER_BATCH):
+        client.log_batch(mlflow_id, params=[entities.Param(k, v) for k, v in chunk])
+    return mlflow_id, cut
+
+
+def log_metrics(client: Any, entities: Any, mlflow_id: str,
+                metrics: list[tuple[str, int, float]], timestamp_ms: int) -> None:
+    """(name, step, value) metrics (`run_metrics`) into the MLflow run, in batches."""
+    for chunk in _chunks(metrics, METRICS_PER_BATCH):
+        client.log_batch(mlflow_id, metrics=[
+            entities.Metric(key, value, timestamp_ms, step) for key, step, value in chunk])
+
+
+def finish_run(client: Any, entities: Any, mlflow_id: str, run_dir: Path,
+               result: Mapping[str, Any], last_step: int, end_ms: int, digest: str,
+               tags: Mapping[str, str] | None = None) -> None:
+    """End the MLflow run of a finished normlab run (`finish_steps`, one after the other)."""
+    for step in finish_steps(client, entities, mlflow_id, run_dir, result, last_step, end_ms,
+                             digest, tags):
+        step()
+
+
+def finish_steps(client: Any, entities: Any, mlflow_id: str, run_dir: Path,
+                 result: Mapping[str, Any], last_step: int, end_ms: int, digest: str,
+                 tags: Mapping[str, str] | None = None,
+                 metrics: Sequence[tuple[str, int, float]] = ()) -> list[Callable[[], None]]:
+    """The requests that end the MLflow run of a finished normlab run, in order: `metrics` not
+    sent yet with its final metrics (`final/<key>` at `last_step`); the run folder's files as
+    artifacts; its status; and last `tags` with the complete tag (`digest`, the sha256 of
+    result.json), which says it is there whole. Each is done once even when a later one fails
+    and is tried again."""
+    final = [(f"final/{key}", last_step, float(value))
+             for key, value in result.get("final", {}).items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    tags = {**(tags or {}), COMPLETE_TAG: digest}
+    return [partial(log_metrics, client, entities, mlflow_id, [*metrics, *final], end_ms),
+            partial(client.log_artifacts, mlflow_id, str(run_dir)),
+            partial(client.set_terminated, mlflow_id, MLFLOW_STATUS[result["status"]],
+                    end_time=end_ms),
+            partial(client.log_batch, mlflow_id,
+                    tags=[entities.RunTag(k, v) for k, v in tags.items()])]
+
+
+class Exporter:
     """The requests of one export, through one MlflowClient."""
 
     def __init__(self, client: Any, entities: Any, study_dir: Path) -> None:
@@ -273,8 +332,8 @@ class _Exporter:
     def export(self, plan: Mapping[str, Any], runs: pd.DataFrame,
                tracking_uri: str) -> MlflowExport:
         name = experiment_name(plan, self.study_dir)
-        experiment_id = self._experiment(name, plan)
-        parent = self._parent_run(experiment_id, plan)
+        experiment_id = self.experiment(name, plan)
+        parent = self.parent_run(experiment_id, plan)
         finished = runs[runs["status"] != "unfinished"]
         exported = self._exported_runs(experiment_id)
         labels = run_labels([RunSpec.from_dict(read_json(self.store.runs_dir / r / "spec.json"))
@@ -282,9 +341,10 @@ class _Exporter:
         created, replaced, unchanged, truncated = [], [], [], set()
         for _, row in finished.iterrows():
             run_id = str(row["run_id"])
-            digest = _sha256(self.store.runs_dir / run_id / "result.json")
+            digest = sha256_of(self.store.runs_dir / run_id / "result.json")
             earlier = exported.pop(run_id, [])
             if len(earlier) == 1 and earlier[0].data.tags.get(COMPLETE_TAG) == digest:
+                self._update_tags(earlier[0], row, parent)
                 unchanged.append(run_id)
             else:
                 for run in earlier:
@@ -302,7 +362,7 @@ class _Exporter:
                             tuple(runs.loc[runs["status"] == "unfinished", "run_id"]),
                             tuple(sorted(truncated)), report)
 
-    def _experiment(self, name: str, plan: Mapping[str, Any]) -> str:
+    def experiment(self, name: str, plan: Mapping[str, Any]) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             return self.client.create_experiment(name, tags={
@@ -316,20 +376,22 @@ class _Exporter:
                               "good (`mlflow gc`) before exporting again.")
         return experiment.experiment_id
 
-    def _search(self, experiment_id: str, role: str) -> list[Any]:
-        """Every active run of the experiment with tag normlab.role = `role`, page by page."""
+    def search(self, experiment_id: str, role: str, where: str = "") -> list[Any]:
+        """Every active run of the experiment with tag normlab.role = `role` (and the filter
+        `where`, e.g. on the run id tag), page by page."""
+        query = f"tags.`{ROLE_TAG}` = '{role}'" + (f" and {where}" if where else "")
         found, token = [], None
         while True:
-            page = self.client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = '{role}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs([experiment_id], query, max_results=1000,
+                                           page_token=token)
             found += list(page)
             token = page.token
             if not token:
                 return found
 
-    def _parent_run(self, experiment_id: str, plan: Mapping[str, Any]) -> str:
+    def parent_run(self, experiment_id: str, plan: Mapping[str, Any]) -> str:
         """The study's run: found by its role tag, else created."""
-        earlier = self._search(experiment_id, "study")
+        earlier = self.search(experiment_id, "study")
         if earlier:
             return earlier[0].info.run_id
         tags = {ROLE_TAG: "study", "normlab.study": str(plan["study"]),
@@ -342,7 +404,7 @@ class _Exporter:
     def _exported_runs(self, experiment_id: str) -> dict[str, list[Any]]:
         """normlab run id -> its MLflow runs in the experiment (one, unless an export raced)."""
         by_id: dict[str, list[Any]] = {}
-        for run in self._search(experiment_id, "run"):
+        for run in self.search(experiment_id, "run"):
             by_id.setdefault(run.data.tags.get(RUN_ID_TAG, ""), []).append(run)
         return by_id
 
@@ -353,28 +415,25 @@ class _Exporter:
         result = read_json(run_dir / "result.json")
         start_ms = int((run_dir / "spec.json").stat().st_mtime * 1000)
         end_ms = int((run_dir / "result.json").stat().st_mtime * 1000)
-        tags = run_tags(row, result)
-        params, cut = run_params(read_json(run_dir / "spec.json"))
-        if cut:
-            tags["normlab.truncated_params"] = ",".join(cut)[:TAG_VALUE_LIMIT]
-        run = self.client.create_run(experiment_id, start_time=start_ms, run_name=label,
-                                     tags={**tags, PARENT_TAG: parent})
-        mlflow_id = run.info.run_id
-        metrics = run_metrics(read_jsonl(run_dir / "metrics.jsonl"))
+        mlflow_id, cut = create_run(self.client, self.entities, experiment_id, parent,
+                                    read_json(run_dir / "spec.json"), label,
+                                    run_tags(row, result), start_ms)
+        log_metrics(self.client, self.entities, mlflow_id,
+                    run_metrics(read_jsonl(run_dir / "metrics.jsonl")), start_ms)
         last_step = int(row["steps_done"]) if not pd.isna(row["steps_done"]) else 0
-        metrics += [(f"final/{key}", last_step, float(value))
-                    for key, value in result.get("final", {}).items()
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)]
-        entities = self.entities
-        for chunk in _chunks(list(params.items()), PARAMS_PER_BATCH):
-            self.client.log_batch(mlflow_id, params=[entities.Param(k, v) for k, v in chunk])
-        for chunk in _chunks(metrics, METRICS_PER_BATCH):
-            self.client.log_batch(mlflow_id, metrics=[
-                entities.Metric(key, value, start_ms, step) for key, step, value in chunk])
-        self.client.log_artifacts(mlflow_id, str(run_dir))
-        self.client.set_terminated(mlflow_id, _MLFLOW_STATUS[row["status"]], end_time=end_ms)
-        self.client.set_tag(mlflow_id, COMPLETE_TAG, digest)
+        finish_run(self.client, self.entities, mlflow_id, run_dir, result, last_step, end_ms,
+                   digest)
         return cut
+
+    def _update_tags(self, run: Any, row: pd.Series, parent: str) -> None:
+        """Set the tags of a run exported whole earlier that its study changed since: the
+        p(diverge) and edge of its point (more replicates), the study's run as parent."""
+        result = read_json(self.store.runs_dir / str(row["run_id"]) / "result.json")
+        wanted = {**run_tags(row, result), PARENT_TAG: parent}
+        changed = {k: v for k, v in wanted.items() if run.data.tags.get(k) != v}
+        if changed:
+            self.client.log_batch(run.info.run_id, tags=[self.entities.RunTag(k, v)
+                                                         for k, v in changed.items()])
 
     def _write_study_artifacts(self, parent: str, runs: int) -> bool:
         """study.json, report.html and the figures in the study's run; whether a report was

@@ -96,7 +96,7 @@ def export_tensorboard(study_dir: str | Path, out_dir: str | Path) -> TensorBoar
     runs; DamagedStoreError names each damaged file of `study_dir`. Exporting again replaces
     each run's folder (found by run id), so no run is ever there twice.
     """
-    tbx = _tensorboardx()
+    tbx = tensorboardx()
     study_dir, out_dir = Path(study_dir), Path(out_dir)
     check_target(out_dir, study_dir)
     damages = verify_store(study_dir)
@@ -140,10 +140,11 @@ def export_tensorboard(study_dir: str | Path, out_dir: str | Path) -> TensorBoar
                              skipped)
 
 
-def _tensorboardx() -> SimpleNamespace:
-    """The parts of tensorboardX an export writes with."""
+def tensorboardx(setting: str = "--to") -> SimpleNamespace:
+    """The parts of tensorboardX an export writes with (`setting`: the option that asked for
+    it, named when the extra is missing)."""
     # imported on use: optional dependency (the normlab[tensorboard] extra)
-    modules = {name: import_extra(f"tensorboardX{path}", "tensorboard", setting="--to")
+    modules = {name: import_extra(f"tensorboardX{path}", "tensorboard", setting=setting)
                for name, path in (("writer", ""), ("summary", ".proto.summary_pb2"),
                                   ("builders", ".summary"),
                                   ("api", ".proto.api_pb2"),
@@ -168,24 +169,37 @@ def _write_run(folder: Path, tbx: SimpleNamespace, run_dir: Path, run: pd.Series
     series = _disjoint(run_dir, metrics, records.scalars, final)
     writer = tbx.writer.FileWriter(str(folder))
     try:
-        start = time.time()
-        writer.add_summary(_plugin_summary(tbx, _SESSION_START_TAG, tbx.hparams.HParamsPluginData(
-            session_start_info=_session_start(tbx, settings, start))), 0)
-        by_step: dict[int, list[tuple[str, float]]] = defaultdict(list)
-        for tag, points in series.items():
-            for step, value in points:
-                by_step[step].append((tag, value))
-        for step in sorted(by_step):
-            writer.add_summary(tbx.summary.Summary(value=[
-                _scalar_value(tbx, tag, value) for tag, value in by_step[step]]), step)
-        status = "STATUS_FAILURE" if run["status"] == "failed" else "STATUS_SUCCESS"
-        end = tbx.hparams.SessionEndInfo(status=tbx.api.Status.Value(status),
-                                         end_time_secs=time.time())
-        writer.add_summary(_plugin_summary(tbx, _SESSION_END_TAG, tbx.hparams.HParamsPluginData(
-            session_end_info=end)), final_step)
+        writer.add_summary(session_start(tbx, settings), 0)
+        write_scalars(writer, tbx, series)
+        writer.add_summary(session_end(tbx, run["status"]), final_step)
     finally:
         writer.close()
     return records
+
+
+def write_scalars(writer: Any, tbx: SimpleNamespace, series: Series) -> None:
+    """`series` as scalar summaries, one event per step."""
+    by_step: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for tag, points in series.items():
+        for step, value in points:
+            by_step[step].append((tag, value))
+    for step in sorted(by_step):
+        writer.add_summary(tbx.summary.Summary(value=[
+            _scalar_value(tbx, tag, value) for tag, value in by_step[step]]), step)
+
+
+def session_start(tbx: SimpleNamespace, settings: Mapping[str, Any]) -> Any:
+    """The HParams session start of a run: its settings as hyperparameters."""
+    return _plugin_summary(tbx, _SESSION_START_TAG, tbx.hparams.HParamsPluginData(
+        session_start_info=_session_start(tbx, settings, time.time())))
+
+
+def session_end(tbx: SimpleNamespace, status: str) -> Any:
+    """The HParams session end of a run that ended with normlab status `status`."""
+    code = "STATUS_FAILURE" if status == "failed" else "STATUS_SUCCESS"
+    end = tbx.hparams.SessionEndInfo(status=tbx.api.Status.Value(code), end_time_secs=time.time())
+    return _plugin_summary(tbx, _SESSION_END_TAG, tbx.hparams.HParamsPluginData(
+        session_end_info=end))
 
 
 def _disjoint(run_dir: Path, *parts: Series) -> Series:

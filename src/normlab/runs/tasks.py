@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.runs.lease import Lease, claimed
+from normlab.runs.live import LiveLog, RunStream, open_stream
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import RunStore, append_jsonl
@@ -48,7 +49,8 @@ class RunContext:
     """The channel from a running task to its run folder (and to the progress display).
 
     Without a `run_dir` (a task called directly, outside a study) rows are kept in memory only.
-    With a `lease`, every write first checks that the run is still this writer's.
+    With a `lease`, every write first checks that the run is still this writer's. With a
+    `stream` (normlab.runs.live), each row written is handed on to a tracking tool too.
     """
 
     run_id: str = "adhoc"
@@ -57,6 +59,7 @@ class RunContext:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     lease: Lease | None = None
+    stream: RunStream | None = None
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         """One metric row (must contain 'step'); appended to metrics.jsonl at once."""
@@ -64,6 +67,8 @@ class RunContext:
         if self.run_dir is not None:
             self.check_lease()
             append_jsonl(self.run_dir / "metrics.jsonl", [row])
+        if self.stream is not None:
+            self.stream.metrics([row])
 
     def log_records(self, probe: str, rows: list[dict[str, Any]], **context: Any) -> None:
         """Tidy probe records; `context` (e.g. step=...) is added to each row."""
@@ -72,6 +77,8 @@ class RunContext:
         if self.run_dir is not None:
             self.check_lease()
             append_jsonl(self.run_dir / "records.jsonl", tagged)
+        if self.stream is not None:
+            self.stream.records(tagged)
 
     def check_lease(self) -> None:
         """Raise LeaseLostError when another writer took this run over."""
@@ -83,38 +90,47 @@ class RunContext:
             self.on_progress(self.run_id, fraction, message)
 
 
-def execute_run(spec: RunSpec, out_dir: str | Path,
-                on_progress: ProgressFn | None = None) -> RunResult | None:
+def execute_run(spec: RunSpec, out_dir: str | Path, on_progress: ProgressFn | None = None,
+                live: LiveLog | None = None) -> RunResult | None:
     """Run one spec into the store at `out_dir`: a pure function of the spec, safe in a worker.
 
     The run is claimed first (normlab.runs.lease): None means another writer holds it or it is
     already done, and nothing was touched. An exception inside the task is recorded as status
     "failed" (with the traceback) rather than raised, so a study goes on; KeyboardInterrupt
-    propagates and leaves the run unfinished.
+    propagates and leaves the run unfinished. With `live`, the run's rows also stream to a
+    tracking tool (normlab.runs.live).
     """
     store = RunStore(out_dir)
     with claimed(store, spec) as lease:
         if lease is None:
             return None
-        return run_claimed(spec, store, lease, on_progress)
+        return run_claimed(spec, store, lease, on_progress, live)
 
 
 def run_claimed(spec: RunSpec, store: RunStore, lease: Lease,
-                on_progress: ProgressFn | None = None) -> RunResult | None:
+                on_progress: ProgressFn | None = None,
+                live: LiveLog | None = None) -> RunResult | None:
     """`execute_run` for a run this writer has claimed (`lease`): begin (or resume) its folder,
     run its task, store the result; None when the lease was taken over meanwhile."""
     run_dir = store.begin(spec)
+    stream = open_stream(live, spec, run_dir)
     context = RunContext(run_id=spec.run_id, run_dir=run_dir, on_progress=on_progress,
-                         lease=lease)
+                         lease=lease, stream=stream)
     start = time.perf_counter()
+    stored: RunResult | None = None
     try:
-        result = get_task(spec.task)(spec, context)
-    except Exception as err:  # a crashed run is recorded, never lost
-        result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
-                           + traceback.format_exc())
-    if not lease.held:
-        return None  # taken over while paused: the new owner writes the result
-    if not result.wall_time_s:
-        result.wall_time_s = time.perf_counter() - start
-    store.finish(spec, result)
-    return result
+        try:
+            result = get_task(spec.task)(spec, context)
+        except Exception as err:  # a crashed run is recorded, never lost
+            result = RunResult(status="failed", error=f"{type(err).__name__}: {err}\n"
+                               + traceback.format_exc())
+        if not lease.held:
+            return None  # taken over while paused: the new owner writes the result
+        if not result.wall_time_s:
+            result.wall_time_s = time.perf_counter() - start
+        store.finish(spec, result)
+        stored = result
+        return result
+    finally:
+        if stream is not None:
+            stream.close(stored)

@@ -56,6 +56,7 @@ from normlab.data import load
 from normlab.nn import set_training_fraction
 from normlab.nn.geometry import radial_part, tangential_part
 from normlab.runs.lease import Lease, claimed
+from normlab.runs.live import LiveLog, open_stream
 from normlab.runs.result import RunResult, numerics, provenance
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import RunStore
@@ -585,14 +586,16 @@ class _Pack:
 
 
 def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
-                 on_progress: ProgressFn | None = None) -> list[RunResult | None]:
+                 on_progress: ProgressFn | None = None,
+                 live: LiveLog | None = None) -> list[RunResult | None]:
     """Run a pack into the store at `out_dir`: each member in its own run folder, written as
     `execute_run` writes a solo run (claimed first with a lease, spec.json first, result.json
     atomically when the member ends). A member that another writer holds or has finished is
     left out of the pack and gets None, as does one whose lease was taken over meanwhile. A
     crash of the pack records its unfinished members as "failed"; an interruption leaves them
     unfinished, with their checkpoints, so they are resumed (alone or packed) and finished ones
-    are kept. The members are trained in the groups `resume_groups` makes.
+    are kept. The members are trained in the groups `resume_groups` makes. With `live`, each
+    member's rows also stream to a tracking tool (normlab.runs.live).
     """
     store = RunStore(out_dir)
     results: list[RunResult | None] = [None] * len(specs)
@@ -603,27 +606,33 @@ def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
         for members, packed in resume_groups(run_dirs):
             if not packed:  # a run checkpointed alone continues alone
                 k = members[0]
-                results[k] = run_claimed(specs[k], store, leases[k], on_progress)
+                results[k] = run_claimed(specs[k], store, leases[k], on_progress, live)
                 continue
             _pack_into_store([specs[k] for k in members], [leases[k] for k in members],
-                             store, on_progress, results, members)
+                             store, on_progress, results, members, live)
     return results
 
 
 def _pack_into_store(specs: list[RunSpec], leases: list[Lease], store: RunStore,
                      on_progress: ProgressFn | None, results: list[RunResult | None],
-                     slots: list[int]) -> None:
+                     slots: list[int], live: LiveLog | None = None) -> None:
     """`train_packed(specs)` with claimed runs (`leases`), each member's result stored as it
     ends and put in `results[slots[i]]`; a crash records the unfinished members as failed."""
+    streams = [open_stream(live, s, store.run_dir(s)) for s in specs]
     contexts = [RunContext(run_id=s.run_id, run_dir=store.run_dir(s), on_progress=on_progress,
-                           lease=lease) for s, lease in zip(specs, leases, strict=True)]
+                           lease=lease, stream=stream)
+                for s, lease, stream in zip(specs, leases, streams, strict=True)]
     ended: set[int] = set()
 
     def done(i: int, result: RunResult) -> None:
         ended.add(i)
+        stored = None
         if leases[i].held:
             results[slots[i]] = result
             store.finish(specs[i], result)
+            stored = result
+        if streams[i] is not None:
+            streams[i].close(stored)
 
     try:
         train_packed(specs, contexts=contexts, on_done=done)
@@ -632,6 +641,10 @@ def _pack_into_store(specs: list[RunSpec], leases: list[Lease], store: RunStore,
         for i in range(len(specs)):
             if i not in ended:
                 done(i, RunResult(status="failed", error=error))
+    finally:  # interrupted: the members not ended stop without a result
+        for i, stream in enumerate(streams):
+            if stream is not None and i not in ended:
+                stream.close(None)
 
 
 def resume_groups(run_dirs: dict[int, Path]) -> list[tuple[list[int], bool]]:
