@@ -104,6 +104,6 @@ def run_study(study: Study | str, out_dir: str | Path, scale: str = "smoke",
     if report:
         build_report(out_dir)
     if live is not None:
-        for line in live.finish(out_dir):
+        for line in live.finish():
             progress.notice(line)
     return results

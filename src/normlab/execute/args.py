@@ -100,7 +100,6 @@ def executor_from_args(args: argparse.Namespace, local: Executor) -> Executor:
     # imported on use: normlab.train.checkpoint imports torch (1.3 s), which --help does not need
     from normlab.train.checkpoint import CHECKPOINT_ENV
 
-    check_executor_arguments(args)
     if args.checkpoint_every is not None:
         os.environ[CHECKPOINT_ENV] = args.checkpoint_every
     if args.executor == "slurm":

@@ -10,8 +10,8 @@ When the study ends, `LiveTargets.finish` drops what this process could not send
 does not answer), and runs the ordinary export into each target (`normlab export`), so that
 what stays there is exactly what an export writes, whatever the live copies missed: the
 HParams experiment and figures, each run's p(diverge) and edge, and any run that was resumed,
-cut short or not sent while the tool was down. A tool still
-down then is said, with the command that sends it later. The run folders are the record
+cut short or not sent while the tool was down. A tool still down then is said, with the
+command that sends it later. The run folders are the record
 throughout; nothing in them depends on a tool.
 """
 
@@ -25,10 +25,7 @@ from typing import Any
 
 from normlab.export.live_mlflow import MlflowLive
 from normlab.export.live_tensorboard import TensorBoardLive
-from normlab.export.mlflow import TrackingServerError, export_mlflow
 from normlab.export.target import target_problems
-from normlab.export.tensorboard import export_tensorboard
-from normlab.report.terminal import run_labels
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.utils.config import ConfigError
@@ -60,9 +57,8 @@ class LiveTargets:
 
     def plan(self, specs: Sequence[RunSpec]) -> None:
         """The runs planned so far (each round): their names in the tools."""
-        labels = run_labels(list(specs))
         for target in self.targets:
-            target.plan(specs if isinstance(target, TensorBoardLive) else labels)
+            target.plan(specs)
 
     def open(self, spec: RunSpec, run_dir: Path) -> _Streams:
         return _Streams([target.open(spec, run_dir) for target in self.targets])
@@ -73,7 +69,7 @@ class LiveTargets:
         for target in self.targets:
             target.drain()
 
-    def finish(self, study_dir: Path) -> list[str]:
+    def finish(self) -> list[str]:
         """Send what this process still holds, then export the study into each target (see
         the module docstring); a line to show per target."""
         self.wait()
@@ -84,17 +80,7 @@ class LiveTargets:
             if dropped:
                 lines.append(f"{dropped} live write(s) to {sender.what} not sent (it did not "
                              "answer); the export writes the study whole instead.")
-        for target in self.targets:
-            if isinstance(target, TensorBoardLive):
-                lines.append(export_tensorboard(study_dir, target.out_dir).summary())
-                continue
-            try:
-                lines.append(export_mlflow(study_dir, target.uri).summary())
-            except TrackingServerError as err:
-                lines.append(f"the study is not in MLflow whole ({err}); send it "
-                             f"later with `normlab export {study_dir} --to mlflow "
-                             f"{target.uri}`.")
-        return lines
+        return lines + [target.export() for target in self.targets]
 
 
 class _Streams:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from normlab.export.mlflow import (
+    METRICS_PER_BATCH,
     ROLE_TAG,
     RUN_ID_TAG,
     Exporter,
@@ -30,6 +31,7 @@ from normlab.export.mlflow import (
     check_server,
     create_run,
     experiment_name,
+    export_mlflow,
     finish_steps,
     http_settings,
     log_metrics,
@@ -38,9 +40,11 @@ from normlab.export.mlflow import (
     sha256_of,
 )
 from normlab.export.sender import Sender, sender_for
+from normlab.report.terminal import run_labels
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import CHECKPOINT_FILE, read_json
+from normlab.studies.base import result_columns
 from normlab.utils.optional import import_extra
 
 REQUEST_TIMEOUT_S = 5.0  # one request to the server, before the sender tries again later
@@ -87,8 +91,9 @@ class MlflowLive:
                 mlflow.requests.RequestException) as err:
             self.sender().went_down(err)
 
-    def plan(self, labels: dict[str, str]) -> None:
-        self.labels = dict(labels)
+    def plan(self, specs: Sequence[RunSpec]) -> None:
+        """Name the MLflow runs of the planned runs by the settings that vary across them."""
+        self.labels = run_labels(list(specs))
 
     def sender(self) -> Sender:
         return sender_for(f"mlflow:{self.uri}", lambda: Sender(
@@ -101,6 +106,15 @@ class MlflowLive:
     def drain(self) -> int:
         """Wait for this process's writes (see Sender.drain); the number left unsent."""
         return self.sender().drain()
+
+    def export(self) -> str:
+        """The closing export to the server (`export_mlflow`): what it sent, or, when the
+        server does not answer, how to send it later."""
+        try:
+            return export_mlflow(self.study_dir, self.uri).summary()
+        except TrackingServerError as err:
+            return (f"the study is not in MLflow whole ({err}); send it later with "
+                    f"`normlab export {self.study_dir} --to mlflow {self.uri}`.")
 
 
 def unreachable(err: Exception) -> bool:
@@ -176,14 +190,13 @@ class _MlflowRunStream:
 
     def _send_metrics(self) -> None:
         if self.mlflow_id is None:  # the start failed for good (said by the sender)
-            self.whole = False
             return
         with self.lock:
             self.unsent += self.pending
             self.pending, self.queued = [], False
         with http_settings(REQUEST_TIMEOUT_S):
             while self.unsent:  # a failure keeps what is not sent yet for the next try
-                chunk = self.unsent[:1000]
+                chunk = self.unsent[:METRICS_PER_BATCH]
                 log_metrics(self.client, self.mlflow.entities, self.mlflow_id, chunk,
                             int(time.time() * 1000))
                 del self.unsent[:len(chunk)]
@@ -201,11 +214,7 @@ class _MlflowRunStream:
                     rows, self.unsent, self.pending = self.unsent + self.pending, [], []
                 result_file = self.run_dir / "result.json"
                 stored = read_json(result_file)
-                provenance = result.provenance or {}
-                row = {"run_id": self.spec.run_id, "status": result.status,
-                       "pack_size": provenance.get("pack_size", 1),
-                       "device": provenance.get("device", self.spec.device),
-                       "diverged_step": result.diverged_step}
+                row = {"run_id": self.spec.run_id, **result_columns(result, self.spec.device)}
                 self.closing = finish_steps(
                     self.client, self.mlflow.entities, self.mlflow_id, self.run_dir, stored,
                     result.steps or 0, int(time.time() * 1000), sha256_of(result_file),

@@ -32,6 +32,7 @@ from normlab.export.series import (
 )
 from normlab.export.target import exported_runs, run_folder_name, write_marker
 from normlab.export.tensorboard import (
+    export_tensorboard,
     session_end,
     session_start,
     tensorboardx,
@@ -39,7 +40,7 @@ from normlab.export.tensorboard import (
 )
 from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
-from normlab.studies.base import _spec_columns
+from normlab.studies.base import _spec_columns, result_columns
 
 FLUSH_S = 5  # seconds between flushes of a run's event file to disk
 WRITE_EVERY_S = 1.0  # a run's rows are written in one job per this many seconds
@@ -81,6 +82,10 @@ class TensorBoardLive:
         """Wait for this process's writes (see Sender.drain); the number left unsent."""
         return self.sender().drain()
 
+    def export(self) -> str:
+        """The closing export into the folder (`export_tensorboard`): what it wrote."""
+        return export_tensorboard(self.study_dir, self.out_dir).summary()
+
 
 class _TensorBoardRunStream:
     """One run's event file, written by the sender thread (see the module docstring)."""
@@ -89,6 +94,7 @@ class _TensorBoardRunStream:
         self.tbx = tensorboardx("--log-to")
         self.folder = live.out_dir / live.folders.get(spec.run_id, f"run={spec.run_id}")
         self.settings = live.settings.get(spec.run_id, {})
+        self.device = spec.device
         self.sender = live.sender()
         self.writer: Any = None
         self.lock = threading.Lock()
@@ -136,8 +142,7 @@ class _TensorBoardRunStream:
         try:
             self._write()
             if result is not None:
-                row = {"status": result.status, "diverged_step": result.diverged_step,
-                       **result.final}
+                row = result_columns(result, self.device)
                 names = [f"final/{key}" for key, value in result.final.items()
                          if isinstance(value, (int, float)) and not isinstance(value, bool)]
                 step = result.steps or 0

@@ -103,9 +103,9 @@ class Sender:
                 if self._queue and self._queue[0] is job:  # not cancelled meanwhile
                     self._queue.popleft()
                 if self._down_since is not None:
-                    print(f"normlab: {self.what} answers again after "
-                          f"{time.monotonic() - self._down_since:.0f} s; sending what was "
-                          "kept.", file=sys.stderr, flush=True)
+                    self._say_once("answers again", f"normlab: {self.what} answers again "
+                                   f"after {time.monotonic() - self._down_since:.0f} s; "
+                                   "sending what was kept.")
                     self._down_since = None
                 self._changed.notify_all()
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from normlab.runs.result import RunResult
 from normlab.runs.spec import RunSpec
 from normlab.runs.store import RunStore, read_json, read_jsonl, read_result
 from normlab.studies._findings import (  # noqa: F401 (re-exported)
@@ -117,6 +118,19 @@ def _spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
 _REPLICATED_BY = ("seed", "options.replicate")
 
 
+def result_columns(result: RunResult, device: Any = None) -> dict[str, Any]:
+    """A run's columns of the runs table that its result gives: status, steps_done,
+    diverged_step, diverged_loss, wall_time_s, error, the device it ran on (`device`, the
+    spec's, where its provenance does not say), its pack size (1 alone; None for a run without
+    provenance, one that failed before training), then its final metrics."""
+    return {"status": result.status, "steps_done": result.steps,
+            "diverged_step": result.diverged_step, "diverged_loss": result.diverged_loss,
+            "wall_time_s": result.wall_time_s, "error": result.error,
+            "device": result.provenance.get("device", device),
+            "pack_size": result.provenance.get("pack_size", 1) if result.provenance else None,
+            **result.final}
+
+
 def load_results(out_dir: str | Path) -> pd.DataFrame:
     """One row per run: run_id, every spec setting (`steps` is the budget), status, steps_done
     (the optimizer steps the run made), divergence, the pack size it was trained in
@@ -138,14 +152,7 @@ def load_results(out_dir: str | Path) -> pd.DataFrame:
         row = {"run_id": run_dir.name, **spec}
         result_path = run_dir / "result.json"
         if result_path.exists():
-            result = read_result(result_path)
-            row.update(status=result.status, steps_done=result.steps,
-                       diverged_step=result.diverged_step, diverged_loss=result.diverged_loss,
-                       wall_time_s=result.wall_time_s, error=result.error,
-                       device=result.provenance.get("device", row.get("device")),
-                       pack_size=result.provenance.get("pack_size", 1)
-                       if result.provenance else None)
-            row.update(result.final)
+            row.update(result_columns(read_result(result_path), row.get("device")))
         else:
             row["status"] = "unfinished"
         rows.append(row)
