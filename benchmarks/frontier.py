@@ -15,11 +15,12 @@ OMP_NUM_THREADS=1, where no thread spins waiting for a core):
   cost of the replicates (target <= 1.5 on the 2-core CPU, issue 18);
 - pack 1, pack 8: the default replicates with --pack 1 and --pack 8.
 
-Then, pack 1 against pack 8: whether the findings' verdicts agree and every curve's frontier
-brackets agree (or at least meet); the runs whose status differs between the two, whether each
-is an edge run in both folders (issue 18's criterion) and whether each lies within its curve's
-bracket in both (what 5 runs per point can promise); and over the runs at edge points (0 < p < 1
-in either folder)
+Then, pack 1 against pack 8: how many runs have byte-identical metric rows in both folders (on
+a CPU all of them, normlab.train.invariance); whether the findings' verdicts agree and every
+curve's frontier brackets agree (or at least meet); the runs whose status differs between the
+two, whether each is an edge run in both folders (issue 18's criterion) and whether each lies
+within its curve's bracket in both; and over the runs at edge points (0 < p < 1 in either
+folder)
 the paired comparison of p(diverge | pack 8) with p(diverge | pack 1): McNemar's exact test and
 a 95 % interval (normlab.studies._compare). `--replicates R` sets the replicates of the last
 three rows (more edge runs for the comparison).
@@ -85,11 +86,15 @@ def compare(solo: Path, packed: Path) -> None:
     bracket_text = ("agree" if same_brackets(*brackets, curve) else
                     "differ but meet" if brackets_overlap(*brackets, curve) else "DO NOT MEET")
     pairs = paired_runs(load_results(solo), load_results(packed))
+    identical = sum((solo / "runs" / run_id / "metrics.jsonl").read_bytes()
+                    == (packed / "runs" / run_id / "metrics.jsonl").read_bytes()
+                    for run_id in pairs["run_id"])
+    print(f"\npack 1 vs pack 8: {identical} of {len(pairs)} runs have byte-identical metric rows.")
     flipped = flipped_runs(pairs)
     not_edge = flipped[~(flipped["edge_a"].astype(bool) & flipped["edge_b"].astype(bool))]
     inside = within_bracket(flipped, brackets[0], curve) & within_bracket(flipped, brackets[1],
                                                                             curve)
-    print(f"\npack 1 vs pack 8: verdicts {'agree' if agree_verdicts else 'DIFFER'}, frontier "
+    print(f"pack 1 vs pack 8: verdicts {'agree' if agree_verdicts else 'DIFFER'}, frontier "
           f"brackets {bracket_text}; {len(flipped)} of {len(pairs)} runs changed status: "
           f"{len(not_edge)} of them not an edge run (0 < p < 1) in both folders, "
           f"{int((~inside).sum())} outside their curve's bracket in either folder.")

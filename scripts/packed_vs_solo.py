@@ -4,9 +4,11 @@
 
 Takes the smoke lr-sweep's runs at the points where its replicates found 0 < p(diverge) < 1
 (`POINTS`: norm, depth, lr, at the smoke budget of 3 epochs), makes perturbation replicates
-0 .. R-1 of each (`options.replicate`, docs/training.md), and trains every one twice: alone into
-DIR/solo and in packs of `--pack` into DIR/packed (normlab's LocalExecutor, the path `normlab run
---pack` takes). Then it pairs the two folders run by run (normlab.studies._compare) and prints,
+0 .. R-1 of each (`options.replicate`, docs/training.md), and trains every one twice: alone by
+the plain loop (`normlab.train.train`, single convolutions) into DIR/solo, and in packs of
+`--pack` into DIR/packed (normlab's LocalExecutor, the path `normlab run --pack` takes; on a CPU
+a lone run there is a pack of one, normlab.train.invariance, which is why the solo side is the
+plain loop). Then it pairs the two folders run by run (normlab.studies._compare) and prints,
 over the runs at edge points (0 < p < 1 in either folder) and per point: p(diverge) alone and
 packed, the runs that diverged one way only, McNemar's exact test and a 95 % interval of the
 difference. Resumable: finished runs in DIR are kept. Cost: 2 x R x len(POINTS) smoke runs
@@ -22,9 +24,12 @@ import pandas as pd
 
 from normlab.execute.local import LocalExecutor
 from normlab.report.terminal import format_table
+from normlab.runs.store import RunStore
+from normlab.runs.tasks import RunContext
 from normlab.studies import get_study, load_results
 from normlab.studies._compare import paired_divergence, paired_runs
 from normlab.studies._frontier import with_replicate
+from normlab.train import train
 
 POINTS = (("group", 20, 3.0), ("instance", 20, 10.0), ("batch", 8, 10.0), ("batch", 20, 10.0))
 POINT = ["norm", "depth", "lr"]
@@ -38,9 +43,19 @@ def replicates(count: int) -> list:
             for point in POINTS for r in range(count)]
 
 
-def train_all(specs: list, out: Path, pack: int) -> None:
+def train_packed(specs: list, out: Path, pack: int) -> None:
     for _ in LocalExecutor(pack=pack).run(specs, out):
         pass
+
+
+def train_plain(specs: list, out: Path) -> None:
+    """Each spec by the plain loop into its run folder (finished ones kept)."""
+    store = RunStore(out)
+    for spec in specs:
+        if (store.run_dir(spec) / "result.json").exists():
+            continue
+        run_dir = store.begin(spec)
+        store.finish(spec, train(spec, context=RunContext(run_id=spec.run_id, run_dir=run_dir)))
 
 
 def report(solo: Path, packed: Path) -> None:
@@ -69,8 +84,8 @@ def main() -> None:
     args = parser.parse_args()
     specs = replicates(args.replicates)
     out = Path(args.out)
-    train_all(specs, out / "solo", 1)
-    train_all(specs, out / "packed", args.pack)
+    train_plain(specs, out / "solo")
+    train_packed(specs, out / "packed", args.pack)
     report(out / "solo", out / "packed")
 
 

@@ -21,8 +21,9 @@ from normlab.utils.config import ConfigError
 
 # An MLP with BatchNorm on digits, batch 32: 44 steps an epoch, 100 steps in all, SGD with
 # momentum and weight decay, augmentation on, a step schedule (lr changes at 50 and 75).
+# the plain loop's checkpoints (a lone CPU run is otherwise a pack of one: test_pack_resume.py)
 SPEC = RunSpec(model="mlp", depth=3, width=32, norm="batch", batch_size=32, steps=100,
-               log_every=1, device="cpu", seed=3)
+               log_every=1, device="cpu", seed=3, options={"plain_loop": True})
 PROBED = SPEC.replace(probes=[{"name": "radial", "every": 7}], steps=60)
 SGD_STEP = loop._Run.sgd_step
 

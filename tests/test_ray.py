@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import fake_grid
+from normlab.execute.local import LocalExecutor
 from normlab.execute.ray import RayExecutor, RayResources
 from normlab.runner import run_study
+from normlab.runs.spec import RunSpec
 from normlab.runs.store import read_json, read_jsonl
 from normlab.utils.config import ConfigError
 
@@ -87,3 +89,29 @@ def test_each_ray_worker_streams_its_runs_to_tensorboard(tmp_path):
     finally:
         ray.shutdown()
     check_live_tensorboard(tmp_path / "study", live.targets[0])
+
+
+@pytest.mark.slow
+def test_a_ray_task_gives_a_cpu_run_the_bits_it_has_in_a_local_pack(tmp_path):
+    """Ray runs each spec alone, in its own process: on a CPU that is a pack of one on one
+    thread (normlab.train.invariance), so every metric row is the local pack's, bit for bit."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'normlab[ray]'")
+    specs = [RunSpec(data="digits", depth=8, width=8, batch_size=64, steps=20, log_every=1,
+                     lr=lr, device="cpu", seed=seed)
+             for seed, lr in ((0, 0.1), (1, 1.0), (2, 3.0))]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": TESTS}})  # torch's own thread count
+    try:
+        list(RayExecutor().run(specs, tmp_path / "ray"))
+    finally:
+        ray.shutdown()
+    list(LocalExecutor(pack=3).run(specs, tmp_path / "local"))
+    for spec in specs:
+        ray_dir, local_dir = (tmp_path / where / "runs" / spec.run_id for where in ("ray", "local"))
+        assert (ray_dir / "metrics.jsonl").read_text() == (local_dir / "metrics.jsonl").read_text()
+        ray_result, local_result = read_json(ray_dir / "result.json"), read_json(
+            local_dir / "result.json")
+        assert (ray_result["status"], ray_result["final"]) == (local_result["status"],
+                                                               local_result["final"])
+        assert (ray_result["provenance"]["pack_size"], local_result["provenance"]["pack_size"]) \
+            == (1, 3)

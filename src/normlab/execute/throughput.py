@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from normlab.data import load
 from normlab.execute.packing import pack_key, pack_specs
 from normlab.runs.spec import RunSpec
 from normlab.train.build import resolve_device
+from normlab.train.invariance import CPU_MIN_STACK
 
 THROUGHPUT_TABLE = Path(__file__).with_name("packing_throughput.json")
 ROW_CONFIG = ("device_kind", "model", "depth", "width", "pixels", "norm", "batch_size", "kind",
@@ -98,14 +100,19 @@ def default_pack(device_kind: str, spec: RunSpec | None = None,
     """The pack size with the best measured aggregate images/s on `device_kind` for runs like
     `spec` (the nearest measured workload and batch size; without a spec, ResNet-20 at batch 128
     on CIFAR-sized images), or 1 when it does not beat one run (the "solo" row, else the pack of
-    one) by `MIN_GAIN`. `cache`: as for `data_facts`."""
+    one) by `MIN_GAIN`. On a CPU, where a lone run stacks `CPU_MIN_STACK` models anyway
+    (normlab.train.invariance), the best measured pack of at least that many, and at least
+    `CPU_MIN_STACK`. `cache`: as for `data_facts`."""
     want = workload(spec, {} if cache is None else cache)
     packed = _rows(device_kind, want, "packed")
     if not packed:
-        return 1
+        return CPU_MIN_STACK if device_kind == "cpu" else 1
     batch = min({r["batch_size"] for r in packed},
                 key=lambda b: abs(math.log(b / want["batch_size"])))
     packed = [r for r in packed if r["batch_size"] == batch]
+    if device_kind == "cpu":
+        large = [r for r in packed if r["pack"] >= CPU_MIN_STACK]
+        return max(large, key=lambda r: r["images_per_s"])["pack"] if large else CPU_MIN_STACK
     same = ("device_kind", "model", "width", "pixels", "depth", "batch_size")
     solo = [r["images_per_s"] for r in throughput_table() if r["kind"] == "solo"
             and all(r[k] == packed[0][k] for k in same)] or \
@@ -161,11 +168,14 @@ def images_per_s(spec: RunSpec, device_kind: str, pack: int,
 
 
 def default_workers(device_kind: str, devices: int = 1) -> int:
-    """Worker processes per machine: on CPU 1 (torch already uses every core in one process);
-    on GPUs the process count per GPU with the best measured aggregate throughput in the
-    table's "processes" rows, times the number of GPUs."""
+    """Worker processes per machine: on CPU one per usable core (a CPU pack computes on one
+    thread, normlab.train.invariance); on GPUs the process count per GPU with the best
+    measured aggregate throughput in the table's "processes" rows, times the number of GPUs."""
+    if device_kind == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
     rows = _rows(device_kind, REFERENCE, "processes")
-    if device_kind == "cpu" or not rows:
+    if not rows:
         return 1
     return max(rows, key=lambda r: r["images_per_s"])["pack"] * max(devices, 1)
 
@@ -180,8 +190,9 @@ def default_parallelism(pack: int | None, workers: int | None, device: str | Non
                         specs: Sequence[RunSpec] = ()) -> tuple[int, int]:
     """(pack size, worker processes) for `normlab run` on the plan `specs`: the values given,
     else the measured defaults for the device (`default_pack` for the plan's `typical_spec`,
-    `default_workers` over the visible GPUs)."""
+    `default_workers` over the visible GPUs; on a CPU no more than the plan has packs)."""
     kind = device_kind(device)
+    pack = pack if pack is not None else default_pack(kind, typical_spec(specs))
     if workers is None:
         gpus = 1
         if kind == "cuda" and device is None:
@@ -189,7 +200,9 @@ def default_parallelism(pack: int | None, workers: int | None, device: str | Non
 
             gpus = torch.cuda.device_count()
         workers = default_workers(kind, gpus)
-    return (pack if pack is not None else default_pack(kind, typical_spec(specs))), workers
+        if kind == "cpu" and specs:
+            workers = max(1, min(workers, len(pack_specs(specs, pack))))
+    return pack, workers
 
 
 def train_images(spec: RunSpec, cache: DataFacts) -> int | None:

@@ -90,8 +90,10 @@ def pack_size_note(runs: pd.DataFrame) -> str | None:
         return None
     return ("note: these runs were trained in packs of different sizes ("
             + ", ".join(f"{k}: {n} run{'s' if n > 1 else ''}" for k, n in counts.items())
-            + "); near a divergence frontier that can flip a run's outcome "
-            "(docs/training.md, 'Divergence').")
+            + "). On a CPU a pack gives its members the same bits at any size "
+            "(normlab.train.invariance); on a GPU, or where a run took the plain loop, near a "
+            "divergence frontier the pack size can flip a run's outcome (docs/training.md, "
+            "'Divergence').")
 
 
 def plan_summary(plan: pd.DataFrame) -> str:

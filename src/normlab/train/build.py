@@ -37,7 +37,7 @@ from normlab.train.numerics import NUMERICS_OPTIONS, numerics_options
 from normlab.utils.config import ConfigError, choice_problem, interval_problem
 
 TRAIN_OPTIONS = ("one_cycle_peak", "one_cycle_div", "fused_sgd", "eval_batch_size", "cuda_graph",
-                 "replicate", *NUMERICS_OPTIONS)
+                 "replicate", "plain_loop", *NUMERICS_OPTIONS)
 REPLICATE_PERTURBATION = 1e-7  # relative size of a replicate's change to the initial weights
 MAX_REPLICATE = 2**32 - 1  # the replicate's share of the perturbation generator's seed
 
@@ -55,9 +55,10 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
     """The "train" task's options with defaults; ConfigError for an unknown key or bad value."""
     options = spec.mapping("options")
     _, problems = spec.task_options(dict.fromkeys(TRAIN_OPTIONS))
-    fused = options.get("fused_sgd", False)
-    if not isinstance(fused, bool):
-        problems.append(f"The 'options.fused_sgd' setting must be a bool; got {fused!r}.")
+    fused, plain = options.get("fused_sgd", False), options.get("plain_loop", False)
+    problems += [f"The 'options.{name}' setting must be a bool; got {value!r}."
+                 for name, value in (("fused_sgd", fused), ("plain_loop", plain))
+                 if not isinstance(value, bool)]
     eval_batch = options.get("eval_batch_size", 1024)
     problem = interval_problem("options.eval_batch_size", eval_batch, 1, kind=int,
                                low_open=False)
@@ -74,7 +75,7 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph,
-            "replicate": replicate, **numerics}
+            "replicate": replicate, "plain_loop": plain, **numerics}
 
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:

@@ -52,7 +52,7 @@ from torch import nn
 from normlab.nn import set_training_fraction
 from normlab.runs.result import RunResult, numerics, provenance
 from normlab.runs.spec import RunSpec
-from normlab.runs.tasks import RunContext, register_task
+from normlab.runs.tasks import RunContext
 from normlab.train.build import (
     build_data,
     build_model,
@@ -148,12 +148,6 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = (),
     result.provenance.update(run.how_it_ran())
     result.wall_time_s = time.perf_counter() - start
     return result
-
-
-@register_task("train")
-def train_task(spec: RunSpec, context: RunContext) -> RunResult:
-    """The "train" task: `train(spec)` with the spec's probes as callbacks."""
-    return train(spec, context=context)
 
 
 class _Run:

@@ -25,11 +25,13 @@ def pack_key(spec: RunSpec) -> tuple[Any, ...] | None:
     """The settings a pack's members must share (and the numerics options), or None when the
     spec is trained alone.
 
-    Not packed: tasks other than "train", `compile` (a compiled module is not vmapped) and
-    `channels_last` (vmap cannot query channels-last strides on CUDA).
+    Not packed: tasks other than "train", `compile` (a compiled module is not vmapped),
+    `channels_last` (vmap cannot query channels-last strides on CUDA) and `options.plain_loop`
+    (the user asks for the plain loop, normlab.train.task).
     """
-    if spec.task != "train" or spec.compile or spec.channels_last:
-        return None
     options = spec.mapping("options")
+    if spec.task != "train" or spec.compile or spec.channels_last \
+            or options.get("plain_loop", False):
+        return None
     return (*(getattr(spec, name) for name in SHARED_SETTINGS),
             *(options.get(name, False) for name in NUMERICS_OPTIONS))

@@ -77,6 +77,7 @@ from normlab.train.graphed import (
     cuda_graph_path,
     step_provenance,
 )
+from normlab.train.invariance import pack_threads, stack_rows
 from normlab.train.loop import (
     READ_WINDOW,
     _EpochAverage,
@@ -92,6 +93,10 @@ from normlab.utils.config import ConfigError
 from normlab.utils.silence import silenced
 
 OnDone = Callable[[int, RunResult], None]
+# said with the error of a crashed pack: a researcher's own layer may not be vmappable
+PLAIN_LOOP_HINT = ("normlab trained this run as a pack (torch.func.vmap over stacked models, "
+                   "also a lone run on a CPU); a model that cannot be vmapped trains by the "
+                   "plain loop with --set options='{\"plain_loop\": true}'")
 # torch's UserWarning that an op (BatchRenorm's in-place `lerp_` of its running statistics) has
 # no vmap batching rule and runs as a loop over the members: the numbers are the same, only
 # slower, and the warning (which asks users to file a torch issue) would reach the progress
@@ -131,10 +136,19 @@ class PackedSGD:
     `active` (masked members keep their weights). `projections` maps stacked indices to
     "tangential"/"radial". The flat buffer makes the SGD update a few kernels over (K, P)
     instead of a few per parameter tensor (a step on a GPU is launch-bound at small K).
+
+    The K members may be followed by ghost rows (`normlab.train.invariance.stack_rows`: on a
+    CPU, stacks of an odd size or of fewer than four round some members unlike larger ones):
+    copies of the first member, masked from the start, fed its batch and never read. Inputs
+    and outputs of `step` and `evaluate` have the K members' rows only.
     """
 
     def __init__(self, template: nn.Module, models: Sequence[nn.Module],
                  specs: Sequence[RunSpec], autocast: str) -> None:
+        self.members = len(models)
+        self.device = next(iter(models[0].parameters())).device
+        ghosts = stack_rows(self.device, len(models)) - len(models)
+        models, specs = [*models, *[models[0]] * ghosts], [*specs, *[specs[0]] * ghosts]
         params, buffers = stack_module_state(list(models))
         self.template = template
         self.shapes = {n: p.shape[1:] for n, p in params.items()}
@@ -146,8 +160,8 @@ class PackedSGD:
         self.momentum_coef = torch.tensor([s.momentum for s in specs], device=device)
         self.weight_decay = torch.tensor([s.weight_decay for s in specs], device=device)
         self.nesterov = torch.tensor([s.nesterov for s in specs], device=device)
-        self.active = torch.ones(len(specs), dtype=torch.bool, device=device)
-        self.projections = {k: s.update_projection for k, s in enumerate(specs)
+        self.active = torch.arange(len(specs), device=device) < self.members
+        self.projections = {k: s.update_projection for k, s in enumerate(specs[:self.members])
                             if s.update_projection != "none"}
         names = {id(p): n for n, p in template.named_parameters()}
         self.projected = [names[id(w)] for w in projected_weights(template)]
@@ -168,10 +182,18 @@ class PackedSGD:
             logits = functional_call(self.template, (params, buffers), (x,)).float()
         return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).sum()
 
+    def padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-member `rows` (K, ...) with the first member's row repeated for each ghost."""
+        ghosts = self.flat.shape[0] - self.members
+        if not ghosts:
+            return rows
+        return torch.cat([rows, rows[:1].expand(ghosts, *rows.shape[1:])])
+
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step of every member on its batch x[k], y[k] with lr[k]; returns the (K,)
         mini-batch losses and correct counts measured before the update (train mode)."""
+        x, y, lr = self.padded(x), self.padded(y), self.padded(lr)
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         with silenced(BATCHING_RULE_WARNING):
             losses, correct = vmap(self._member_loss)(leaves, self.buffers, x, y)
@@ -185,7 +207,7 @@ class PackedSGD:
                 part = tangential_part if self.projections[k] == "tangential" else radial_part
                 w = self.params[name][k]
                 w.copy_(before + part(w - before, before, "filter"))
-        return losses.detach(), correct
+        return losses.detach()[:self.members], correct[:self.members]
 
     def _update(self, grad: torch.Tensor, lr: torch.Tensor) -> None:
         """torch.optim.SGD's update (dampening 0) of the (K, P) parameters, per member, masked
@@ -232,10 +254,15 @@ class PackedSGD:
                 correct += hits
         finally:
             self.template.train()
-        return loss_sum, correct
+        return loss_sum[:self.members], correct[:self.members]
 
     def keep(self, index: torch.Tensor) -> None:
-        """Shrink the stack to the members at `index` (copies; views must be re-pointed)."""
+        """Shrink the stack to the members at `index` (copies; views must be re-pointed), with
+        the ghost rows `stack_rows` asks for."""
+        members = index.numel()
+        ghosts = stack_rows(self.device, members) - members
+        positions = index.tolist()
+        index = torch.cat([index, index[:1].expand(ghosts)])
         self.flat = self.flat.index_select(0, index)
         self.params = self._views(self.flat)
         if self.momentum is not None:
@@ -244,7 +271,8 @@ class PackedSGD:
             self.buffers[name] = self.buffers[name].index_select(0, index)
         for name in ("momentum_coef", "weight_decay", "nesterov", "active"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        positions = index.tolist()
+        self.members = members
+        self.active[members:] = False
         self.projections = {positions.index(k): kind for k, kind in self.projections.items()
                             if k in positions}
 
@@ -347,7 +375,7 @@ def train_packed(specs: Sequence[RunSpec],
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=cuda), \
+    with torch.random.fork_rng(devices=cuda), pack_threads(device), \
             run_numerics(deterministic=options["deterministic"], tf32=options["tf32"]):
         pack = _Pack(list(specs), callbacks, contexts, device, on_done, start)
         return pack.run()
@@ -401,7 +429,8 @@ class _Pack:
                  for o, m in zip(options, self.members, strict=True)}
         self.step_path = "cuda_graph" if paths == {"cuda_graph"} else "step_function"
         if self.start_step > 0:  # the momentum buffers the checkpoints restored
-            self.sgd.momentum = torch.stack([_momentum_of(m) for m in self.members])
+            self.sgd.momentum = self.sgd.padded(torch.stack([_momentum_of(m)
+                                                             for m in self.members]))
         self.pack_step = PackStep(self.sgd, capture=self.step_path == "cuda_graph")
         self.stacked = list(self.members)  # members in stack order (live or masked)
         for k, member in enumerate(self.stacked):
@@ -637,7 +666,7 @@ def _pack_into_store(specs: list[RunSpec], leases: list[Lease], store: RunStore,
     try:
         train_packed(specs, contexts=contexts, on_done=done)
     except Exception as err:  # a crashed pack is recorded per member, never lost
-        error = f"{type(err).__name__}: {err}\n" + traceback.format_exc()
+        error = f"{type(err).__name__}: {err}\n({PLAIN_LOOP_HINT})\n" + traceback.format_exc()
         for i in range(len(specs)):
             if i not in ended:
                 done(i, RunResult(status="failed", error=error))
