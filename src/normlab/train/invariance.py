@@ -13,18 +13,20 @@ batch reductions of bias and norm gradients:
   otherwise.
 At one thread, stacks of an even size of at least four give every member the same bits in every
 case measured, whatever the other members and the member's place (tests/test_pack_invariance.py;
-the smoke lr-sweep with `--pack 1`, `--pack 8` and `--pack 16` gives byte-identical run folders,
-benchmarks/frontier.py).
+the smoke lr-sweep with `--pack 1`, `--pack 8` and `--pack 16` gives every run byte-identical
+metric rows, statuses and final metrics, benchmarks/frontier.py).
 
 So on a CPU a pack computes on one thread (`pack_threads`; a study's parallelism on a CPU is
 its worker processes, `normlab.execute.throughput.default_workers`), its stack is filled up to
 `stack_rows` with ghost rows (copies of a member, masked and never read:
 `normlab.train.packed.PackedSGD`), and the "train" task trains a lone packable run as a pack of
-one (`normlab.train.task`). A run's numbers are then the same with any `--pack`, any worker
-count, on SLURM or Ray, on one CPU model and torch version. This is measured, not proved:
+one (`normlab.train.task`, the one code path of every executor). A run's numbers are then the
+same with any `--pack`, any worker count, on SLURM or Ray (tests/test_ray.py), on one CPU model
+and torch version. This is measured, not proved:
 another CPU, torch version or architecture may round otherwise, and the divergence frontier's
 replicates (docs/training.md) are what keep such bits out of the findings. Cost: a lone run
-computes four models' steps (about 2-3x the plain loop's time for the smoke scale's models). On
+computes four models' steps (the smoke lr-sweep takes 2.5x as long with `--pack 1` as in its
+default packs of 16, benchmarks/RESULTS.md). On
 a GPU nothing changes: cuDNN's choices were not measured, and lone runs take the plain loop.
 """
 
