@@ -75,7 +75,7 @@ def train_options(spec: RunSpec) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return {"fused_sgd": fused, "eval_batch_size": eval_batch, "cuda_graph": graph,
-            "replicate": replicate, "plain_loop": plain, **numerics}
+            "replicate": replicate, **numerics}
 
 
 def build_data(spec: RunSpec, device: torch.device) -> tuple[Any, Any, Any]:

@@ -32,7 +32,8 @@ Checkpoints: each live member writes, into its own run folder, the checkpoint a 
 callback states), all at the same step. A pack resumes members that stand at one step: each
 member's module is loaded from its checkpoint before the stack is built, and the stacked
 momentum from their momentum buffers. `execute_pack` groups its members by where they stand:
-a run checkpointed alone continues alone, the others one pack per checkpoint step.
+a run the plain loop checkpointed continues by the plain loop, the others one pack per
+checkpoint step.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class PackedSGD:
         self.params = self._views(self.flat)
         self.buffers = buffers
         self.momentum: torch.Tensor | None = None
-        device = self.flat.device
+        device = self.device
         self.momentum_coef = torch.tensor([s.momentum for s in specs], device=device)
         self.weight_decay = torch.tensor([s.weight_decay for s in specs], device=device)
         self.nesterov = torch.tensor([s.nesterov for s in specs], device=device)
@@ -633,7 +634,7 @@ def execute_pack(specs: Sequence[RunSpec], out_dir: str | Path,
         run_dirs = {k: store.begin(specs[k]) for k, lease in enumerate(leases)
                     if lease is not None}
         for members, packed in resume_groups(run_dirs):
-            if not packed:  # a run checkpointed alone continues alone
+            if not packed:  # a run the plain loop checkpointed continues by the plain loop
                 k = members[0]
                 results[k] = run_claimed(specs[k], store, leases[k], on_progress, live)
                 continue
@@ -678,8 +679,9 @@ def _pack_into_store(specs: list[RunSpec], leases: list[Lease], store: RunStore,
 
 def resume_groups(run_dirs: dict[int, Path]) -> list[tuple[list[int], bool]]:
     """The members of a pack (index -> claimed run folder) grouped by where they resume:
-    (indices, packed). A run whose checkpoint a solo run wrote continues alone (packed False),
-    so that it stays bit for bit the run it was; the others form one pack per checkpoint step
+    (indices, packed). A run whose checkpoint the plain loop wrote continues alone (packed
+    False; the "train" task gives it the plain loop again), so that it stays bit for bit the run
+    it was; the others form one pack per checkpoint step
     (fresh runs at step 0), since a pack advances its members in lockstep."""
     packs: dict[int, list[int]] = {}
     alone: list[list[int]] = []
