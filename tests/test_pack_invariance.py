@@ -112,3 +112,55 @@ def test_a_model_vmap_refuses_fails_its_run_naming_the_plain_loop_which_trains_i
             == "completed"
     finally:
         norms_module._NORMS._entries.pop("_test_not_vmappable")
+
+
+def _hook_at_step_0(calls: list[int]):
+    """A callback that leaves a forward hook on the model at step 0 (counting its calls)."""
+
+    def callback(state) -> None:
+        if state.step == 0:
+            state.model.register_forward_hook(lambda module, args, out: calls.append(1))
+
+    return callback
+
+
+def test_a_hook_a_callback_leaves_on_a_members_model_fails_that_member_by_name():
+    """The hook would never run in the pack's step (it runs in the plain loop's): a clear
+    refusal, not a measurement silently missing. The other member trains on."""
+    from normlab.train.loop import train
+
+    calls: list[int] = []
+    train(RESNET.replace(steps=3), callbacks=[_hook_at_step_0(calls)])
+    assert calls  # the plain loop runs it
+
+    calls.clear()
+    specs = [RESNET.replace(steps=3), RESNET.replace(steps=3, seed=4)]
+    hooked, other = train_packed(specs, callbacks=[[_hook_at_step_0(calls)], []])
+    assert hooked.status == "failed" and "forward hook" in hooked.error
+    assert "plain_loop" in hooked.error and other.status == "completed"
+
+
+class _Hooked(torch.nn.Identity):
+    """A researcher's layer that registers a forward hook on itself when built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_hook(lambda module, args, out: None)
+
+
+def test_a_model_built_with_a_hook_is_refused_as_a_pack_and_trains_by_the_plain_loop(tmp_path):
+    from normlab.nn import norms as norms_module
+    from normlab.nn.norms import register_norm
+
+    register_norm("_test_hooked")(lambda channels: _Hooked())
+    try:
+        spec = RESNET.replace(norm="_test_hooked", steps=3)
+        execute_run(spec, tmp_path)
+        error = read_json(RunStore(tmp_path).run_dir(spec) / "result.json")["error"]
+        assert "forward hook" in error and "_Hooked" in error and "plain_loop" in error
+        plain = spec.replace(options={"plain_loop": True})
+        execute_run(plain, tmp_path)
+        assert read_json(RunStore(tmp_path).run_dir(plain) / "result.json")["status"] \
+            == "completed"
+    finally:
+        norms_module._NORMS._entries.pop("_test_hooked")

@@ -75,6 +75,7 @@ from normlab.train.divergence import Divergence
 from normlab.train.graphed import (
     WARMUP_STEPS,
     CapturedCall,
+    capture_hooks,
     cuda_graph_path,
     step_provenance,
 )
@@ -98,6 +99,22 @@ OnDone = Callable[[int, RunResult], None]
 PLAIN_LOOP_HINT = ("normlab trained this run as a pack (torch.func.vmap over stacked models, "
                    "also a lone run on a CPU); a model that cannot be vmapped trains by the "
                    "plain loop with --set options='{\"plain_loop\": true}'")
+
+
+def _hooks_refusal(*models: nn.Module) -> str | None:
+    """Why `models` cannot be trained in a pack: their user hooks (and torch's global module
+    hooks, `graphed.capture_hooks`), named; None when they have none. A pack's step runs one
+    vmapped copy of the model, never the members' own modules, so such a hook would not run or
+    would see every member at once. Cost: one walk over the modules."""
+    hooks = capture_hooks(*models)
+    if not hooks:
+        return None
+    return ("A pack's step runs one vmapped copy of the model, never the members' modules, so "
+            "these hooks would not run in it (or would see every member at once): "
+            + "; ".join(hooks) + ". Train such a run by the plain loop: --set "
+            "options='{\"plain_loop\": true}'.")
+
+
 # torch's UserWarning that an op (BatchRenorm's in-place `lerp_` of its running statistics) has
 # no vmap batching rule and runs as a loop over the members: the numbers are the same, only
 # slower, and the warning (which asks users to file a torch issue) would reach the progress
@@ -414,6 +431,9 @@ class _Pack:
                 checkpoint=RunCheckpoint(context, model, optimizer, batches.generator,
                                          member_callbacks, len(batches), device)))
             models.append(model)
+        refusal = _hooks_refusal(*models)
+        if refusal:
+            raise ConfigError(refusal)
         self.per_epoch = len(self.members[0].batches)
         self.total = first.steps or max(1, math.ceil(first.epochs * self.per_epoch))
         self.start_step = self.restore()  # into the members' modules, before they are stacked
@@ -482,6 +502,9 @@ class _Pack:
         except Exception as err:  # a crashed member is recorded, the others go on
             self.finish(member, RunResult(status="failed", error=f"{type(err).__name__}: "
                                           f"{err}\n" + traceback.format_exc()))
+        refusal = _hooks_refusal(member.model)  # a callback may have left a hook on the model
+        if refusal and member.result is None:
+            self.finish(member, RunResult(status="failed", error=refusal))
         member.model.train()
         member.rng["cpu"] = torch.get_rng_state()
         if "cuda" in member.rng:
